@@ -1,0 +1,132 @@
+"""Free-space search over the allocation bitmap, vectorized with numpy.
+
+The bitmap in the image is the truth; ``Allocator.used`` is a bool copy of it
+(one byte per page) rebuilt at open, because run searches over bytes are a
+few numpy passes while searches over packed bits are not. ``used`` changes
+only through ``apply`` after the journal committed the matching bitmap
+records, so it never runs ahead of the image.
+
+Placement policy, in order:
+
+1. Whole free 2 MiB chunks (512 pages, 2 MiB aligned in physical address
+   space because ``data_page`` and ``base_phys`` are) for the part of a
+   request that is a multiple of 512 pages: one best-fit run of chunks if
+   one is long enough, else the longest runs first. This is what lets a
+   guest be mapped with few extents and VT-d 2 MiB leaves.
+2. The remainder (or a small request) from free pages inside chunks that are
+   already partly used, best fit, so whole free chunks stay whole.
+3. Anything still missing from any free pages, best fit, longest first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import format as fmt
+
+Run = tuple[int, int]  #: (first image page, number of pages)
+
+
+def runs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths of the runs of True in a 1-D bool array."""
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return starts, ends - starts
+
+
+def _take(starts: np.ndarray, lengths: np.ndarray, want: int) -> list[Run]:
+    """Choose runs covering ``want`` units: one best fit, else longest first."""
+    if want <= 0 or starts.size == 0:
+        return []
+    fits = np.flatnonzero(lengths >= want)
+    if fits.size:
+        best = fits[np.argmin(lengths[fits])]
+        return [(int(starts[best]), want)]
+    taken: list[Run] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(min(lengths[i], want))
+        taken.append((int(starts[i]), n))
+        want -= n
+        if want == 0:
+            break
+    return taken
+
+
+class Allocator:
+    """Finds free page runs and produces the bitmap bytes that record them."""
+
+    def __init__(self, bitmap: np.ndarray, geometry: fmt.Geometry) -> None:
+        self.geometry = geometry
+        self.bitmap = bitmap
+        self.used = np.unpackbits(bitmap, count=geometry.npages, bitorder="little").astype(bool)
+        self.free_pages = int(geometry.npages - np.count_nonzero(self.used))
+
+    def find(self, npages: int) -> list[Run] | None:
+        """Runs of free pages totalling ``npages``, or None if there are not enough."""
+        if npages > self.free_pages:
+            return None
+        g = self.geometry
+        data = self.used[g.data_page :]
+        nchunks = data.size // fmt.PAGES_PER_HUGE
+        chunk_used = data[: nchunks * fmt.PAGES_PER_HUGE].reshape(nchunks, fmt.PAGES_PER_HUGE)
+        chunk_free = ~chunk_used.any(axis=1)
+        runs: list[Run] = []
+        want = npages
+        # 1. whole 2 MiB chunks
+        if want >= fmt.PAGES_PER_HUGE and chunk_free.any():
+            starts, lengths = runs_of(chunk_free)
+            for c, n in _take(starts, lengths, want // fmt.PAGES_PER_HUGE):
+                runs.append((g.data_page + c * fmt.PAGES_PER_HUGE, n * fmt.PAGES_PER_HUGE))
+                chunk_free[c : c + n] = False  # taken: not a candidate below
+                want -= n * fmt.PAGES_PER_HUGE
+        if want == 0:
+            return runs
+        free = ~data
+        for c0, n in runs:  # pages just chosen are not free for the small search
+            lo = c0 - g.data_page
+            free[lo : lo + n] = False
+        # 2. partly used chunks first, keeping whole free chunks whole
+        partial = free.copy()
+        partial[: nchunks * fmt.PAGES_PER_HUGE].reshape(nchunks, fmt.PAGES_PER_HUGE)[chunk_free] = False
+        for pool in (partial, free):
+            starts, lengths = runs_of(pool)
+            for p, n in _take(starts, lengths, want):
+                runs.append((g.data_page + p, n))
+                free[p : p + n] = False
+                want -= n
+            if want == 0:
+                return runs
+        return None  # unreachable while free_pages is exact; kept as a guard
+
+    def bitmap_records(self, runs: list[Run], value: bool) -> list[tuple[int, np.ndarray]]:
+        """New bitmap bytes, as (byte offset in the bitmap, bytes), with ``runs`` set to ``value``.
+
+        Byte ranges of nearby runs are merged so that a byte shared by two
+        runs is written once with both changes.
+        """
+        spans = sorted((p // 8, (p + n + 7) // 8) for p, n in runs)
+        merged: list[list[int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out = []
+        for lo, hi in merged:
+            seg = np.zeros((hi - lo) * 8, dtype=bool)
+            have = self.used[lo * 8 : hi * 8]
+            seg[: have.size] = have
+            for p, n in runs:
+                a, b = max(p, lo * 8), min(p + n, hi * 8)
+                if a < b:
+                    seg[a - lo * 8 : b - lo * 8] = value
+            out.append((lo, np.packbits(seg, bitorder="little")))
+        return out
+
+    def apply(self, runs: list[Run], value: bool) -> None:
+        """Mirror committed bitmap changes into ``used``."""
+        for p, n in runs:
+            self.used[p : p + n] = value
+        delta = sum(n for _, n in runs)
+        self.free_pages += -delta if value else delta
