@@ -43,3 +43,25 @@ class StoreError(PkfuseError):
 
 class ImageBusy(PkfuseError):
     """Another process holds the image's lock (a second daemon, say)."""
+
+
+class Finding:
+    """One fsck finding: ``structure`` at byte ``offset`` of the image is wrong.
+
+    ``fatal`` findings make the image unusable (nothing after them can be
+    trusted); the others are inconsistencies in a usable image.
+    """
+
+    __slots__ = ("structure", "offset", "problem", "fatal")
+
+    def __init__(self, structure: str, offset: int, problem: str, fatal: bool = False) -> None:
+        self.structure = structure
+        self.offset = offset
+        self.problem = problem
+        self.fatal = fatal
+
+    def __str__(self) -> str:
+        return f"{self.structure} @{self.offset:#x}: {self.problem}"
+
+    def __repr__(self) -> str:
+        return f"Finding({self.structure!r}, {self.offset:#x}, {self.problem!r}, fatal={self.fatal})"

@@ -181,7 +181,8 @@ class Store:
         return store
 
     def _recover_and_load(self) -> None:
-        if self.journal.recover():
+        self.journal_recovered = self.journal.recover()
+        if self.journal_recovered:
             log.warning("%s: finished a transaction cut off by a restart", self.path)
         try:
             from . import fsck

@@ -1,0 +1,109 @@
+"""``pkfuse bench``: the project's speed and memory numbers, measured in one run.
+
+Each area module (``store``, ``mount``, ``iommu``, ...) has ``run(report, quick)``
+and adds results to the ``Report``. Where the issue gives a baseline (reading
+the image directly, say) the baseline is measured in the same run and the
+result is reported as a ratio, because machines are shared and noisy; a
+target is checked against the measured value and marked ok/MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+AREAS = ("store", "mount", "iommu", "crash")  #: modules of this package, run in this order
+
+
+@dataclasses.dataclass
+class Result:
+    area: str
+    name: str
+    value: float
+    unit: str
+    target: str = ""  #: human-readable target, e.g. "< 1 s" or ">= 0.25x"
+    ok: bool | None = None  #: None when there is no target
+    detail: str = ""
+
+
+class Report:
+    """Collects results; ``area`` is set by the runner before each module runs."""
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.area = ""
+
+    def add(self, name: str, value: float, unit: str, *, below: float | None = None,
+            at_least: float | None = None, detail: str = "") -> Result:
+        """Record ``value``; ``below``/``at_least`` give the target it must meet."""
+        ok: bool | None = None
+        target = ""
+        if below is not None:
+            ok, target = value < below, f"< {below:g} {unit}"
+        if at_least is not None:
+            ok, target = value >= at_least, f">= {at_least:g} {unit}"
+        r = Result(self.area, name, value, unit, target, ok, detail)
+        self.results.append(r)
+        print(format_result(r), flush=True)
+        return r
+
+    @property
+    def misses(self) -> list[Result]:
+        return [r for r in self.results if r.ok is False]
+
+
+def format_result(r: Result) -> str:
+    mark = {True: "ok", False: "MISS", None: ""}[r.ok]
+    line = f"{r.area:7s} {r.name:52s} {r.value:12.4g} {r.unit:8s} {r.target:16s} {mark}"
+    return line + (f"  ({r.detail})" if r.detail else "")
+
+
+@contextmanager
+def timer() -> Iterator[Callable[[], float]]:
+    """``with timer() as elapsed: ...``; ``elapsed()`` gives seconds (frozen at exit)."""
+    start = time.perf_counter()
+    end: list[float] = []
+    yield lambda: (end[0] if end else time.perf_counter()) - start
+    end.append(time.perf_counter())
+
+
+def best_of(n: int, fn: Callable[[], object]) -> float:
+    """The fastest of ``n`` runs of ``fn`` in seconds: the least noisy estimate."""
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast sanity run")
+    parser.add_argument("--only", action="append", choices=AREAS, metavar="AREA",
+                        help=f"run only this area (repeatable): {', '.join(AREAS)}")
+    parser.add_argument("--dir", default=None, help="directory for scratch images (default: a temporary one)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    parser.add_argument("--stress", type=int, default=0, metavar="N",
+                        help="crash area: run N kill points instead of the default")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the selected areas; exit status 1 if a target was missed."""
+    report = Report()
+    print(f"{'area':7s} {'measure':52s} {'value':>12s} {'unit':8s} {'target':16s}")
+    for area in args.only or AREAS:
+        report.area = area
+        module = importlib.import_module(f"{__name__}.{area}")
+        module.run(report, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in report.results], f, indent=1)
+    misses = report.misses
+    print(f"{len(report.results)} results, {len(misses)} missed targets", file=sys.stderr)
+    return 1 if misses else 0
