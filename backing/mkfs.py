@@ -19,7 +19,8 @@ from . import format as fmt
 from .errors import StoreError
 from .journal import initial_header
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+# "iB" only after a unit letter: "16iB" is not a size
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kKmMgGtT])(i?[bB])?|[bB]?)\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -28,15 +29,18 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"not a size: {text!r} (examples: 16G, 512M, 4096)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
 
 
 def parse_addr(text: str) -> int:
     """A physical address given as ``0x100000000``, ``4294967296`` or ``4G``."""
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
         return parse_size(text)
+    if value < 0:  # int() takes a sign; a physical address has none
+        raise ValueError(f"not an address: {text!r} (negative)")
+    return value
 
 
 def _record(dtype: np.dtype, **fields: object) -> np.ndarray:
@@ -62,6 +66,8 @@ def mkfs(
     non-empty regular file unless ``force``.
     """
     try:
+        if base_phys < 0:  # compute_geometry's modulo check passes -2 MiB; the u8 field would overflow
+            raise ValueError(f"base_phys {base_phys:#x} is negative")
         geometry = fmt.compute_geometry(size, base_phys, inode_count, extent_count)
     except ValueError as exc:
         raise StoreError(errno.EINVAL, str(exc)) from None
