@@ -437,7 +437,8 @@ class Store:
             new_kids = self._dir(new_parent)
             _check_name(new_name)
             is_dir = self.inodes["kind"][ino] == fmt.KIND_DIR
-            self._check_removable(ino)
+            # a rename moves a name, not a page: a pinned source may move
+            self._check_removable(ino, pinned_ok=True)
             target = new_kids.get(new_name)
             if target == ino:
                 return None
@@ -715,11 +716,11 @@ class Store:
             self._discard(freed)
             self._owner_index = None
 
-    def _check_removable(self, ino: int) -> None:
+    def _check_removable(self, ino: int, pinned_ok: bool = False) -> None:
         kind = int(self.inodes["kind"][ino])
         if kind in _IOMMU_KINDS or ino in (fmt.ROOT_INO,) or self._is_top_dir(ino):
             raise StoreError(errno.EPERM, f"{self.path_of(ino)!r} is managed by pkfuse")
-        if self._pinned(ino):
+        if not pinned_ok and self._pinned(ino):
             raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")
 
     def _is_top_dir(self, ino: int) -> bool:
