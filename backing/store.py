@@ -96,6 +96,27 @@ class _FileMap:
     counts: np.ndarray
 
 
+# Journal bytes that freeing one extent may take: its zeroed extent record
+# (JREC header + 32 bytes) and, in the worst case, a bitmap record of its
+# own (JREC header + up to 7 bytes of padding; the bitmap bytes themselves
+# are bounded by the whole bitmap, counted once).
+_JOURNAL_BYTES_PER_EXTENT = 2 * fmt.JREC_DTYPE.itemsize + fmt.EXTENT_DTYPE.itemsize + 8
+# Everything else one operation may stage: two dentries, four inodes, one
+# shortened extent record, with their JREC headers (about 1 KiB); doubled.
+_JOURNAL_FIXED_BYTES = 2048
+
+
+def max_file_extents(g: fmt.Geometry) -> int:
+    """Most extents one file may have so that unlinking or truncating it fits one transaction.
+
+    Freeing a file stages a record per extent; a file fragmented past this
+    bound could never be removed atomically (the journal body is sized for
+    a third of the extent table). Never binding for default geometries of
+    small images; about 15% of the extent table for large ones.
+    """
+    return max(1, (g.journal_body_bytes - g.bitmap_bytes - _JOURNAL_FIXED_BYTES) // _JOURNAL_BYTES_PER_EXTENT)
+
+
 def _now() -> int:
     return time.time_ns()
 
@@ -647,6 +668,10 @@ class Store:
             rec["npages"] = counts[-1]
             txn.put(self._extent_off(records[-1]), rec)
         if new_runs:
+            limit = max_file_extents(self.geometry)
+            if len(records) + len(new_runs) > limit:
+                raise StoreError(errno.ENOSPC, f"a file of more than {limit} extents could not be freed "
+                                               "in one journal transaction")
             free = np.flatnonzero(table["npages"] == 0)[: len(new_runs)]
             if free.size < len(new_runs):
                 raise StoreError(errno.ENOSPC, "extent table full")

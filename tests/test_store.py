@@ -14,7 +14,7 @@ import pytest
 from backing import format as fmt
 from backing.errors import ImageBusy, StoreError
 from backing.mkfs import mkfs
-from backing.store import Store
+from backing.store import Store, max_file_extents
 
 PS = fmt.PAGE_SIZE
 HUGE = fmt.HUGE_PAGE
@@ -495,6 +495,29 @@ def test_enospc_when_extent_table_is_full_leaves_metadata_byte_identical(tmp_pat
         assert metadata(s) == before and s.statfs() == fs
         # growing the last file extends its extent in place: no record needed
         s.truncate(s.lookup(gm(s), b"f6"), 2 * PS)
+
+
+def test_a_file_cannot_fragment_past_what_one_transaction_can_free(tmp_path: Path) -> None:
+    """Without the bound a file of ~1400 extents here could never be unlinked (journal overflow)."""
+    p = tmp_path / "i"
+    mkfs(p, 16 * MiB, extent_count=3000)
+    with Store.open(p) as s:
+        limit = max_file_extents(s.geometry)
+        a, b = new_file(s, b"a"), new_file(s, b"b")
+        for n in range(1, limit + 2):  # a and b take turns: every page of a is its own extent
+            try:
+                s.truncate(a, n * PS)
+            except StoreError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            s.truncate(b, n * PS)
+        assert len(s.extents(a)) == limit
+        before, fs = metadata(s), s.statfs()
+        assert errno_of(lambda: s.write(a, limit * PS, b"x")) == errno.ENOSPC
+        assert metadata(s) == before and s.statfs() == fs
+        s.rename(gm(s), b"b", gm(s), b"a")  # frees the old a: one transaction
+        s.unlink(gm(s), b"a")
+        assert s.statfs().file_pages == 0
 
 
 # ------------------------------------------------------------------ data
