@@ -1,0 +1,286 @@
+"""``pkfuse``: the command line (argparse; ``pkfuse SUBCOMMAND --help`` for each).
+
+Every user error is one line ``pkfuse: error: ...`` on stderr and a nonzero
+exit status (2 for bad arguments, 1 otherwise; ``pkfuse mount`` documents
+its own statuses); a traceback means a bug in pkfuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from backing.errors import FormatError, ImageBusy, PkfuseError
+
+from . import mount as mountmod
+
+PROG = "pkfuse"
+
+
+class UsageError(PkfuseError):
+    """Bad arguments: exit status 2."""
+
+
+# ------------------------------------------------------------------- mkfs
+
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    from backing.mkfs import mkfs, parse_addr, parse_size
+
+    size = parse_size(args.size)
+    base = parse_addr(args.base) if args.base is not None else None
+    kwargs = {"force": args.force}
+    g = mkfs(args.image, size, base, **kwargs) if base is not None else mkfs(args.image, size, **kwargs)
+    print(f"{args.image}: {g.size} bytes, {g.npages} pages of 4096, base_phys {g.base_phys:#x}, "
+          f"{g.inode_count} inodes, {g.extent_count} extent records, pool from page {g.data_page}")
+    return 0
+
+
+# ------------------------------------------------------------------ mount
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    opts = mountmod.parse_options(args.options or [])
+    if args.read_only:
+        opts["read_only"] = True
+    if args.regs:
+        opts["regs"] = args.regs
+    log_file = args.log or opts["log"]
+    if args.foreground:
+        mountmod.setup_logging(log_file, level=_level(args))
+        return mountmod.serve(args.image, args.mountpoint, opts, daemonized=args.daemonized)
+    log_file = os.path.abspath(log_file or mountmod.default_log(args.image))
+    tail = []
+    if args.read_only:
+        tail.append("--read-only")
+    if args.regs:
+        tail += ["--regs", os.path.abspath(args.regs)]
+    if args.debug:
+        tail.append("--debug")
+    for group in args.options or []:
+        tail += ["-o", group]
+    return mountmod.daemonize(args.image, args.mountpoint, tail, log_file)
+
+
+def _level(args: argparse.Namespace) -> int:
+    import logging
+
+    return logging.DEBUG if args.debug else logging.INFO
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    return mountmod.unmount(args.mountpoint, timeout=args.timeout)
+
+
+# ------------------------------------------------------------- fsck, info
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    try:
+        fsck = importlib.import_module("backing.fsck")
+    except ModuleNotFoundError:
+        raise PkfuseError("fsck is not available in this build (backing.fsck missing)") from None
+    return int(fsck.main([args.image]) or 0)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """From a mountpoint: its views; from an image: a read-only, unlocked look."""
+    target = args.target
+    if os.path.isdir(target):
+        views_dir = os.path.join(target, ".pkernfs")
+        if not os.path.isdir(views_dir):
+            raise PkfuseError(f"{target} is not a pkfuse mountpoint (no .pkernfs/)")
+        out = sys.stdout
+        with open(os.path.join(views_dir, "status")) as f:
+            out.write(f.read())
+        out.write("\n")
+        for top in ("guest_mem", "iommu"):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(target, top)):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    path = os.path.join(dirpath, name)
+                    st = os.stat(path)
+                    rel = os.path.relpath(path, target)
+                    out.write(f"/{rel}  size {st.st_size}, {st.st_blocks * 512 // 4096} pages\n")
+                    try:
+                        text = os.getxattr(path, "user.pkernfs.extents").decode()
+                    except OSError:
+                        text = ""
+                    for line in text.splitlines():
+                        out.write(f"    {line}\n")
+        out.write("\n")
+        with open(os.path.join(views_dir, "memmap")) as f:
+            out.write(f.read())
+        if os.path.exists(os.path.join(views_dir, "iommu")):
+            out.write("\n")
+            with open(os.path.join(views_dir, "iommu")) as f:
+                out.write(f.read())
+        return 0
+    from backing.store import Store
+
+    from . import views
+
+    # No flock: a running daemon holds the image's exclusive lock, and info
+    # must still work. The copy-on-write mapping replays the journal in
+    # private memory, but a transaction committing while we read can make
+    # the look inconsistent; then open fails validation and we say so.
+    try:
+        store = Store.open(target, read_only=True, lock=False)
+    except FormatError as exc:
+        raise PkfuseError(f"{target}: not a usable pkfuse image ({exc}); if a daemon is serving it, "
+                          "run `pkfuse info MOUNTPOINT` instead") from None
+    try:
+        sys.stdout.write(views.render_status(store, pid=0).replace("daemon_pid: 0", "daemon_pid: (not mounted here)"))
+        sys.stdout.write("\n" + views.render_files(store) + "\n")
+        sys.stdout.write(views.render_memmap(store))
+    finally:
+        store.close()
+    return 0
+
+
+# ------------------------------------------------------------ bench, iommu
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return int(bench.run(args) or 0)
+
+
+def _add_iommu(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("iommu", help="inspect and program the simulated IOMMU",
+                       description="Inspect and program the simulated VT-d IOMMU of an image.")
+    try:
+        mod = importlib.import_module("pkfuse.iommu_cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pkfuse.iommu_cli":
+            raise
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_iommu_missing)
+        return
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.run)
+
+
+def _iommu_missing(args: argparse.Namespace) -> int:
+    print(f"{PROG}: error: the iommu command is not available in this build (pkfuse.iommu_cli missing)",
+          file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="pkfuse: a userspace pkernfs. Guest RAM and IOMMU page tables in one image file "
+                    "that stands in for reserved physical memory, served as a FUSE filesystem.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("mkfs", help="create an empty image", description="Create an empty pkfuse image.")
+    p.add_argument("image", metavar="IMAGE", help="image file to create (sparse)")
+    p.add_argument("--size", required=True, help="image size, e.g. 16G, 512M")
+    p.add_argument("--base", metavar="PHYS_ADDR", help="physical address of image page 0, 2 MiB aligned "
+                   "(e.g. 0x100000000 or 4G; default 4 GiB)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing non-empty file")
+    p.set_defaults(func=cmd_mkfs)
+
+    p = sub.add_parser(
+        "mount", help="mount an image (daemonizes)",
+        description="Mount IMAGE on MOUNTPOINT and serve it. Daemonizes and returns once the mount "
+                    "answers, unless --foreground. Logs go to --log FILE, else IMAGE.log (daemon) or "
+                    "stderr (--foreground).",
+        epilog=mountmod.EXIT_DOC + "\n\n-o options: ro, rw, allow_other, allow_root, auto_unmount, "
+               "default_permissions (on by default; no_default_permissions turns it off), fsname=, "
+               "subtype=, max_read=, log=FILE, regs=FILE, and the usual dev/suid/exec/atime flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached (for debugging and tests)")
+    p.add_argument("--read-only", "-r", action="store_true", help="mount read-only (shared lock on the image)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS", help="comma-separated mount options")
+    p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
+    p.add_argument("--regs", metavar="FILE", help="IOMMU register file (default IMAGE.regs)")
+    p.add_argument("--debug", action="store_true", help="log every request (verbose)")
+    p.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit",
+                       description="Unmount MOUNTPOINT (fusermount3 -u) and wait for its daemon to exit.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("fsck", help="check an image", description="Check an image; print every finding. "
+                       "Exit 0 clean, 1 findings, 2 unusable.")
+    p.add_argument("image", metavar="IMAGE")
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("info", help="geometry, usage and files of an image or mountpoint",
+                       description="Show geometry, usage, files with their physical extents and the "
+                                   "physical memory map, from a mountpoint (its .pkernfs views) or from "
+                                   "an image (opened read-only without a lock, so it also works while "
+                                   "a daemon serves the image).")
+    p.add_argument("target", metavar="IMAGE|MOUNTPOINT")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="measure the project's speed numbers",
+                       description="Measure pkfuse's speed numbers in one run; exit 1 if a target is missed.")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    _add_iommu(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # the reader went away (`pkfuse info | head`): not an error worth a line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except mountmod.MountError as exc:
+        _error(str(exc))
+        return exc.status
+    except ImageBusy as exc:
+        _error(str(exc))
+        return mountmod.EXIT_IMAGE_BUSY if args.command == "mount" else 1
+    except UsageError as exc:
+        _error(str(exc))
+        return 2
+    except (PkfuseError, OSError, ValueError) as exc:
+        _error(_one_line(exc))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,391 @@
+"""The daemon: open and lock the image, mount, serve on trio, shut down cleanly.
+
+Lifecycle of ``pkfuse mount --foreground IMAGE MNT``:
+
+1. check the mountpoint (a directory, not already a mount) and ``/dev/fuse``;
+2. ``Store.open`` (flock: a second daemon on the image gets ``ImageBusy``;
+   journal replay and validation: a bad image gives ``FormatError``);
+3. ``pyfuse3.init`` mounts; ``pyfuse3.main`` serves in a trio nursery next
+   to a task that turns SIGTERM/SIGINT/SIGHUP into ``pyfuse3.terminate``;
+4. the loop ends on unmount (``fusermount3 -u``) or a signal; then the
+   mount is removed (``pyfuse3.close``), orphans are freed, the store is
+   closed (marked clean) and the process exits 0.
+
+Without ``--foreground`` the command re-executes itself as a daemon in a new
+session (``start_new_session``) and returns only once the mount answers; a
+daemon that fails before that has its one-line error copied to the caller's
+stderr and its exit status returned. The daemon's log goes to ``--log FILE``,
+by default ``IMAGE.log`` next to the image (stderr in foreground mode).
+
+Exit status (documented in ``pkfuse mount --help``): see ``EXIT_*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from backing.errors import FormatError, ImageBusy, PkfuseError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1  #: any other failure
+EXIT_USAGE = 2  #: bad arguments or options
+EXIT_MOUNTPOINT = 3  #: mountpoint missing, not a directory, or already a mount
+EXIT_IMAGE_BUSY = 4  #: another pkfuse process holds the image
+EXIT_NO_FUSE = 5  #: /dev/fuse missing or the kernel refused the mount
+EXIT_BAD_IMAGE = 6  #: the image is not a valid pkfuse image
+
+EXIT_DOC = """exit status:
+  0  mounted (daemon mode) / unmounted cleanly (foreground)
+  1  other error          2  bad arguments or -o options
+  3  mountpoint missing, not a directory, or busy (already mounted)
+  4  image in use by another pkfuse daemon (flock)
+  5  /dev/fuse missing or the mount refused by the kernel
+  6  the image is not a valid pkfuse image (fsck it)"""
+
+DEV_FUSE = "/dev/fuse"
+READY_TIMEOUT = 30.0  #: seconds a daemonizing `pkfuse mount` waits for the mount to answer
+
+#: -o options passed through to libfuse/the kernel as given
+PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions", "dev", "nodev", "suid",
+               "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "sync", "async", "dirsync"}
+PASSTHROUGH_VALUE = {"fsname", "subtype", "max_read"}
+#: pkfuse's own -o options
+OWN_FLAGS = {"ro", "rw", "no_default_permissions", "nodefault_permissions"}
+OWN_VALUE = {"log", "regs"}
+
+
+class MountError(PkfuseError):
+    """A refused mount: a one-line message and the exit status to give."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_options(opts: Iterable[str]) -> dict[str, Any]:
+    """Split ``-o a,b=c`` strings into ``{"fuse": set, "read_only": bool, "log": ..., "regs": ...}``."""
+    out: dict[str, Any] = {"fuse": set(), "read_only": False, "default_permissions": True,
+                           "log": None, "regs": None}
+    for group in opts:
+        for opt in (o.strip() for o in group.split(",")):
+            if not opt:
+                continue
+            key, eq, value = opt.partition("=")
+            if eq and key in OWN_VALUE:
+                out[key] = value
+            elif not eq and key in OWN_FLAGS:
+                if key in ("ro", "rw"):
+                    out["read_only"] = key == "ro"
+                else:
+                    out["default_permissions"] = False
+            elif (not eq and key in PASSTHROUGH) or (eq and key in PASSTHROUGH_VALUE):
+                if key == "max_read" and not value.isdigit():
+                    raise MountError(f"-o max_read needs a byte count, not {value!r}", EXIT_USAGE)
+                out["fuse"].add(opt)
+            else:
+                raise MountError(f"unknown mount option {opt!r}", EXIT_USAGE)
+    return out
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def fuse_options(image: str, opts: dict[str, Any]) -> set[str]:
+    """The option set for ``pyfuse3.init``: fsname/subtype, permissions, ro, the user's extras."""
+    out = set(opts["fuse"])
+    if not any(o.startswith("fsname=") for o in out):
+        out.add(f"fsname={_escape(image)}")
+    if not any(o.startswith("subtype=") for o in out):
+        out.add("subtype=pkfuse")
+    if opts["default_permissions"]:
+        out.add("default_permissions")
+    else:
+        out.discard("default_permissions")
+    if opts["read_only"]:
+        out.add("ro")
+    return out
+
+
+def mounted_paths() -> set[str]:
+    """Mountpoints in this mount namespace."""
+    out = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left = line.partition(" - ")[0].split()
+            if len(left) > 4:
+                out.add(left[4].encode().decode("unicode_escape"))
+    return out
+
+
+def check_mountpoint(mnt: str) -> None:
+    if not os.path.exists(mnt):
+        raise MountError(f"mountpoint {mnt} does not exist", EXIT_MOUNTPOINT)
+    if not os.path.isdir(mnt):
+        raise MountError(f"mountpoint {mnt} is not a directory", EXIT_MOUNTPOINT)
+    if os.path.realpath(mnt) in mounted_paths():
+        raise MountError(f"mountpoint {mnt} is busy: something is already mounted there", EXIT_MOUNTPOINT)
+
+
+def check_fuse() -> None:
+    if not os.path.exists(DEV_FUSE):
+        raise MountError(f"{DEV_FUSE} is missing: load the fuse module (modprobe fuse) or "
+                         "give the container the device", EXIT_NO_FUSE)
+
+
+def check_image(image: str) -> None:
+    if not os.path.exists(image):
+        raise MountError(f"image {image} does not exist (make one with `pkfuse mkfs`)", EXIT_BAD_IMAGE)
+    if os.path.isdir(image):
+        raise MountError(f"image {image} is a directory", EXIT_BAD_IMAGE)
+
+
+def setup_logging(log_file: str | None, level: int = logging.INFO) -> None:
+    """Log to ``log_file`` (appending) or to stderr, journald-style (no timestamps on stderr)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("<%(levelno)s>%(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def default_log(image: str) -> str:
+    return image + ".log"
+
+
+def default_regs(image: str) -> str:
+    return image + ".regs"
+
+
+# ---------------------------------------------------------------- foreground
+
+
+def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = False) -> int:
+    """Mount ``image`` on ``mnt`` and serve until unmounted or signalled. Returns the exit status.
+
+    Raises ``MountError`` (or PkfuseError/OSError) before the mount exists.
+    ``daemonized``: once mounted, detach stdio (stderr to the log) so the
+    parent waiting on our stderr sees EOF.
+    """
+    import pyfuse3
+    import trio
+
+    from backing.store import Store
+
+    from .fs import Operations
+
+    image = os.path.abspath(image)
+    mnt = os.path.abspath(mnt)
+    check_image(image)
+    check_mountpoint(mnt)
+    check_fuse()
+    try:
+        store = Store.open(image, read_only=opts["read_only"])
+    except ImageBusy as exc:
+        raise MountError(f"{exc} (unmount it first, or use `pkfuse info` to look)", EXIT_IMAGE_BUSY) from None
+    except FormatError as exc:
+        raise MountError(f"{image} is not a usable pkfuse image: {exc}", EXIT_BAD_IMAGE) from None
+    except PermissionError as exc:
+        raise MountError(f"cannot open {image}: {exc.strerror}", EXIT_ERROR) from None
+    try:
+        iommu, regs = _open_iommu(store, image, opts)
+        ops = Operations(store, iommu=iommu, regs_path=regs)
+        options = fuse_options(image, opts)
+        log.info("mounting %s on %s (options %s, pid %d, generation %d)", image, mnt,
+                 ",".join(sorted(options)), os.getpid(), store.generation)
+        try:
+            pyfuse3.init(ops, mnt, options)
+        except RuntimeError as exc:
+            raise MountError(f"the kernel refused to mount {mnt} ({exc}); is FUSE available?", EXIT_NO_FUSE) from None
+        try:
+            if daemonized:
+                _detach_stdio()
+            os.chdir("/")
+            trio.run(_main, pyfuse3)
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+            ops.forget_all()
+        log.info("unmounted %s; closing the image", mnt)
+    finally:
+        with contextlib.suppress(Exception):
+            if "iommu" in locals() and iommu is not None:
+                iommu.close()
+        store.close()
+    log.info("image %s closed cleanly", image)
+    return EXIT_OK
+
+
+def _open_iommu(store: Any, image: str, opts: dict[str, Any]) -> tuple[Any, str | None]:
+    """Load the IOMMU state (backing.iommu) if that module exists; else run without it."""
+    try:
+        from backing import iommu as iommu_mod  # type: ignore[attr-defined]
+    except ImportError:
+        return None, None
+    regs = opts.get("regs") or default_regs(image)
+    try:
+        return iommu_mod.Iommu.open(store, regs), regs
+    except PkfuseError as exc:
+        log.error("IOMMU state not loaded from %s: %s", regs, exc)
+        return None, regs
+
+
+async def _main(pyfuse3: Any) -> None:
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, pyfuse3, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(pyfuse3: Any, scope: Any) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _detach_stdio() -> None:
+    """Point stdin at /dev/null and stdout/stderr at the log (or /dev/null)."""
+    target = None
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            target = h.baseFilename
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if target else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------- daemon
+
+
+def daemonize(image: str, mnt: str, argv_tail: list[str], log_file: str) -> int:
+    """Start ``pkfuse mount --foreground`` in a new session; return once the mount answers.
+
+    ``argv_tail`` holds the extra daemon arguments (``--read-only``, ``-o ...``).
+    """
+    image = os.path.abspath(image)
+    mnt = os.path.abspath(mnt)
+    check_image(image)
+    check_mountpoint(mnt)
+    check_fuse()
+    cmd = [sys.executable, "-m", "pkfuse", "mount", "--foreground", "--daemonized", "--log", log_file,
+           *argv_tail, image, mnt]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd="/")
+    assert proc.stderr is not None
+    deadline = time.monotonic() + READY_TIMEOUT
+    # the daemon closes its stderr once mounted (or exits): EOF either way
+    err = _read_until_eof(proc.stderr.fileno(), deadline).decode(errors="replace")
+    proc.stderr.close()
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            sys.stderr.write(err if err.strip() else f"pkfuse: error: daemon exited with status {rc}; see {log_file}\n")
+            return rc or EXIT_ERROR
+        if os.path.realpath(mnt) in mounted_paths():
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise MountError(f"the daemon did not mount {mnt} within {READY_TIMEOUT:g}s; see {log_file}")
+        time.sleep(0.005)
+    os.stat(mnt)  # answers: the root's getattr went through the daemon
+    if err.strip():
+        sys.stderr.write(err)
+    return EXIT_OK
+
+
+def _read_until_eof(fd: int, deadline: float) -> bytes:
+    import select
+
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------ unmount
+
+
+def daemon_pid(mnt: str) -> int | None:
+    """The daemon's pid from ``MNT/.pkernfs/status``, or None if it cannot be read."""
+    try:
+        with open(os.path.join(mnt, ".pkernfs", "status")) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "daemon_pid":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def unmount(mnt: str, timeout: float = 10.0) -> int:
+    """``fusermount3 -u MNT`` and wait for the daemon to exit."""
+    import shutil
+
+    mnt = os.path.abspath(mnt)
+    if os.path.realpath(mnt) not in mounted_paths():
+        raise MountError(f"{mnt} is not mounted", EXIT_MOUNTPOINT)
+    pid = daemon_pid(mnt)
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount is None:
+        raise MountError("fusermount3 not found (install the fuse3 package)", EXIT_NO_FUSE)
+    res = subprocess.run([fusermount, "-u", mnt], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"status {res.returncode}"
+        if "busy" in msg.lower():
+            raise MountError(f"{mnt} is busy (a process has a file or its cwd there): {msg}", EXIT_MOUNTPOINT)
+        raise MountError(f"could not unmount {mnt}: {msg}", EXIT_ERROR)
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise MountError(f"unmounted, but daemon {pid} did not exit within {timeout:g}s", EXIT_ERROR)
+            time.sleep(0.01)
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        return exc.errno != errno.ESRCH

@@ -1,0 +1,199 @@
+"""Text views of an open store: ``.pkernfs/{status,memmap,iommu}`` and ``user.pkernfs.*`` xattrs.
+
+Pure functions of a ``Store`` (and the IOMMU object when there is one): the
+FUSE handlers, ``pkfuse info`` on an unmounted image and the tests all read
+the same text. Physical addresses are ``base_phys + image offset``; ranges
+in the memory map are inclusive at both ends, as in ``/proc/iomem``.
+
+xattrs (what the VMM and the user read):
+
+- ``user.pkernfs.extents``: one line per extent, ``file_offset phys_addr length``,
+  each in hex with ``0x``, sorted by file offset.
+- ``user.pkernfs.total``: bytes held in extents (hex), which is ``st_blocks * 512``.
+- ``user.pkernfs.page_size``: ``4096``.
+- ``user.pkernfs.kind``: ``guest-ram``, ``iommu-root``, ``iommu-domain`` or ``directory``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from backing import format as fmt
+from backing.store import Store
+
+PS = fmt.PAGE_SIZE
+_HOLDS_PAGES = (fmt.KIND_GUEST, fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
+
+XATTR_EXTENTS = b"user.pkernfs.extents"
+XATTR_TOTAL = b"user.pkernfs.total"
+XATTR_PAGE_SIZE = b"user.pkernfs.page_size"
+XATTR_KIND = b"user.pkernfs.kind"
+
+
+def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
+    """The ``user.pkernfs.*`` attributes of image inode ``ino``."""
+    with store.lock:
+        a = store.getattr(ino)
+        out = {XATTR_KIND: fmt.KIND_NAMES.get(a.kind, str(a.kind)).encode()}
+        if a.kind in _HOLDS_PAGES:
+            exts = store.extents(ino)
+            out[XATTR_EXTENTS] = "".join(f"{e.file_offset:#x} {e.phys_addr:#x} {e.length:#x}\n"
+                                         for e in exts).encode()
+            out[XATTR_TOTAL] = f"{a.npages * PS:#x}".encode()
+            out[XATTR_PAGE_SIZE] = str(PS).encode()
+        return out
+
+
+def render_status(store: Store, *, iommu: Any = None, regs_path: str | None = None,
+                  pid: int | None = None) -> str:
+    """``key: value`` lines describing the image and the daemon serving it."""
+    g = store.geometry
+    with store.lock:
+        s = store.statfs()
+        lines = [
+            ("image", os.path.abspath(store.path)),
+            ("uuid", store.uuid.hex()),
+            ("generation", str(store.generation)),
+            ("daemon_pid", str(os.getpid() if pid is None else pid)),
+            ("read_only", "yes" if store.read_only else "no"),
+            ("journal_replayed_at_open", "yes" if getattr(store, "journal_recovered", False) else "no"),
+            ("base_phys", f"{g.base_phys:#x}"),
+            ("page_size", str(s.page_size)),
+            ("size", f"{g.size} bytes ({_human(g.size)})"),
+            ("pages_total", str(s.total_pages)),
+            ("pages_free", str(s.free_pages)),
+            ("pages_metadata", str(s.metadata_pages)),
+            ("pages_guest_ram", str(s.file_pages)),
+            ("pages_iommu", str(s.table_pages)),
+            ("inodes_total", str(s.inode_count)),
+            ("inodes_free", str(s.free_inodes)),
+            ("extent_records", str(g.extent_count)),
+            ("data_page", str(g.data_page)),
+        ]
+    if regs_path is not None:
+        lines.append(("iommu_regs", regs_path))
+    if iommu is not None:
+        summary = getattr(iommu, "summary", None)
+        if callable(summary):
+            lines.append(("iommu", str(summary())))
+        else:
+            lines.append(("iommu", "enabled (see .pkernfs/iommu)"))
+    else:
+        lines.append(("iommu", "not loaded"))
+    width = max(len(k) for k, _ in lines)
+    return "".join(f"{k + ':':{width + 1}s} {v}\n" for k, v in lines)
+
+
+def metadata_regions(g: fmt.Geometry) -> list[tuple[int, int, str]]:
+    """``(first_page, npages, name)`` of every metadata region, in page order."""
+    ps = PS
+    inode_pages = -(-g.inode_count * fmt.INODE_DTYPE.itemsize // ps)
+    dentry_pages = -(-g.inode_count * fmt.DENTRY_DTYPE.itemsize // ps)
+    extent_pages = -(-g.extent_count * fmt.EXTENT_DTYPE.itemsize // ps)
+    regions = [
+        (0, 1, "superblock"),
+        (g.journal_page, g.journal_npages, "journal"),
+        (g.bitmap_page, g.bitmap_npages, "allocation bitmap"),
+        (g.inode_page, inode_pages, "inode table"),
+        (g.dentry_page, dentry_pages, "dentry table"),
+        (g.extent_page, extent_pages, "extent table"),
+    ]
+    end = g.extent_page + extent_pages
+    if end < g.data_page:
+        regions.append((end, g.data_page - end, "metadata (alignment to 2 MiB)"))
+    return regions
+
+
+def memmap_ranges(store: Store) -> list[tuple[int, int, str]]:
+    """``(first_page, npages, owner)`` covering every image page once, in page order.
+
+    Owners: a metadata region's name, ``<path> +<file offset>`` for file
+    pages (physically contiguous extents of one file coalesced), or
+    ``free``. Work is per extent record, not per page.
+    """
+    g = store.geometry
+    with store.lock:
+        table = store.extents_table
+        live = np.flatnonzero(table["npages"] != 0)
+        rec = table[live]
+        order = np.argsort(rec["page"], kind="stable")
+        rec = rec[order]
+        pages = rec["page"].astype(np.int64)
+        counts = rec["npages"].astype(np.int64)
+        inos = rec["ino"].astype(np.int64)
+        fpages = rec["file_page"].astype(np.int64)
+        # coalesce records that continue the previous one in the same file
+        cont = np.zeros(pages.size, bool)
+        if pages.size > 1:
+            cont[1:] = ((pages[1:] == pages[:-1] + counts[:-1]) & (inos[1:] == inos[:-1])
+                        & (fpages[1:] == fpages[:-1] + counts[:-1]))
+        heads = np.flatnonzero(~cont)
+        group_pages = pages[heads]
+        group_ends = np.add.reduceat(counts, heads) + group_pages if heads.size else heads
+        paths: dict[int, str] = {}
+        for ino in np.unique(inos).tolist():
+            paths[ino] = store.path_of(ino).decode(errors="backslashreplace")
+        group_names = [f"{paths[int(inos[h])]} +{int(fpages[h]) * PS:#x}" for h in heads.tolist()]
+    out = list(metadata_regions(g))
+    pos = g.data_page
+    for start, end, name in zip(group_pages.tolist(), group_ends.tolist(), group_names):
+        if start > pos:
+            out.append((pos, start - pos, "free"))
+        out.append((start, end - start, name))
+        pos = end
+    if pos < g.npages:
+        out.append((pos, g.npages - pos, "free"))
+    return out
+
+
+def render_memmap(store: Store) -> str:
+    """The physical memory map: ``first-last  pages  owner`` per range (addresses inclusive)."""
+    base = store.geometry.base_phys
+    lines = [f"# physical memory map of {os.path.abspath(store.path)} (base_phys {base:#x}, page {PS} bytes)\n",
+             "# first_phys_addr-last_phys_addr        pages  owner\n"]
+    for first, n, owner in memmap_ranges(store):
+        a = base + first * PS
+        b = a + n * PS - 1
+        lines.append(f"{a:#016x}-{b:#016x} {n:>12d}  {owner}\n")
+    return "".join(lines)
+
+
+def render_iommu(store: Store, iommu: Any) -> str:
+    """The IOMMU view: the IOMMU module's own text, or a note that it is not loaded."""
+    if iommu is None:
+        return "# IOMMU not loaded (backing.iommu unavailable or no register file)\n"
+    text = iommu.render()
+    return text if text.endswith("\n") else text + "\n"
+
+
+def render_files(store: Store) -> str:
+    """Every file with its physical extents (for ``pkfuse info`` on an image)."""
+    lines: list[str] = []
+    with store.lock:
+        stack = [(fmt.ROOT_INO, b"")]
+        while stack:
+            ino, path = stack.pop()
+            for name, child in reversed(store.children(ino)):
+                a = store.getattr(child)
+                p = path + b"/" + name
+                shown = p.decode(errors="backslashreplace")
+                if a.kind == fmt.KIND_DIR:
+                    lines.append(f"{shown}/\n")
+                    stack.append((child, p))
+                    continue
+                lines.append(f"{shown}  {fmt.KIND_NAMES.get(a.kind, a.kind)}  size {a.size} "
+                             f"({_human(a.size)}), {a.npages} pages\n")
+                for e in store.extents(child):
+                    lines.append(f"    {e.file_offset:#x} {e.phys_addr:#x} {e.length:#x}\n")
+    return "".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

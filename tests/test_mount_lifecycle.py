@@ -1,0 +1,184 @@
+"""The daemon's lifecycle: mount, serve, unmount, signals, refusals, restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backing.store import Store
+from conftest import FUSERMOUNT, Mount, is_mounted, mounted_paths
+
+pytestmark = pytest.mark.mount
+
+PKFUSE = [sys.executable, "-m", "pkfuse"]
+
+
+def pkfuse(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PKFUSE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_mount_shows_the_fixed_tree(mounted: Mount) -> None:
+    assert sorted(os.listdir(mounted.path)) == [".pkernfs", "guest_mem", "iommu"]
+    assert os.listdir(mounted.path / "iommu") == ["root-pgtables"]
+
+
+def test_unmount_closes_the_image_cleanly_and_exits_zero(mounted: Mount) -> None:
+    (mounted.path / "guest_mem" / "vm0").write_bytes(b"x")
+    assert mounted.unmount() == 0
+    assert not is_mounted(mounted.path)
+    with Store.open(mounted.image) as store:  # the lock is free again
+        assert store.lookup(store.lookup(1, b"guest_mem"), b"vm0")
+    assert "closed cleanly" in mounted.log_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_and_exits_zero(mounted: Mount, sig: signal.Signals) -> None:
+    os.kill(mounted.pid, sig)
+    assert mounted.proc is not None
+    assert mounted.proc.wait(10) == 0
+    assert not is_mounted(mounted.path)
+
+
+def test_second_daemon_on_the_same_image_is_refused(mounted: Mount, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    r = pkfuse("mount", "--foreground", str(mounted.image), str(other))
+    assert r.returncode == 4
+    assert "in use by another pkfuse process" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not is_mounted(other)
+
+
+def test_mount_on_a_busy_mountpoint_is_refused(mounted: Mount, make_image) -> None:
+    second = make_image(name="second.img")
+    r = pkfuse("mount", str(second), str(mounted.path))
+    assert r.returncode == 3
+    assert "busy" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mount_on_a_file_is_refused(image: Path, tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")
+    r = pkfuse("mount", str(image), str(target))
+    assert r.returncode == 3
+    assert r.stderr.startswith("pkfuse: error: ") and "not a directory" in r.stderr
+
+
+def test_mount_of_a_bad_image_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(os.urandom(1 << 20))
+    (tmp_path / "mnt").mkdir()
+    r = pkfuse("mount", str(bad), str(tmp_path / "mnt"))
+    assert r.returncode == 6
+    assert len(r.stderr.strip().splitlines()) == 1 and "not a usable pkfuse image" in r.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_unknown_mount_option_is_a_usage_error(image: Path, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    r = pkfuse("mount", "-o", "frobnicate", str(image), str(tmp_path / "mnt"))
+    assert r.returncode == 2 and "unknown mount option 'frobnicate'" in r.stderr
+
+
+def test_missing_dev_fuse_is_a_clear_error(image: Path, tmp_path: Path) -> None:
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a mount namespace here")
+    (tmp_path / "mnt").mkdir()
+    script = (f"mount -t tmpfs none /dev && exec {sys.executable} -m pkfuse mount --foreground "
+              f"--log {tmp_path / 'log'} {image} {tmp_path / 'mnt'}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 5
+    assert "/dev/fuse is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_daemon_mode_returns_once_mounted_and_umount_waits_for_it(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.log"
+    try:
+        r = pkfuse("mount", "--log", str(log), str(image), str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(mnt)
+        status = (mnt / ".pkernfs" / "status").read_text()
+        pid = int(next(line for line in status.splitlines() if line.startswith("daemon_pid:")).split()[1])
+        assert pid != os.getpid()
+        r = pkfuse("umount", str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mnt)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
+
+
+def test_daemon_mode_logs_next_to_the_image_by_default(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert pkfuse("mount", str(image), str(mnt)).returncode == 0
+        assert "mounting" in Path(str(image) + ".log").read_text()
+    finally:
+        if is_mounted(mnt):
+            pkfuse("umount", str(mnt))
+
+
+def test_daemon_mode_reports_the_daemons_error(mounted: Mount, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    r = pkfuse("mount", str(mounted.image), str(other))
+    assert r.returncode == 4
+    assert r.stderr.startswith("pkfuse: error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_umount_of_a_directory_that_is_not_mounted_fails(tmp_path: Path) -> None:
+    r = pkfuse("umount", str(tmp_path))
+    assert r.returncode == 3 and "is not mounted" in r.stderr
+
+
+def test_read_only_mount_refuses_writes_with_erofs(image: Path, mount_image) -> None:
+    m = mount_image(image, "--read-only")
+    with pytest.raises(OSError) as exc:
+        (m.path / "guest_mem" / "f").write_bytes(b"x")
+    assert exc.value.errno == 30  # EROFS
+    assert "read_only:                yes" in (m.path / ".pkernfs" / "status").read_text()
+
+
+def test_restart_keeps_written_data(mounted: Mount) -> None:
+    f = mounted.path / "guest_mem" / "vm0"
+    f.write_bytes(b"before the restart")
+    old_pid = mounted.pid
+    mounted.restart()
+    assert mounted.pid != old_pid
+    assert f.read_bytes() == b"before the restart"
+
+
+def test_restart_increments_the_generation(mounted: Mount) -> None:
+    def generation() -> int:
+        text = (mounted.path / ".pkernfs" / "status").read_text()
+        return int(next(x for x in text.splitlines() if x.startswith("generation:")).split()[1])
+
+    before = generation()
+    mounted.restart()
+    assert generation() == before + 1
+
+
+def test_restart_leaves_no_dead_mount_behind(mounted: Mount) -> None:
+    mounted.kill()
+    assert str(mounted.path) not in mounted_paths()
+    mounted.start()
+    assert os.listdir(mounted.path / "guest_mem") == []
+
+
+def test_unmount_then_remount_keeps_files(image: Path, mount_image) -> None:
+    m = mount_image(image)
+    (m.path / "guest_mem" / "vm1").mkdir()
+    (m.path / "guest_mem" / "vm1" / "ram").write_bytes(b"kept")
+    assert m.unmount() == 0
+    m.start()
+    assert (m.path / "guest_mem" / "vm1" / "ram").read_bytes() == b"kept"
