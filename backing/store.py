@@ -34,8 +34,9 @@ from collections.abc import Callable
 import numpy as np
 
 from . import format as fmt
+from . import fsck
 from .allocator import Allocator, Run
-from .errors import FormatError, ImageBusy, StoreError
+from .errors import Finding, FormatError, ImageBusy, StoreError
 from .journal import Journal, Transaction
 from .mkfs import mkfs, parse_addr, parse_size
 
@@ -205,15 +206,9 @@ class Store:
         self.journal_recovered = self.journal.recover()
         if self.journal_recovered:
             log.warning("%s: finished a transaction cut off by a restart", self.path)
-        try:
-            from . import fsck
-        except ImportError:  # TEMPORARY until backing/fsck.py lands
-            fsck = None
-        if fsck is not None and hasattr(fsck, "check_metadata"):
-            _, findings = fsck.check_metadata(self.image, self._mm.size())
-            if findings:
-                first = findings[0]
-                raise FormatError(first.structure, first.offset, first.problem)
+        findings = fsck.check_metadata(self.image, self.geometry)
+        if findings:  # nothing may use an invalid image
+            raise _format_error(findings[0])
         self.allocator = Allocator(self.bitmap, self.geometry)
         self._build_indexes()
         if not self.read_only:
@@ -878,32 +873,15 @@ class Store:
 
 
 def _geometry_from_superblock(sb_bytes: bytes, file_size: int) -> fmt.Geometry:
-    """The geometry the superblock claims, accepted only if mkfs would compute it."""
-    sb = np.frombuffer(sb_bytes, fmt.SUPERBLOCK_DTYPE)[0]
-    fields = fmt.SUPERBLOCK_DTYPE.fields
-    if bytes(sb["magic"]) != fmt.MAGIC:
-        raise FormatError("superblock.magic", 0, "not a pkfuse image")
-    if int(sb["version"]) != fmt.FORMAT_VERSION or int(sb["page_size"]) != PS:
-        raise FormatError("superblock.version", fields["version"][1],
-                          f"format version {int(sb['version'])}, page size {int(sb['page_size'])} not supported")
-    if int(sb["checksum"]) != fmt.superblock_checksum(sb_bytes):
-        raise FormatError("superblock.checksum", fields["checksum"][1], "checksum mismatch")
-    npages, inode_count, extent_count = int(sb["npages"]), int(sb["inode_count"]), int(sb["extent_count"])
-    if npages * PS > file_size:
-        raise FormatError("superblock.npages", fmt.SUPERBLOCK_DTYPE.fields["npages"][1],
-                          f"{npages} pages exceed the {file_size}-byte image file")
-    if not (0 < inode_count <= 1 << 24 and 0 < extent_count <= npages):
-        raise FormatError("superblock.inode_count", fmt.SUPERBLOCK_DTYPE.fields["inode_count"][1],
-                          f"implausible table sizes {inode_count} inodes, {extent_count} extents")
-    try:
-        g = fmt.compute_geometry(npages * PS, int(sb["base_phys"]), inode_count, extent_count)
-    except ValueError as exc:
-        raise FormatError("superblock", 0, str(exc)) from None
-    for field in dataclasses.fields(g):
-        if int(sb[field.name]) != getattr(g, field.name):
-            raise FormatError(f"superblock.{field.name}", fmt.SUPERBLOCK_DTYPE.fields[field.name][1],
-                              f"{int(sb[field.name])} differs from the layout rule ({getattr(g, field.name)})")
-    return g
+    """The geometry the superblock claims, accepted only if fsck's superblock checks pass."""
+    geometry, findings = fsck.check_superblock(sb_bytes, file_size)
+    if geometry is None or findings:
+        raise _format_error(findings[0])
+    return geometry
+
+
+def _format_error(finding: Finding) -> FormatError:
+    return FormatError(finding.structure, finding.offset, finding.problem)
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], None]:
