@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -184,6 +185,12 @@ class Journal:
         if self._words[_W_COMMIT_SEQ] != self._words[_W_APPLIED_SEQ]:
             raise FormatError("journal", self._header_off, "a committed transaction is not applied")
 
+    #: Test hook, None in production: called with the name of each protocol
+    #: step just completed ("body", "commit", "apply:<i>" after record i is
+    #: in place, "applied"), so a crash test can copy the image or stop the
+    #: process for a SIGKILL at exactly that point.
+    step_hook: Callable[[str], None] | None = None
+
     def commit(self, txn: Transaction) -> None:
         """Apply ``txn`` with the protocol in the module docstring.
 
@@ -196,8 +203,28 @@ class Journal:
         size = txn.body_size()
         if size > self._body.size:
             raise ValueError(f"transaction of {size} bytes exceeds the journal body ({self._body.size})")
+        hook = self.step_hook
+        seq = self.write_body(txn)
+        if hook:
+            hook("body")
+        # 2. commit point: one aligned 8-byte store
+        self._words[_W_COMMIT_SEQ] = seq
+        if hook:
+            hook("commit")
+        # 3. in place
+        for i, (offset, payload) in enumerate(txn.records):
+            self.image[offset : offset + len(payload)] = np.frombuffer(payload, np.uint8)
+            if hook:
+                hook(f"apply:{i}")
+        # 4. done
+        self._words[_W_APPLIED_SEQ] = seq
+        if hook:
+            hook("applied")
+        self.commits += 1
+
+    def write_body(self, txn: Transaction) -> int:
+        """Step 1: records and header fields, not yet trusted; returns the sequence number."""
         seq = int(self._words[_W_COMMIT_SEQ]) + 1
-        # 1. body and header fields, not yet trusted
         pos = 0
         hdr = np.zeros(1, fmt.JREC_DTYPE)
         for offset, payload in txn.records:
@@ -213,14 +240,7 @@ class Journal:
         h["body_bytes"] = pos
         h["nrecords"] = len(txn.records)
         h["body_crc"] = zlib.crc32(self._body[:pos], seq & 0xFFFFFFFF)
-        # 2. commit point: one aligned 8-byte store
-        self._words[_W_COMMIT_SEQ] = seq
-        # 3. in place
-        for offset, payload in txn.records:
-            self.image[offset : offset + len(payload)] = np.frombuffer(payload, np.uint8)
-        # 4. done
-        self._words[_W_APPLIED_SEQ] = seq
-        self.commits += 1
+        return seq
 
     def recover(self) -> bool:
         """Redo a committed, unapplied transaction; True if there was one."""
