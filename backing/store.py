@@ -197,7 +197,9 @@ class Store:
         store = cls(path, fd, mm, read_only, geometry)
         try:
             store._recover_and_load()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, FormatError):  # expected: its frames need not pin the mapping
+                exc.__traceback__ = None
             store._release()
             raise
         return store
