@@ -234,17 +234,30 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
 
 
 def _open_iommu(store: Any, image: str, opts: dict[str, Any]) -> tuple[Any, str | None]:
-    """Load the IOMMU state (backing.iommu) if that module exists; else run without it."""
+    """Load the IOMMU driver state (``backing.iommu``) and its register block.
+
+    The register block defaults to ``IMAGE.regs`` (made, reset, if missing;
+    a read-only mount does not make one). If the module is missing or the
+    state does not load, the mount still serves files and says why in the
+    log and in ``.pkernfs/status``.
+    """
     try:
         from backing import iommu as iommu_mod  # type: ignore[attr-defined]
     except ImportError:
         return None, None
-    regs = opts.get("regs") or default_regs(image)
+    except Exception as exc:  # noqa: BLE001 - a broken optional module must not stop the mount
+        log.warning("backing.iommu unusable (%s: %s); serving without the IOMMU", type(exc).__name__, exc)
+        return None, None
+    regs: str | None = opts.get("regs") or default_regs(image)
+    if opts["read_only"] and regs and not os.path.exists(regs):
+        regs = None
     try:
         return iommu_mod.Iommu.open(store, regs), regs
-    except PkfuseError as exc:
-        log.error("IOMMU state not loaded from %s: %s", regs, exc)
-        return None, regs
+    except (PkfuseError, OSError) as exc:
+        log.error("IOMMU state not loaded (regs %s): %s", regs, exc)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("IOMMU state not loaded (regs %s): %s: %s", regs, type(exc).__name__, exc)
+    return None, regs
 
 
 async def _main(pyfuse3: Any) -> None:

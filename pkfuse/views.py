@@ -75,16 +75,24 @@ def render_status(store: Store, *, iommu: Any = None, regs_path: str | None = No
         ]
     if regs_path is not None:
         lines.append(("iommu_regs", regs_path))
-    if iommu is not None:
-        summary = getattr(iommu, "summary", None)
-        if callable(summary):
-            lines.append(("iommu", str(summary())))
-        else:
-            lines.append(("iommu", "enabled (see .pkernfs/iommu)"))
-    else:
-        lines.append(("iommu", "not loaded"))
+    lines.append(("iommu", iommu_summary(iommu)))
     width = max(len(k) for k, _ in lines)
     return "".join(f"{k + ':':{width + 1}s} {v}\n" for k, v in lines)
+
+
+def iommu_summary(iommu: Any) -> str:
+    """One line: domains, attached requesters, translation state (details in .pkernfs/iommu)."""
+    if iommu is None:
+        return "not loaded"
+    try:
+        parts = [f"{len(iommu.domains)} domains", f"{len(iommu.attached)} requesters attached"]
+        regs = getattr(iommu, "regs", None)
+        if regs is not None:
+            parts.append(f"translation {'enabled' if regs.enabled else 'disabled'}")
+            parts.append(f"{regs.fault_seq} faults")
+        return ", ".join(parts)
+    except Exception as exc:  # noqa: BLE001 - a view must render even if the IOMMU API moves
+        return f"loaded ({type(exc).__name__} while summarising)"
 
 
 def metadata_regions(g: fmt.Geometry) -> list[tuple[int, int, str]]:

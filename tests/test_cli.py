@@ -1,0 +1,184 @@
+"""The ``pkfuse`` command line and the ``mount.fuse.pkfuse`` helper."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backing import format as fmt
+from backing.store import Store
+from conftest import FUSERMOUNT, Mount, is_mounted
+from pkfuse.mount_helper import translate
+
+PKFUSE = [sys.executable, "-m", "pkfuse"]
+SUBCOMMANDS = ["mkfs", "mount", "umount", "fsck", "info", "bench", "iommu"]
+
+
+def pkfuse(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PKFUSE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], status: int | tuple[int, ...] = (1, 2)) -> None:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert r.returncode in statuses, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("pkfuse: error: ") or "error" in r.stderr
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_top_level_help_lists_every_subcommand() -> None:
+    r = pkfuse("--help")
+    assert r.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("sub", [s for s in SUBCOMMANDS if s != "iommu"])
+def test_every_subcommand_has_help(sub: str) -> None:
+    r = pkfuse(sub, "--help")
+    assert r.returncode == 0 and "usage: pkfuse " + sub in r.stdout
+
+
+def test_mount_help_documents_exit_statuses_and_options() -> None:
+    out = pkfuse("mount", "--help").stdout
+    assert "exit status" in out and "image in use by another pkfuse daemon" in out
+    assert "allow_other" in out and "IMAGE.log" in out
+
+
+def test_no_subcommand_is_a_usage_error() -> None:
+    r = pkfuse()
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- mkfs
+
+
+def test_mkfs_makes_an_image_that_opens(tmp_path: Path) -> None:
+    img = tmp_path / "pk.img"
+    r = pkfuse("mkfs", str(img), "--size", "64M", "--base", "0x200000000")
+    assert r.returncode == 0, r.stderr
+    assert os.path.getsize(img) == 64 << 20
+    with Store.open(img, read_only=True) as store:
+        assert store.geometry.base_phys == 0x200000000
+
+
+def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    img = tmp_path / "pk.img"
+    assert pkfuse("mkfs", str(img), "--size", "16M").returncode == 0
+    r = pkfuse("mkfs", str(img), "--size", "16M")
+    assert_one_line_error(r, 1)
+    assert "--force" in r.stderr
+    assert pkfuse("mkfs", str(img), "--size", "16M", "--force").returncode == 0
+
+
+@pytest.mark.parametrize("size", ["lots", "1K", "12345"])
+def test_mkfs_rejects_bad_sizes_in_one_line(tmp_path: Path, size: str) -> None:
+    assert_one_line_error(pkfuse("mkfs", str(tmp_path / "x.img"), "--size", size), 1)
+
+
+def test_mkfs_rejects_an_unaligned_base(tmp_path: Path) -> None:
+    assert_one_line_error(pkfuse("mkfs", str(tmp_path / "x.img"), "--size", "16M", "--base", "0x1000"), 1)
+
+
+def test_mkfs_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(pkfuse("mkfs", str(tmp_path / "no" / "x.img"), "--size", "16M"), 1)
+
+
+# ----------------------------------------------------------- fsck, info
+
+
+def test_fsck_of_a_fresh_image_is_clean(image: Path) -> None:
+    if importlib.util.find_spec("backing.fsck") is None:
+        pytest.skip("backing.fsck not there yet")
+    r = pkfuse("fsck", str(image))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fsck_of_garbage_is_unusable_without_traceback(tmp_path: Path) -> None:
+    if importlib.util.find_spec("backing.fsck") is None:
+        pytest.skip("backing.fsck not there yet")
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(b"\xff" * (1 << 20))
+    r = pkfuse("fsck", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+
+
+def test_info_of_an_image_shows_geometry_files_and_extents(mounted: Mount) -> None:
+    subprocess.run(["truncate", "-s", "4M", str(mounted.path / "guest_mem" / "vm0")], check=True)
+    phys = os.getxattr(mounted.path / "guest_mem" / "vm0", "user.pkernfs.extents").decode().split()[1]
+    # the daemon holds the image's lock: info reads it unlocked, read-only
+    r = pkfuse("info", str(mounted.image))
+    assert r.returncode == 0, r.stderr
+    assert f"base_phys:                {fmt.DEFAULT_BASE_PHYS:#x}" in r.stdout
+    assert "/guest_mem/vm0  guest-ram  size 4194304" in r.stdout
+    assert phys in r.stdout
+    assert "superblock" in r.stdout and "free" in r.stdout
+
+
+def test_info_of_a_mountpoint_reads_its_views(mounted: Mount) -> None:
+    (mounted.path / "guest_mem" / "vm0").write_bytes(b"x" * 5000)
+    r = pkfuse("info", str(mounted.path))
+    assert r.returncode == 0, r.stderr
+    assert f"daemon_pid:               {mounted.pid}" in r.stdout
+    assert "/guest_mem/vm0  size 5000, 2 pages" in r.stdout
+    assert "/iommu/root-pgtables" in r.stdout
+
+
+def test_info_of_something_else_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(pkfuse("info", str(tmp_path)), 1)
+    (tmp_path / "junk").write_bytes(b"junk" * 2000)
+    assert_one_line_error(pkfuse("info", str(tmp_path / "junk")), 1)
+    assert_one_line_error(pkfuse("info", str(tmp_path / "missing")), 1)
+
+
+# --------------------------------------------------------------- iommu
+
+
+def test_iommu_subcommand_works_or_says_it_is_missing() -> None:
+    if importlib.util.find_spec("pkfuse.iommu_cli") is None:
+        r = pkfuse("iommu")
+        assert_one_line_error(r, 2)
+        assert "not available" in r.stderr
+    else:
+        assert pkfuse("iommu", "--help").returncode == 0
+
+
+# ------------------------------------------------------ mount.fuse.pkfuse
+
+
+def test_helper_translates_mount8_arguments() -> None:
+    args, fake = translate(["/img", "/mnt", "-o", "rw,noauto,user,_netdev,x-systemd.automount,allow_other,log=/l"])
+    assert args == ["mount", "-o", "rw,allow_other,log=/l", "/img", "/mnt"] and not fake
+    assert translate(["-f", "/img", "/mnt"])[1]
+    with pytest.raises(ValueError):
+        translate(["/img"])
+
+
+def test_helper_mounts_like_mount8_would(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "helper.log"
+    helper = Path(sys.executable).with_name("mount.fuse.pkfuse")
+    if not helper.exists():
+        pytest.skip("mount.fuse.pkfuse not installed in this environment")
+    try:
+        r = subprocess.run([str(helper), str(image), str(mnt), "-o", f"defaults,ro,noauto,log={log}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(mnt)
+        assert "read_only:                yes" in (mnt / ".pkernfs" / "status").read_text()
+        line = next(x for x in Path("/proc/self/mountinfo").read_text().splitlines() if f" {mnt} " in x)
+        assert " - fuse.pkfuse " in line
+        assert pkfuse("umount", str(mnt)).returncode == 0
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
+    assert "Traceback" not in log.read_text()
