@@ -383,12 +383,22 @@ def check_inode_flags(ctx: FsckContext) -> Iterator[Finding]:
 
 def check_inode_free_cleared(ctx: FsckContext) -> Iterator[Finding]:
     """A free record is all zero except ``igen`` (kept so a reused ino gets a new generation)."""
-    words = ctx.inodes.view(np.uint8).view("<u8").reshape(-1, fmt.INODE_DTYPE.itemsize // 8).copy()
+    words = ctx.inodes.view(np.uint8).view("<u8").reshape(-1, fmt.INODE_DTYPE.itemsize // 8)
     igen_word = _IN["igen"][1] // 8
-    words[:, igen_word] &= ~np.uint64(0xFFFFFFFF << ((_IN["igen"][1] % 8) * 8))
-    bad = np.flatnonzero(~ctx.live & words.any(axis=1))
+    igen_mask = np.uint64(0xFFFFFFFF << ((_IN["igen"][1] % 8) * 8))
+    stray = _or_columns(words, skip=igen_word) | (words[:, igen_word] & ~igen_mask)
+    bad = np.flatnonzero(~ctx.live & (stray != 0))
     yield from _capped(bad, lambda i: Finding("inode.free", ctx.inode_off(i), f"free inode {i} is not cleared"),
                        "free inodes not cleared", "inode.free", ctx.inode_off)
+
+
+def _or_columns(rows: np.ndarray, skip: int = -1) -> np.ndarray:
+    """Bitwise OR of the columns of a narrow 2-D array (column ops beat a per-row reduce)."""
+    out = np.zeros(rows.shape[0], rows.dtype)
+    for c in range(rows.shape[1]):
+        if c != skip:
+            out |= rows[:, c]
+    return out
 
 
 def check_inode_size(ctx: FsckContext) -> Iterator[Finding]:
@@ -434,8 +444,11 @@ def check_dentry_name(ctx: FsckContext) -> Iterator[Finding]:
     inos, _, nlen, names = _named_view(ctx)
     width = names.shape[1]
     inside = np.arange(width)[None, :] < np.minimum(nlen, width)[:, None]
-    bad_byte = (((names == ord("/")) | (names == 0)) & inside).any(axis=1)
-    bad_pad = ((names != 0) & ~inside).any(axis=1)
+    # with zero padding the non-zero bytes are exactly the name: a NUL inside or a
+    # byte in the padding breaks that; '/' anywhere is wrong either way
+    shape_bad = ((names != 0) != inside).any(axis=1)
+    bad_byte = (names == ord("/")).any(axis=1) | (shape_bad & (np.count_nonzero(names, axis=1) < nlen))
+    bad_pad = shape_bad & ~bad_byte
     dots = ((nlen == 1) & (names[:, 0] == ord("."))) | ((nlen == 2) & (names[:, 0] == ord(".")) & (names[:, 1] == ord(".")))
     bad_len = (nlen < 1) | (nlen > fmt.NAME_MAX)
     pad_field = ctx.dentries["_pad"][inos] != 0
@@ -560,7 +573,7 @@ def check_namespace_required(ctx: FsckContext) -> Iterator[Finding]:
 def check_extent_free_cleared(ctx: FsckContext) -> Iterator[Finding]:
     """A free extent record (npages 0) is all zero; a live one has zero padding."""
     rows = ctx.extents.view(np.uint8).view("<u8").reshape(-1, fmt.EXTENT_DTYPE.itemsize // 8)
-    nz = np.bitwise_or.reduce(rows, axis=1) != 0
+    nz = _or_columns(rows) != 0
     free = ctx.extents["npages"] == 0
     bad = np.flatnonzero((free & nz) | (~free & (ctx.extents["_pad"] != 0)))
     yield from _capped(bad, lambda r: Finding("extent.free", ctx.extent_off(r),
