@@ -182,3 +182,18 @@ def test_helper_mounts_like_mount8_would(image: Path, tmp_path: Path) -> None:
         if is_mounted(mnt):
             subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
     assert "Traceback" not in log.read_text()
+
+
+# ----------------------------------------------------------------- demo
+
+
+def test_demo_shows_the_data_survived_a_restart(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(root / "examples" / "demo.sh")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "survived: hello from the guest, written before the restart" in r.stdout
+    assert "user.pkernfs.extents=" in r.stdout and "daemon_pid:" in r.stdout
+    assert not [p for p in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in p]
+    assert list(tmp_path.iterdir()) == []  # the demo cleaned up after itself
