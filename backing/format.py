@@ -299,18 +299,39 @@ REGS_DTYPE = np.dtype(
     ]
 )
 GSTS_TES = 1 << 31  #: Translation Enable Status
-# Fault reasons (VT-d spec appendix A, legacy mode)
-FR_ROOT_NOT_PRESENT = 0x1
-FR_CONTEXT_NOT_PRESENT = 0x2
-FR_CONTEXT_INVALID = 0x3  #: invalid programming of a context entry
-FR_ADDR_BEYOND_AW = 0x4
-FR_WRITE = 0x5  #: write to a page without W
-FR_READ = 0x6  #: read of a page without R
-FR_PT_NOT_PRESENT = 0x7  #: second-level entry not present (R=W=0)
-FR_ROOT_RSVD = 0x8
-FR_CONTEXT_RSVD = 0xB
-FR_PT_RSVD = 0xC
+# Fault reasons (VT-d spec appendix A, legacy mode; the Linux driver's
+# dma_remap_fault_reasons strings). An untranslated request that meets a
+# second-level entry with R=W=0 (not present) is reported as the missing
+# permission (FR_WRITE / FR_READ), as hardware does. pkfuse's memory is the
+# image: an address outside it is "beyond the host address width".
+FR_ROOT_NOT_PRESENT = 0x1  #: Present bit in root entry is clear
+FR_CONTEXT_NOT_PRESENT = 0x2  #: Present bit in context entry is clear
+FR_CONTEXT_INVALID = 0x3  #: invalid programming of a context entry (TT, AW)
+FR_ADDR_BEYOND_AW = 0x4  #: input address above 2**AW - 1
+FR_WRITE = 0x5  #: write to a page without W (or not present)
+FR_READ = 0x6  #: read of a page without R (or not present)
+FR_NEXT_PT_INVALID = 0x7  #: a second-level pointer (or leaf) outside host memory
+FR_ROOT_TABLE_INVALID = 0x8  #: RTADDR outside host memory
+FR_CONTEXT_TABLE_INVALID = 0x9  #: root entry's CTP outside host memory
+FR_ROOT_RSVD = 0xA  #: non-zero reserved field in a present root entry
+FR_CONTEXT_RSVD = 0xB  #: non-zero reserved field in a present context entry
+FR_PT_RSVD = 0xC  #: non-zero reserved field in a present second-level entry
 FR_TRANSLATION_DISABLED = 0xFF  #: pkfuse's own: TE clear, request blocked
+FR_NAMES = {
+    FR_ROOT_NOT_PRESENT: "Present bit in root entry is clear",
+    FR_CONTEXT_NOT_PRESENT: "Present bit in context entry is clear",
+    FR_CONTEXT_INVALID: "Invalid context entry",
+    FR_ADDR_BEYOND_AW: "Access beyond MGAW",
+    FR_WRITE: "PTE Write access is not set",
+    FR_READ: "PTE Read access is not set",
+    FR_NEXT_PT_INVALID: "Next page table ptr is invalid",
+    FR_ROOT_TABLE_INVALID: "Root table address invalid",
+    FR_CONTEXT_TABLE_INVALID: "Context table ptr is invalid",
+    FR_ROOT_RSVD: "non-zero reserved fields in RTP",
+    FR_CONTEXT_RSVD: "non-zero reserved fields in CTP",
+    FR_PT_RSVD: "non-zero reserved fields in PTE",
+    FR_TRANSLATION_DISABLED: "translation disabled (GSTS.TES clear)",
+}
 
 
 # --------------------------------------------------------------------------

@@ -413,14 +413,19 @@ class Store:
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
         return self.create(parent, name, mode, uid, gid, kind=fmt.KIND_DIR)
 
-    def unlink(self, parent: int, name: bytes, *, keep_open: bool = False) -> int:
-        """Remove a file's name; free it now, or keep it as an orphan while open."""
+    def unlink(self, parent: int, name: bytes, *, keep_open: bool = False, managed: bool = False) -> int:
+        """Remove a file's name; free it now, or keep it as an orphan while open.
+
+        ``managed``: pkfuse itself (backing.iommu destroying a domain) removes
+        an IOMMU file, which users may not.
+        """
         with self.lock:
             self._writable()
             ino = self.lookup(parent, name)
             if self.inodes["kind"][ino] == fmt.KIND_DIR:
                 raise StoreError(errno.EISDIR, f"{name!r} is a directory")
-            self._check_removable(ino)
+            if not (managed and self.inodes["kind"][ino] == fmt.KIND_IOMMU_DOMAIN):
+                self._check_removable(ino)
             txn = Transaction()
             now = _now()
             self._touch(txn, parent, now)

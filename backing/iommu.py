@@ -1,0 +1,929 @@
+"""IOMMU domains in the image: VT-d second-level page tables that survive a restart.
+
+Objects
+-------
+``Iommu`` is the kernel's IOMMU driver state for one open store: the
+root-pgtables file (VT-d root table in file page 0, context table of bus
+``b`` in file page ``1 + b``), every domain file ``iommu/dom-<DID>``, the
+per-guest-file pin counts (installed as ``store.pin_hook``) and, optionally,
+the simulated register block. ``Domain`` is one domain: file page 0 its
+header (``format.DOMAIN_HEADER_DTYPE``, KHO-style compatible string), file
+page 1 its SL-PML4, the other file pages its pool of table pages.
+
+Nothing about a domain lives outside the image. Which pool pages are in use
+is *derived*: ``Iommu.open`` walks each tree from its SL-PML4 and every
+pool page not reachable is free (this also reclaims tables that a kill
+cut off in the middle of a map). Table entries hold physical addresses.
+
+Ordering (what a walker in another process may observe)
+-------------------------------------------------------
+* A new table page is written completely (all 512 entries, as whole rows)
+  before any entry that makes it reachable; every change to a reachable
+  table is one aligned 8-byte store. So a concurrent walk sees each entry
+  either old or new, never torn, and never a half-filled table.
+* Splitting a superpage builds the equivalent next-level table first and
+  swaps the parent entry with one store: translations do not change.
+* Unmap clears leaves first, then the pointers to tables that became
+  empty. A freed table page goes back to the pool only ``FREE_GRACE_S``
+  seconds later -- pkfuse's stand-in for the IOTLB / paging-structure
+  cache invalidation and its wait descriptor: a walk that read the old
+  pointer has finished before the page is reused. Pages found free at open
+  are held back the same way, since a walker may span the restart.
+* Context entries: attach writes the hi word (DID, AW) then the lo word
+  (SLPTPTR, TT, P) last; detach clears lo first so P drops in one store.
+
+Crash consistency: pool growth is a journaled ``Store.grow``; table writes
+need no journal because of the ordering above -- after a kill, every
+translation is old or new and unreachable pages are free at the next open.
+A domain file whose header magic is still zero (killed during creation) is
+removed at open.
+
+Superpages: ``map`` uses 1 GiB (SL-PDPE) and 2 MiB (SL-PDE) leaves wherever
+the IOVA slot is wholly inside the request and IOVA and physical address
+are aligned alike. ``unmap`` of part of a superpage splits it first (the
+rest stays mapped), so unmap works on any 4 KiB-aligned range.
+
+All state changes hold ``store.lock``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import re
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from . import format as fmt
+from . import vtd
+from .errors import FormatError, StoreError
+from .regs import Regs
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+PS = fmt.PAGE_SIZE
+U64 = np.uint64
+GROW_CHUNK = 64  #: pool pages added at a time (a big map grows by exactly what it needs)
+FREE_GRACE_S = 1.0  #: seconds before a freed table page may be reused (invalidation wait)
+MAX_DOMAIN_ID = 0xFFFF
+_DOM_NAME = re.compile(rb"^dom-(\d+)$")
+_LEVEL_PAGES = vtd.LEVEL_PAGES
+_IOVA_PAGES = 1 << (fmt.VTD_IOVA_BITS - fmt.PAGE_SHIFT)
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingRange:
+    """A run of IOVA space mapped contiguously to one guest file."""
+
+    iova: int
+    phys_addr: int
+    length: int  #: bytes
+    write: bool
+    ino: int  #: owning guest-RAM file (0: not a guest page -- corrupt tables)
+    file_offset: int
+    path: str
+
+    def __str__(self) -> str:
+        perms = "rw" if self.write else "r-"
+        return (f"{self.iova:#014x}-{self.iova + self.length - 1:#014x} -> "
+                f"{self.phys_addr:#014x}-{self.phys_addr + self.length - 1:#014x} {perms} "
+                f"{self.path}+{self.file_offset:#x}")
+
+
+def _errno(code: int, msg: str) -> StoreError:
+    return StoreError(code, msg)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c), vectorized."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offs = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return offs + np.arange(total, dtype=np.int64)
+
+
+def _rid(source_id: int) -> str:
+    return f"{source_id >> 8:02x}:{(source_id >> 3) & 0x1F:02x}.{source_id & 7}"
+
+
+class Domain:
+    """One IOMMU domain: a 4-level second-level tree in the file ``iommu/dom-<DID>``."""
+
+    def __init__(self, iommu: Iommu, ino: int, name: bytes, domain_id: int, flags: int) -> None:
+        self.iommu = iommu
+        self.store = iommu.store
+        self.ino = ino
+        self.name = name.decode()
+        self.domain_id = domain_id
+        self.flags = flags
+        self.pins: dict[int, int] = {}  #: guest ino -> pages this domain maps
+        self._pages = np.zeros(0, np.int64)  #: image page of each file page
+        self._sorted = np.zeros(0, np.int64)  #: pool pages (file page >= 2), sorted
+        self._sorted_fp = np.zeros(0, np.int64)
+        self._free = np.zeros(0, bool)  #: per file page: free for allocation now
+        self._held: list[tuple[float, np.ndarray]] = []  #: (reusable after, file pages)
+        self._quiet_after = 0.0  #: destroy waits until a walker cannot be inside
+        self._refresh_pages()
+
+    # -------------------------------------------------------------- identity
+
+    @property
+    def path(self) -> str:
+        return f"iommu/{self.name}"
+
+    @property
+    def pml4_page(self) -> int:
+        return int(self._pages[1])
+
+    @property
+    def pml4_phys(self) -> int:
+        return self.store.geometry.phys_addr(self.pml4_page)
+
+    @property
+    def table_pages(self) -> int:
+        """Pages holding live tables (SL-PML4 included)."""
+        return int(self._pages.size - 1 - np.count_nonzero(self._free) - sum(h.size for _, h in self._held))
+
+    @property
+    def file_pages(self) -> int:
+        return int(self._pages.size)
+
+    @property
+    def attached(self) -> list[int]:
+        return sorted(s for s, d in self.iommu.attached.items() if d == self.domain_id)
+
+    def __repr__(self) -> str:
+        return f"Domain({self.path}, DID {self.domain_id})"
+
+    # ---------------------------------------------------------------- pool
+
+    def _refresh_pages(self) -> None:
+        ext = self.store.extents(self.ino)
+        pages = _ranges(np.array([e.page for e in ext], np.int64), np.array([e.length // PS for e in ext], np.int64))
+        old = self._free.size
+        free = np.zeros(pages.size, bool)
+        free[:old] = self._free
+        free[max(old, 2):] = True
+        self._pages, self._free = pages, free
+        fp = np.arange(2, pages.size, dtype=np.int64)
+        order = np.argsort(pages[2:], kind="stable")
+        self._sorted, self._sorted_fp = pages[2:][order], fp[order]
+
+    def _file_pages_of(self, pages: np.ndarray) -> np.ndarray:
+        """File page of each pool image page (all must be in the pool)."""
+        pos = np.searchsorted(self._sorted, pages)
+        return self._sorted_fp[pos]
+
+    def _in_pool(self, pages: np.ndarray) -> np.ndarray:
+        if not self._sorted.size:
+            return np.zeros(pages.shape, bool)
+        pos = np.minimum(np.searchsorted(self._sorted, pages), self._sorted.size - 1)
+        return self._sorted[pos] == pages
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for when, fps in self._held:
+            if when <= now:
+                self._free[fps] = True
+            else:
+                keep.append((when, fps))
+        self._held = keep
+
+    def _alloc(self, k: int) -> np.ndarray:
+        """``k`` table pages (image pages), growing the file if the pool is short."""
+        if k == 0:
+            return np.zeros(0, np.int64)
+        self._release_held()
+        free = np.flatnonzero(self._free)
+        if free.size < k:
+            short = k - free.size
+            self.store.grow(self.ino, short if short > GROW_CHUNK else GROW_CHUNK)
+            self._refresh_pages()
+            free = np.flatnonzero(self._free)
+        take = free[:k]
+        self._free[take] = False
+        return self._pages[take]
+
+    def _hold(self, pages: np.ndarray) -> None:
+        """Return table pages to the pool after the grace period."""
+        if pages.size:
+            self._held.append((time.monotonic() + FREE_GRACE_S, self._file_pages_of(pages)))
+
+    # ----------------------------------------------------------- table I/O
+
+    @property
+    def _u64(self) -> np.ndarray:
+        return self.store.image_u64
+
+    @property
+    def _tables(self) -> np.ndarray:
+        u = self.store.image_u64
+        return u[: u.size // 512 * 512].reshape(-1, 512)
+
+    def _phys_entry(self, pages: np.ndarray) -> np.ndarray:
+        """Non-leaf entries pointing at tables in image ``pages``."""
+        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+        return ((pages.astype(U64) + U64(base_pfn)) << U64(fmt.PAGE_SHIFT)) | U64(vtd.RW)
+
+    def _child_pages(self, entries: np.ndarray, where: np.ndarray) -> np.ndarray:
+        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+        child = ((entries & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
+        bad = ~self._in_pool(child)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise FormatError(f"{self.path} table entry", int(where[i]) * 8,
+                              f"points at page {int(child[i])} outside the domain's pool")
+        return child
+
+    # ------------------------------------------------------------- mapping
+
+    def map(self, iova: int, phys_addr: int, length: int, *, write: bool = True) -> None:
+        """Map ``[iova, iova + length)`` to ``[phys_addr, ...)``, readable, writable if ``write``.
+
+        Refuses (StoreError) EINVAL for misalignment or a range beyond 48
+        bits, EFAULT unless every physical page belongs to a guest-RAM
+        file, EEXIST if any part of the IOVA range is mapped already. A
+        refused map changes nothing.
+        """
+        _check_range(iova, length)
+        if phys_addr % PS or phys_addr < 0:
+            raise _errno(errno.EINVAL, f"phys_addr {phys_addr:#x} is not 4 KiB aligned")
+        with self.store.lock:
+            self.iommu._writable()
+            g = self.store.geometry
+            a, n = iova >> fmt.PAGE_SHIFT, length >> fmt.PAGE_SHIFT
+            pfn0 = phys_addr >> fmt.PAGE_SHIFT
+            runs = self.iommu._guest_runs(pfn0 - (g.base_phys >> fmt.PAGE_SHIFT), n, strict=True)
+            plan = self._plan_map(a, a + n, pfn0, write)
+            self._apply_plan(plan)
+            for ino, _page, count, _off in runs:
+                self.pins[ino] = self.pins.get(ino, 0) + count
+
+    def _plan_map(self, a: int, b: int, pfn0: int, write: bool) -> _Plan:
+        """Every entry a map of IOVA pages [a, b) writes; new tables numbered -1, -2, ..."""
+        u64 = self._u64
+        delta = pfn0 - a
+        aligned = (False, delta % _LEVEL_PAGES[1] == 0, delta % _LEVEL_PAGES[2] == 0, True)
+        plan = _Plan()
+        slots = np.arange(a >> 27, ((b - 1) >> 27) + 1, dtype=np.int64)
+        tref = np.full(slots.size, self.pml4_page, np.int64)
+        for level in range(fmt.VTD_LEVELS):
+            sp = _LEVEL_PAGES[level]
+            existing = tref >= 0
+            ent = np.zeros(slots.size, U64)
+            if existing.any():
+                where = tref[existing] * 512 + (slots[existing] & 511)
+                ent[existing] = u64[where]
+            present = (ent & U64(vtd.RW)) != 0
+            clash = present & vtd.is_leaf(level, ent)
+            if clash.any():
+                s = int(slots[np.flatnonzero(clash)[0]])
+                raise _errno(errno.EEXIST, f"{self.path}: IOVA {max(s * sp, a) << fmt.PAGE_SHIFT:#x} is already mapped")
+            if level == 3:
+                make_leaf = np.ones(slots.size, bool)
+            elif aligned[level]:
+                first = slots * sp
+                make_leaf = (first >= a) & (first + sp <= b) & ~present
+            else:
+                make_leaf = np.zeros(slots.size, bool)
+            if make_leaf.any():
+                s = slots[make_leaf]
+                plan.add(tref[make_leaf], s & 511, vtd.leaf_entries(level, s * sp + delta, write), None)
+            if level == 3:
+                break
+            need = ~make_leaf
+            child = np.zeros(slots.size, np.int64)
+            old = present & need
+            if old.any():
+                child[old] = self._child_pages(ent[old], tref[old] * 512 + (slots[old] & 511))
+            new = need & ~present
+            k = int(np.count_nonzero(new))
+            if k:
+                child[new] = -(plan.new_tables + np.arange(k, dtype=np.int64)) - 1
+                plan.new_tables += k
+                plan.add(tref[new], slots[new] & 511, None, child[new])
+            parents, cref = slots[need], child[need]
+            nsp = _LEVEL_PAGES[level + 1]
+            lo, hi = a // nsp, (b - 1) // nsp + 1
+            starts = np.maximum(parents * 512, lo)
+            counts = np.minimum(parents * 512 + 512, hi) - starts
+            slots = _ranges(starts, counts)
+            tref = np.repeat(cref, counts)
+        return plan
+
+    def _apply_plan(self, plan: _Plan) -> None:
+        """Write a plan: new tables whole (unreachable), then entries of live tables."""
+        pages = self._alloc(plan.new_tables)
+        tref, col, val, ptr = plan.arrays()
+        if ptr.size:
+            has_ptr = ptr != 0
+            val[has_ptr] = self._phys_entry(pages[-ptr[has_ptr] - 1])
+        new = tref < 0
+        if plan.new_tables:
+            contents = np.zeros((plan.new_tables, 512), U64)
+            contents[-tref[new] - 1, col[new]] = val[new]
+            self._tables[pages] = contents  # unreachable until the stores below
+        live = ~new
+        self._u64[tref[live] * 512 + col[live]] = val[live]  # one aligned 8-byte store each
+
+    def unmap(self, iova: int, length: int) -> int:
+        """Unmap ``[iova, iova + length)``; returns the bytes that were mapped there.
+
+        Unmapped parts of the range are skipped. A superpage that the range
+        covers in part is split first, so its other part stays mapped.
+        """
+        _check_range(iova, length)
+        with self.store.lock:
+            self.iommu._writable()
+            a, b = iova >> fmt.PAGE_SHIFT, (iova + length) >> fmt.PAGE_SHIFT
+            self._split_at(a)
+            self._split_at(b)
+            levels = self._range_levels(a, b)
+            leaf_where, leaf_pfn, leaf_pages = [], [], []
+            for level, (slots, _tref, where, ent) in enumerate(levels):
+                m = ((ent & U64(vtd.RW)) != 0) & vtd.is_leaf(level, ent)
+                if m.any():
+                    leaf_where.append(where[m])
+                    leaf_pfn.append(((ent[m] & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64))
+                    leaf_pages.append(np.full(int(m.sum()), _LEVEL_PAGES[level], np.int64))
+            if not leaf_where:
+                return 0
+            where = np.concatenate(leaf_where)
+            self._u64[where] = 0  # leaves first
+            freed = self._free_empty_tables(levels)
+            self._hold(freed)
+            pfn, npages = np.concatenate(leaf_pfn), np.concatenate(leaf_pages)
+            self._unpin(pfn, npages)
+            return int(npages.sum()) * PS
+
+    def _unpin(self, pfn: np.ndarray, npages: np.ndarray) -> None:
+        order = np.argsort(pfn)
+        _, p, n, _ = vtd.coalesce(pfn[order], pfn[order], npages[order], np.zeros(pfn.size, bool))
+        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+        for start, count in zip(p.tolist(), n.tolist()):
+            for ino, _page, c, _off in self.iommu._guest_runs(start - base_pfn, count, strict=False):
+                left = self.pins.get(ino, 0) - c
+                if left > 0:
+                    self.pins[ino] = left
+                else:
+                    self.pins.pop(ino, None)
+
+    def _free_empty_tables(self, levels: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Clear pointers to tables (below the SL-PML4) left empty, bottom-up; return their pages."""
+        tables = self._tables
+        freed = []
+        for level in range(3, 0, -1):
+            _slots, tref, _where, _ent = levels[level]
+            cand = np.unique(tref)
+            if not cand.size:
+                continue
+            empty = cand[~tables[cand].any(axis=1)]
+            if not empty.size:
+                continue
+            # the parent entries pointing at them, from the level above
+            _ps, _pt, pwhere, pent = levels[level - 1]
+            pres = ((pent & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level - 1, pent)
+            base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+            child = ((pent & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
+            hit = pres & np.isin(child, empty)
+            self._u64[pwhere[hit]] = 0  # after the leaves below them were cleared
+            freed.append(child[hit])
+        return np.concatenate(freed) if freed else np.zeros(0, np.int64)
+
+    def _range_levels(self, a: int, b: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per level (slots, table page, u64 index, entry) of live entries covering [a, b)."""
+        u64 = self._u64
+        out = []
+        slots = np.arange(a >> 27, ((b - 1) >> 27) + 1, dtype=np.int64)
+        tref = np.full(slots.size, self.pml4_page, np.int64)
+        for level in range(fmt.VTD_LEVELS):
+            where = tref * 512 + (slots & 511)
+            ent = u64[where]
+            out.append((slots, tref, where, ent))
+            if level == 3:
+                break
+            desc = ((ent & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level, ent)
+            child = self._child_pages(ent[desc], where[desc])
+            parents = slots[desc]
+            nsp = _LEVEL_PAGES[level + 1]
+            lo, hi = a // nsp, (b - 1) // nsp + 1
+            starts = np.maximum(parents * 512, lo)
+            counts = np.minimum(parents * 512 + 512, hi) - starts
+            slots = _ranges(starts, counts)
+            tref = np.repeat(child, counts)
+        return out
+
+    def _split_at(self, page: int) -> None:
+        """Split superpages that contain both IOVA pages ``page - 1`` and ``page``."""
+        if page <= 0 or page >= _IOVA_PAGES:
+            return
+        u64 = self._u64
+        table = self.pml4_page
+        for level in range(3):
+            where = table * 512 + (page // _LEVEL_PAGES[level]) % 512
+            e = int(u64[where])
+            if not e & vtd.RW:
+                return
+            if level and e & fmt.SL_PS:
+                if page % _LEVEL_PAGES[level] == 0:
+                    return
+                pfn = (e & vtd.LEAF_ADDR[level]) >> fmt.PAGE_SHIFT
+                sub = level + 1
+                pfns = pfn + np.arange(512, dtype=np.int64) * _LEVEL_PAGES[sub]
+                contents = vtd.leaf_entries(sub, pfns, bool(e & fmt.SL_W))
+                new = self._alloc(1)
+                self._tables[int(new[0])] = contents  # the same translations, one level down
+                u64[where] = self._phys_entry(new)[0]  # swap in one store
+                e = int(u64[where])
+            table = int(self._child_pages(np.array([e], U64), np.array([where]))[0])
+
+    # ------------------------------------------------------------- queries
+
+    def walk(self) -> tuple[list[vtd.Level], list[vtd.Problem]]:
+        """The whole tree as read from the image (``vtd.walk_tree``)."""
+        return vtd.walk_tree(self._u64, self.store.geometry.base_phys >> fmt.PAGE_SHIFT,
+                             self.pml4_page, self._sorted)
+
+    def mappings(self) -> list[MappingRange]:
+        """Every mapping, coalesced into ranges, sorted by IOVA."""
+        with self.store.lock:
+            levels, _ = self.walk()
+            iova, pfn, npages, wr = vtd.coalesce(*vtd.leaf_ranges(levels))
+            g = self.store.geometry
+            base_pfn = g.base_phys >> fmt.PAGE_SHIFT
+            out: list[MappingRange] = []
+            for i, p, n, w in zip(iova.tolist(), pfn.tolist(), npages.tolist(), wr.tolist()):
+                pos = i
+                for ino, page, count, off in self.iommu._guest_runs(p - base_pfn, n, strict=False):
+                    phys = g.phys_addr(page)
+                    prev = out[-1] if out else None
+                    if (prev and prev.ino == ino and prev.write == w and prev.iova + prev.length == pos * PS
+                            and prev.phys_addr + prev.length == phys and prev.file_offset + prev.length == off):
+                        out[-1] = dataclasses.replace(prev, length=prev.length + count * PS)
+                    else:
+                        out.append(MappingRange(pos * PS, phys, count * PS, w, ino, off, self.iommu._path(ino)))
+                    pos += count
+            return out
+
+    def translate_soft(self, iova: int) -> int | None:
+        """Software lookup of one IOVA in this domain (no context, no fault log)."""
+        with self.store.lock:
+            table = self.pml4_page
+            for level in range(fmt.VTD_LEVELS):
+                e = int(self._u64[table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[level]) % 512])
+                if not e & vtd.RW:
+                    return None
+                if level == 3 or (level and e & fmt.SL_PS):
+                    mask = vtd.LEAF_ADDR[level]
+                    return (e & mask) | (iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
+                table = (e & fmt.SL_ADDR_MASK) // PS - (self.store.geometry.base_phys >> fmt.PAGE_SHIFT)
+            return None
+
+    # ----------------------------------------------------------- requesters
+
+    def attach(self, bus: int, dev: int, fn: int, *, replace: bool = False) -> None:
+        self.iommu.attach(self, bus, dev, fn, replace=replace)
+
+    def detach(self, bus: int, dev: int, fn: int) -> None:
+        self.iommu.detach(self, bus, dev, fn)
+
+    def copy_to(self, dst: Domain) -> None:
+        self.iommu.copy_into(self, dst)
+
+
+class _Plan:
+    """Entries a map will write, in blocks: (table ref, index, value or child ref)."""
+
+    def __init__(self) -> None:
+        self.new_tables = 0
+        self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, tref: np.ndarray, col: np.ndarray, val: np.ndarray | None, ptr: np.ndarray | None) -> None:
+        n = tref.size
+        self._blocks.append((tref, col, val if val is not None else np.zeros(n, U64),
+                             ptr if ptr is not None else np.zeros(n, np.int64)))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not self._blocks:
+            z = np.zeros(0, np.int64)
+            return z, z, np.zeros(0, U64), z
+        if len(self._blocks) == 1:
+            t, c, v, p = self._blocks[0]
+            return t, c, v.copy(), p
+        return tuple(np.concatenate(x) for x in zip(*self._blocks))  # type: ignore[return-value]
+
+
+def _check_range(iova: int, length: int) -> None:
+    if iova < 0 or length <= 0 or iova % PS or length % PS:
+        raise _errno(errno.EINVAL, f"IOVA range {iova:#x}+{length:#x} is not 4 KiB aligned and non-empty")
+    if iova + length > vtd.IOVA_LIMIT:
+        raise _errno(errno.EINVAL, f"IOVA range {iova:#x}+{length:#x} goes beyond the 48-bit address width")
+
+
+class Iommu:
+    """The IOMMU driver's state over one open store (see the module docstring)."""
+
+    def __init__(self, store: Store, regs: Regs | None) -> None:
+        self.store = store
+        self.regs = regs
+        self.domains: dict[int, Domain] = {}
+        self.attached: dict[int, int] = {}  #: source id -> domain id (-1: unknown tables)
+        self.iommu_dir = 0
+        self.root_ino = 0
+        self.root_pages = np.zeros(0, np.int64)
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, store: Store, regs_path: str | None = None) -> Iommu:
+        """Load every domain under ``/iommu`` and pin the guest files they map.
+
+        Raises FormatError naming a domain whose format (magic, compatible
+        string) is unknown or whose tree is malformed.
+        """
+        regs = Regs.open(regs_path) if regs_path else None
+        try:
+            io = cls(store, regs)
+            with store.lock:
+                io._load()
+                store.pin_hook = io.pinned
+        except BaseException:
+            if regs is not None:
+                regs.close()
+            raise
+        return io
+
+    def close(self) -> None:
+        with self.store.lock:
+            if self.store.pin_hook == self.pinned:
+                self.store.pin_hook = None
+        if self.regs is not None:
+            self.regs.close()
+            self.regs = None
+
+    def __enter__(self) -> Iommu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load(self) -> None:
+        st = self.store
+        self.iommu_dir = st.lookup(fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
+        self.root_ino = st.lookup(self.iommu_dir, fmt.ROOT_PGTABLES_NAME)
+        attr = st.getattr(self.root_ino)
+        if attr.kind != fmt.KIND_IOMMU_ROOT or attr.npages != fmt.ROOT_PGTABLES_PAGES:
+            raise FormatError("iommu/root-pgtables", 0, f"kind {attr.kind}, {attr.npages} pages: not the VT-d root table file")
+        ext = st.extents(self.root_ino)
+        self.root_pages = _ranges(np.array([e.page for e in ext], np.int64),
+                                  np.array([e.length // PS for e in ext], np.int64))
+        now = time.monotonic()
+        for name, ino in st.children(self.iommu_dir):
+            if st.getattr(ino).kind != fmt.KIND_IOMMU_DOMAIN:
+                continue
+            dom = self._load_domain(name, ino)
+            if dom is not None:
+                dom._quiet_after = now + FREE_GRACE_S
+                self.domains[dom.domain_id] = dom
+        self._scan_context_entries()
+
+    def _load_domain(self, name: bytes, ino: int) -> Domain | None:
+        st = self.store
+        path = "iommu/" + name.decode(errors="replace")
+        ext = st.extents(ino)
+        if not ext or sum(e.length for e in ext) < 2 * PS or not _DOM_NAME.match(name):
+            return self._half_made(name, path, "fewer than two pages or a bad name")
+        hdr_off = ext[0].page * PS
+        hdr = st.image[hdr_off : hdr_off + fmt.DOMAIN_HEADER_DTYPE.itemsize].view(fmt.DOMAIN_HEADER_DTYPE)[0]
+        if bytes(hdr["magic"]) == b"":
+            return self._half_made(name, path, "header never written")
+        f = fmt.DOMAIN_HEADER_DTYPE.fields
+        if bytes(hdr["magic"]) != fmt.DOMAIN_MAGIC:
+            raise FormatError(f"{path} header.magic", hdr_off, f"{bytes(hdr['magic'])!r} is not a domain header")
+        if bytes(hdr["compatible"]) != fmt.DOMAIN_COMPATIBLE:
+            raise FormatError(f"{path} header.compatible", hdr_off + f["compatible"][1],
+                              f"unknown domain format {bytes(hdr['compatible']).decode(errors='replace')!r} "
+                              f"(this pkfuse knows {fmt.DOMAIN_COMPATIBLE.decode()!r})")
+        did = int(hdr["domain_id"])
+        m = _DOM_NAME.match(name)
+        if m is None or int(m.group(1)) != did or not 0 < did <= MAX_DOMAIN_ID:
+            raise FormatError(f"{path} header.domain_id", hdr_off + f["domain_id"][1], f"domain id {did} does not match the file name")
+        if int(hdr["address_width"]) != fmt.CE_AW_48 or int(hdr["pml4_file_page"]) != 1:
+            raise FormatError(f"{path} header.address_width", hdr_off + f["address_width"][1],
+                              f"AW {int(hdr['address_width'])}, SL-PML4 at file page {int(hdr['pml4_file_page'])}: unsupported")
+        dom = Domain(self, ino, name, did, int(hdr["flags"]))
+        levels, problems = dom.walk()
+        if problems:
+            p = problems[0]
+            raise FormatError(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
+        used = np.concatenate([lv.tables for lv in levels])
+        dom._free[:] = False
+        free = np.ones(dom._pages.size, bool)
+        free[:2] = False
+        free[dom._file_pages_of(used[1:])] = False
+        dom._hold(dom._pages[free])  # a walker may still be inside tables freed before the restart
+        iova, pfn, npages, _ = vtd.leaf_ranges(levels)
+        order = np.argsort(pfn)
+        _, p, n, _ = vtd.coalesce(pfn[order], pfn[order], npages[order], np.zeros(pfn.size, bool))
+        base_pfn = st.geometry.base_phys >> fmt.PAGE_SHIFT
+        for start, count in zip(p.tolist(), n.tolist()):
+            for gino, _page, c, _off in self._guest_runs(start - base_pfn, count, strict=False):
+                dom.pins[gino] = dom.pins.get(gino, 0) + c
+        return dom
+
+    def _half_made(self, name: bytes, path: str, why: str) -> None:
+        if self.store.read_only:
+            log.warning("%s: half-made domain (%s); ignored on a read-only store", path, why)
+        else:
+            log.warning("%s: half-made domain (%s), left by a restart; removed", path, why)
+            self.store.unlink(self.iommu_dir, name, managed=True)
+        return None
+
+    def _scan_context_entries(self) -> None:
+        u64 = self.store.image_u64
+        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+        by_pml4 = {d.pml4_page: d.domain_id for d in self.domains.values()}
+        root = self.root_pages[0] * 512
+        re_lo = u64[root : root + 512 : 2]
+        self.attached = {}
+        for bus in np.flatnonzero(re_lo & U64(fmt.RE_LO_P)).tolist():
+            ct = int(self.root_pages[1 + bus])
+            ctx = u64[ct * 512 : ct * 512 + 512]
+            lo = ctx[0::2]
+            for devfn in np.flatnonzero(lo & U64(fmt.CE_LO_P)).tolist():
+                page = (int(lo[devfn]) & fmt.CE_LO_SLPTPTR_MASK) // PS - base_pfn
+                self.attached[(bus << 8) | devfn] = by_pml4.get(page, -1)
+
+    def _writable(self) -> None:
+        if self.store.read_only:
+            raise _errno(errno.EROFS, "image opened read-only")
+
+    # --------------------------------------------------------------- pins
+
+    def pinned(self, ino: int) -> bool:
+        """Whether any domain maps a page of guest file ``ino`` (Store.pin_hook)."""
+        return any(d.pins.get(ino) for d in self.domains.values())
+
+    def pinned_pages(self, ino: int) -> int:
+        return sum(d.pins.get(ino, 0) for d in self.domains.values())
+
+    def _path(self, ino: int) -> str:
+        if ino == 0:
+            return "(not a guest page)"
+        try:
+            return self.store.path_of(ino).decode(errors="replace").lstrip("/")
+        except StoreError:
+            return f"(inode {ino})"
+
+    def _guest_runs(self, page: int, n: int, *, strict: bool) -> list[tuple[int, int, int, int]]:
+        """Split image pages [page, page + n) by owning file: (ino, page, count, file offset).
+
+        ``strict``: refuse (EFAULT) unless every page belongs to a guest-RAM
+        file; otherwise pages that do not are reported with ino 0. Costs one
+        lookup per extent crossed, not per page.
+        """
+        st = self.store
+        npages = st.geometry.npages
+        end = page + n
+        out: list[tuple[int, int, int, int]] = []
+        cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        while page < end:
+            if page < 0 or page >= npages:
+                if strict:
+                    raise _errno(errno.EFAULT, f"physical page {st.geometry.phys_addr(page):#x} is outside the image")
+                out.append((0, page, end - page, 0))
+                break
+            owner, kind = st.page_owner(np.array([page]))
+            ino, k = int(owner[0]), int(kind[0])
+            if ino == 0 or k != fmt.KIND_GUEST:
+                if strict:
+                    what = "a free page" if ino == 0 else ("metadata" if page < st.geometry.data_page else
+                                                           f"{fmt.KIND_NAMES.get(k, k)} file {self._path(ino)}")
+                    raise _errno(errno.EFAULT, f"physical address {st.geometry.phys_addr(page):#x} is {what}, "
+                                 "not guest RAM")
+                span = np.arange(page, min(end, npages), dtype=np.int64)
+                o, kk = st.page_owner(span)
+                good = np.flatnonzero((o != 0) & (kk == fmt.KIND_GUEST))
+                stop = page + (int(good[0]) if good.size else span.size)
+                stop = max(stop, page + 1)
+                out.append((0, page, stop - page, 0))
+                page = stop
+                continue
+            if ino not in cache:
+                ext = st.extents(ino)
+                ps = np.array([e.page for e in ext], np.int64)
+                order = np.argsort(ps)
+                cache[ino] = (ps[order], np.array([e.length // PS for e in ext], np.int64)[order],
+                              np.array([e.file_offset for e in ext], np.int64)[order])
+            ps, cnt, foff = cache[ino]
+            i = int(np.searchsorted(ps, page, side="right")) - 1
+            stop = min(end, int(ps[i] + cnt[i]))
+            out.append((ino, page, stop - page, int(foff[i]) + (page - int(ps[i])) * PS))
+            page = stop
+        return out
+
+    # ------------------------------------------------------------ domains
+
+    def domain(self, domain_id: int) -> Domain:
+        try:
+            return self.domains[domain_id]
+        except KeyError:
+            raise _errno(errno.ENOENT, f"no IOMMU domain {domain_id}") from None
+
+    def create_domain(self, domain_id: int | None = None, *, flags: int = 0) -> Domain:
+        """A new empty domain ``iommu/dom-<DID>`` (smallest free DID >= 1 by default)."""
+        with self.store.lock:
+            self._writable()
+            if domain_id is None:
+                domain_id = next(i for i in range(1, MAX_DOMAIN_ID + 2) if i not in self.domains)
+            if not 0 < domain_id <= MAX_DOMAIN_ID:
+                raise _errno(errno.EINVAL, f"domain id {domain_id} outside 1..{MAX_DOMAIN_ID}")
+            if domain_id in self.domains:
+                raise _errno(errno.EEXIST, f"IOMMU domain {domain_id} exists")
+            name = b"dom-%d" % domain_id
+            ino = self.store.create(self.iommu_dir, name, 0o444, 0, 0, kind=fmt.KIND_IOMMU_DOMAIN)
+            try:
+                self.store.grow(ino, 2 + GROW_CHUNK)
+            except BaseException:
+                self.store.unlink(self.iommu_dir, name, managed=True)
+                raise
+            dom = Domain(self, ino, name, domain_id, flags)
+            hdr = np.zeros(1, fmt.DOMAIN_HEADER_DTYPE)
+            hdr["compatible"], hdr["domain_id"], hdr["address_width"] = fmt.DOMAIN_COMPATIBLE, domain_id, fmt.CE_AW_48
+            hdr["flags"], hdr["pml4_file_page"], hdr["magic"] = flags, 1, fmt.DOMAIN_MAGIC
+            raw = hdr.view(np.uint8)
+            off = int(dom._pages[0]) * PS
+            self.store.image[off + 8 : off + raw.size] = raw[8:]
+            self.store.image_u64[off // 8] = hdr.view("<u8")[0]  # magic last: the domain exists
+            self.domains[domain_id] = dom
+            return dom
+
+    def destroy_domain(self, domain: Domain) -> None:
+        """Unmap everything and free every page of ``domain`` (EBUSY while attached)."""
+        with self.store.lock:
+            self._writable()
+            if self.domains.get(domain.domain_id) is not domain:
+                raise _errno(errno.ENOENT, f"{domain.path} is not a live domain")
+            if domain.attached:
+                rids = ", ".join(_rid(s) for s in domain.attached)
+                raise _errno(errno.EBUSY, f"{domain.path} is attached to {rids}")
+            wait = domain._quiet_after - time.monotonic()
+            if wait > 0:  # a walk that read its context entry before the detach
+                time.sleep(wait)
+            self.store.unlink(self.iommu_dir, domain.name.encode(), managed=True)
+            del self.domains[domain.domain_id]
+            domain.pins.clear()
+
+    def copy_domain(self, src: Domain, domain_id: int | None = None) -> Domain:
+        """A new domain (flag DOMF_SAVED) with the same translations as ``src``."""
+        with self.store.lock:
+            dst = self.create_domain(domain_id, flags=fmt.DOMF_SAVED)
+            try:
+                self.copy_into(src, dst)
+            except BaseException:
+                self.destroy_domain(dst)
+                raise
+            return dst
+
+    def copy_into(self, src: Domain, dst: Domain) -> None:
+        """Make the empty domain ``dst`` translate exactly as ``src`` (a full copy of the tree)."""
+        with self.store.lock:
+            self._writable()
+            levels, problems = src.walk()
+            if problems:
+                p = problems[0]
+                raise FormatError(f"{src.path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
+            if dst.table_pages != 1 or dst._tables[dst.pml4_page].any():
+                raise _errno(errno.EEXIST, f"{dst.path} is not empty")
+            old = np.concatenate([lv.tables for lv in levels[1:]])
+            new = dst._alloc(old.size)
+            order = np.argsort(old)
+            old_sorted, new_sorted = old[order], new[order]
+            tables = self.store.image_u64[: self.store.image_u64.size // 512 * 512].reshape(-1, 512)
+            base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+            contents = []
+            for level, lv in enumerate(levels[:3]):
+                block = tables[lv.tables].copy()
+                ptr = ((block & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level, block)
+                child = ((block[ptr] & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
+                moved = new_sorted[np.searchsorted(old_sorted, child)]
+                block[ptr] = (block[ptr] & ~U64(fmt.SL_ADDR_MASK)) | ((moved.astype(U64) + U64(base_pfn)) << U64(12))
+                contents.append(block)
+            contents.append(tables[levels[3].tables].copy())
+            if old.size:
+                tables[new] = np.concatenate(contents[1:])  # unreachable until the SL-PML4 below
+            tables[dst.pml4_page] = contents[0][0]
+            for ino, n in src.pins.items():
+                dst.pins[ino] = dst.pins.get(ino, 0) + n
+
+    # --------------------------------------------------------- requesters
+
+    def _context_where(self, bus: int, dev: int, fn: int) -> tuple[int, int, int]:
+        if not (0 <= bus <= 255 and 0 <= dev <= 31 and 0 <= fn <= 7):
+            raise _errno(errno.EINVAL, f"requester {bus}:{dev}.{fn} out of range (bus 0-255, dev 0-31, fn 0-7)")
+        sid = fmt.requester_id(bus, dev, fn)
+        ct_page = int(self.root_pages[1 + bus])
+        return sid, ct_page, ct_page * 512 + (sid & 0xFF) * 2
+
+    def attach(self, domain: Domain, bus: int, dev: int, fn: int, *, replace: bool = False) -> None:
+        """Point requester bus:dev.fn at ``domain``: its context entry, then the bus's root entry.
+
+        EBUSY if the requester is attached to another domain, unless
+        ``replace`` (then the old entry is made not-present first: requests
+        fault for an instant rather than see a half-written entry).
+        """
+        with self.store.lock:
+            self._writable()
+            sid, ct_page, where = self._context_where(bus, dev, fn)
+            cur = self.attached.get(sid)
+            if cur == domain.domain_id:
+                return
+            if cur is not None and not replace:
+                raise _errno(errno.EBUSY, f"requester {_rid(sid)} is attached to domain {cur}")
+            u64 = self.store.image_u64
+            g = self.store.geometry
+            lo, hi = vtd.context_entry(domain.pml4_phys, domain.domain_id)
+            if cur is not None:
+                u64[where] = 0  # P drops first
+            u64[where + 1] = hi
+            u64[where] = lo  # P last: the entry is complete when it becomes present
+            re_where = int(self.root_pages[0]) * 512 + bus * 2
+            if not int(u64[re_where]) & fmt.RE_LO_P:
+                re_lo, re_hi = vtd.root_entry(g.phys_addr(ct_page))
+                u64[re_where + 1] = re_hi
+                u64[re_where] = re_lo
+            self.attached[sid] = domain.domain_id
+            if cur is not None and cur in self.domains:
+                self.domains[cur]._quiet_after = time.monotonic() + FREE_GRACE_S
+
+    def detach(self, domain: Domain, bus: int, dev: int, fn: int) -> None:
+        """Clear the requester's context entry (ENOENT unless attached to ``domain``)."""
+        with self.store.lock:
+            self._writable()
+            sid, _ct, where = self._context_where(bus, dev, fn)
+            if self.attached.get(sid) != domain.domain_id:
+                raise _errno(errno.ENOENT, f"requester {_rid(sid)} is not attached to {domain.path}")
+            u64 = self.store.image_u64
+            u64[where] = 0  # P drops in one store
+            u64[where + 1] = 0
+            del self.attached[sid]
+            domain._quiet_after = time.monotonic() + FREE_GRACE_S
+
+    # ------------------------------------------------------- hardware side
+
+    @property
+    def root_table_phys(self) -> int:
+        return self.store.geometry.phys_addr(int(self.root_pages[0]))
+
+    def _need_regs(self) -> Regs:
+        if self.regs is None:
+            raise _errno(errno.ENODEV, "no IOMMU register block was opened")
+        return self.regs
+
+    def enable(self) -> None:
+        """Program RTADDR with the root table and set TE (the boot-time driver step)."""
+        regs = self._need_regs()
+        regs.set_root_table(self.root_table_phys)
+        regs.enable()
+
+    def disable(self) -> None:
+        self._need_regs().disable()
+
+    def translate(self, bus: int, dev: int, fn: int, iovas: Iterable[int] | np.ndarray,
+                  write: bool | np.ndarray = False) -> tuple[np.ndarray, np.ndarray]:
+        """Run the hardware walker over this store's image (see ``backing.walker``)."""
+        from .walker import translate
+
+        g = self.store.geometry
+        return translate(self.store.image_u64, g.base_phys, g.npages, self._need_regs(),
+                         fmt.requester_id(bus, dev, fn), np.asarray(iovas, U64), write)
+
+    # -------------------------------------------------------------- views
+
+    def render(self) -> str:
+        """The text of ``.pkernfs/iommu``: registers, then every domain and its mappings."""
+        with self.store.lock:
+            lines = []
+            if self.regs is not None:
+                r = self.regs
+                lines.append(f"translation {'enabled' if r.enabled else 'disabled'}, RTADDR {r.rtaddr:#x}, "
+                             f"faults recorded {r.fault_seq}")
+            lines.append(f"root table {self.root_table_phys:#x} (iommu/root-pgtables)")
+            orphans = sorted(s for s, d in self.attached.items() if d not in self.domains)
+            for s in orphans:
+                lines.append(f"requester {_rid(s)}: context entry points at no known domain")
+            for did in sorted(self.domains):
+                d = self.domains[did]
+                rids = ", ".join(_rid(s) for s in d.attached) or "none"
+                flags = " saved" if d.flags & fmt.DOMF_SAVED else ""
+                lines.append(f"{d.path}: DID {did}, compatible {fmt.DOMAIN_COMPATIBLE.decode()}{flags}, "
+                             f"table pages {d.table_pages} of {d.file_pages}, attached {rids}")
+                for m in d.mappings():
+                    lines.append(f"  {m}")
+            return "\n".join(lines) + "\n"
