@@ -1,0 +1,44 @@
+"""The project frame: one set-up script, the README's two commands, CI calling the second."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README has no sh block with the two commands"
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_gives_exactly_two_commands_demo_then_test() -> None:
+    assert readme_commands() == ["scripts/run demo", "scripts/run test"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    lines = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()]
+    assert readme_commands()[1] in lines
+
+
+def test_setup_is_idempotent_and_silent_when_set_up() -> None:
+    venv = Path(sys.prefix)
+    result = subprocess.run(["bash", str(ROOT / "scripts/setup.sh")], capture_output=True, text=True,
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PKFUSE_VENV": str(venv)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "installing" not in result.stderr, result.stderr
+
+
+def test_both_commands_share_one_setup_script() -> None:
+    run = (ROOT / "scripts/run").read_text()
+    assert run.count("setup.sh") == 1
+    assert "apt-get" not in run and "pip" not in run
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "pkfuse", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "mkfs" in out.stdout
