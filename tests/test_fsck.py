@@ -283,6 +283,19 @@ def test_journal_body_bytes_beyond_the_body_is_unusable(image: Path) -> None:
     assert_refused(image, 2, "journal.body_bytes")
 
 
+def test_replayed_transaction_that_rewrites_the_geometry_is_unusable(image: Path) -> None:
+    def build(r: Raw) -> Transaction:
+        sb = r.sb.copy()
+        sb["dentry_page"] += 1
+        sb["checksum"] = fmt.superblock_checksum(sb.tobytes())
+        txn = Transaction()
+        txn.put(0, sb)
+        return txn
+
+    _commit_without_applying(image, build)
+    assert_refused(image, 2, "superblock.dentry_page")
+
+
 def test_pending_transaction_seen_by_check_metadata_is_a_finding(image: Path) -> None:
     _commit_without_applying(image, _chmod_txn(2, 0o700))
     with raw(image) as r:
@@ -346,6 +359,21 @@ def test_many_mismatching_runs_are_capped_with_a_total(populated: tuple[Path, Tr
     status, findings = fsck.check_image(path)
     assert status == 1 and len(findings) == fsck.MAX_PER_CHECK + 1
     assert findings[-1].problem.startswith("... 64 ranges, 512 pages in all")
+
+
+def test_bitmap_compared_in_windows_reports_the_same_ranges(
+    populated: tuple[Path, Tree], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, t = populated
+    with raw(path) as r:
+        first = int(r.extents["page"][r.extent_of(t.ram1)])
+        for page in (first + 60, first + 61, first + 64, r.g.npages - 70, r.g.npages - 1):
+            r.set_bit(page, page >= r.g.npages - 70)  # owned pages cleared, free pages set
+    whole = fsck.check_image(path)
+    monkeypatch.setattr(fsck, "BITMAP_WINDOW", 64)
+    windowed = fsck.check_image(path)
+    assert [str(f) for f in windowed[1]] == [str(f) for f in whole[1]]
+    assert {f.structure for f in whole[1]} == {"bitmap.owned", "bitmap.used"} and len(whole[1]) == 4
 
 
 # ------------------------------------------------------------------ extents
