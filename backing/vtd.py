@@ -12,6 +12,7 @@ is an image page index (pfn - base_pfn); an IOVA "slot" at level L is
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -137,7 +138,7 @@ class Problem:
 
 
 def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.ndarray,
-              ) -> tuple[list[Level], list[Problem]]:
+              limit: int = 100) -> tuple[list[Level], list[Problem]]:
     """Collect every present entry of the tree rooted at image page ``pml4_page``.
 
     ``allowed`` is a sorted int64 array of image pages that may hold this
@@ -145,7 +146,8 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
     referenced twice (shared or cyclic), reserved bits and PS where it is
     not allowed are reported as problems and not followed, so garbage gives
     problems, never an exception; the depth is fixed at four levels.
-    Cost is one gather per level: O(tables * 512).
+    Cost is one gather per level: O(tables * 512). At most ``limit``
+    problems of each kind are listed, then one "... and N more".
     """
     tables_u64 = image_u64[: image_u64.size // fmt.VTD_PT_ENTRIES * fmt.VTD_PT_ENTRIES].reshape(-1, fmt.VTD_PT_ENTRIES)
     levels: list[Level] = []
@@ -158,9 +160,9 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         present = (block & U64(RW)) != 0
         stray = ~present & (block != 0)
         if stray.any():
-            for r, c in zip(*np.nonzero(stray)):
-                problems.append(Problem(level, int(tables[r]) * 512 + int(c),
-                                        f"{LEVEL_NAMES[level]} not present but has bits {int(block[r, c]):#x}"))
+            r, c = np.nonzero(stray)
+            _report(problems, level, tables[r] * 512 + c, block[r, c], limit,
+                    lambda v: f"{LEVEL_NAMES[level]} not present but has bits {v:#x}")
         rows, cols = np.nonzero(present)
         entries = block[rows, cols]
         where = tables[rows] * 512 + cols
@@ -168,9 +170,9 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         leaf = is_leaf(level, entries)
         rsvd = reserved_bits(level, entries)
         bad = rsvd != 0
-        for i in np.flatnonzero(bad):
-            problems.append(Problem(level, int(where[i]), f"{LEVEL_NAMES[level]} {int(entries[i]):#x} "
-                                    f"has reserved bits {int(rsvd[i]):#x} set"))
+        if bad.any():
+            _report(problems, level, where[bad], rsvd[bad], limit,
+                    lambda v: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
         ok = ~bad
         levels.append(Level(tables, slots[ok], where[ok], entries[ok], leaf[ok]))
         if level == fmt.VTD_LEVELS - 1:
@@ -181,22 +183,30 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         inside = (pos < allowed.size) & (allowed[np.minimum(pos, max(allowed.size - 1, 0))] == child) \
             if allowed.size else np.zeros(child.shape, bool)
         dwhere, dslots = where[desc], slots[desc]
-        for i in np.flatnonzero(~inside):
-            problems.append(Problem(level, int(dwhere[i]), f"{LEVEL_NAMES[level]} points at page "
-                                    f"{int(child[i])} outside the domain's table pool"))
+        if not inside.all():
+            _report(problems, level, dwhere[~inside], child[~inside], limit,
+                    lambda v: f"{LEVEL_NAMES[level]} points at image page {v} outside the domain's table pool")
         child, dwhere, dslots = child[inside], dwhere[inside], dslots[inside]
         uniq, first, counts = np.unique(child, return_index=True, return_counts=True)
         again = np.isin(child, seen)
         dup = np.ones(child.shape, bool)
         dup[first] = False
         dup |= again
-        for i in np.flatnonzero(dup):
-            problems.append(Problem(level, int(dwhere[i]), f"{LEVEL_NAMES[level]} points at table page "
-                                    f"{int(child[i])} that another entry also uses"))
+        if dup.any():
+            _report(problems, level, dwhere[dup], child[dup], limit,
+                    lambda v: f"{LEVEL_NAMES[level]} points at table page {v}, which another entry also uses")
         keep = ~dup & ~np.isin(child, child[dup])
         tables, bases = child[keep], dslots[keep]
         seen = np.concatenate([seen, tables])
     return levels, problems
+
+
+def _report(problems: list[Problem], level: int, where: np.ndarray, values: np.ndarray, limit: int,
+            text: Callable[[int], str]) -> None:
+    for w, v in zip(where[:limit].tolist(), values[:limit].tolist()):
+        problems.append(Problem(level, int(w), text(int(v))))
+    if where.size > limit:
+        problems.append(Problem(level, int(where[limit]), f"... and {where.size - limit} more like it"))
 
 
 def leaf_ranges(levels: list[Level]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from backing import format as fmt
 from backing import iommu as iommu_mod
 from backing import vtd
 from backing.errors import FormatError, StoreError
+from backing.fsck import check_image
 from backing.iommu import Domain, Iommu
 from backing.mkfs import mkfs
 from backing.store import Store
@@ -568,6 +569,7 @@ def test_kill_while_mapping_leaves_every_translation_old_or_new(image: Path, see
     unmapped = {int(x[1:]) for x in done if x[0] == "U"}
     assert mapped, "the child made no progress before the kill"
     in_flight = {max(mapped) + 1, max(mapped) - 2}  # the next map, or the unmap after the last map
+    assert check_image(image) == (0, [])  # tables included, before any repair at open
     with Store.open(image) as s, Iommu.open(s) as io:
         d = io.domain(1)
         levels, problems = d.walk()

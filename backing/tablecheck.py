@@ -1,0 +1,311 @@
+"""fsck of the VT-d tables in an image: root table, context entries, every domain's tree.
+
+Called by ``backing.fsck`` after the metadata checks passed without a fatal
+finding (so extents are in range and owners are known: ``FsckContext``).
+Trusts nothing in the tables: every pointer is range-checked before it is
+followed, the tree depth is fixed at four levels, a page referenced twice
+is reported and not followed again, and each check lists at most
+``MAX_PER_CHECK`` findings. Garbage gives findings, never an exception.
+
+Checks, one function each:
+
+* ``check_root_pgtables_file``: iommu/root-pgtables exists with 257 pages.
+* ``check_root_entries``: present root entries have reserved bits clear and
+  point at the context table of their bus (file page 1 + bus); others are 0.
+* ``check_context_entries``: present context entries have reserved bits
+  clear, TT untranslated, AW 48-bit, SLPTPTR at the SL-PML4 of a domain
+  and that domain's DID; non-present entries are 0; a present entry on a
+  bus whose root entry is clear is unreachable (reported).
+* ``check_domain_header``: magic, compatible string, DID = file name,
+  address width, SL-PML4 at file page 1.
+* ``check_domain_tree``: tree shape (pointers only to the domain's own pool
+  pages, no page shared or referenced twice, PS only at PDPE/PDE),
+  reserved bits clear, non-present entries zero.
+* ``check_domain_leaves``: every leaf maps only pages of guest-RAM files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import format as fmt
+from . import vtd
+from .errors import Finding
+
+if TYPE_CHECKING:
+    from .fsck import FsckContext
+
+PS = fmt.PAGE_SIZE
+U64 = np.uint64
+MAX_PER_CHECK = 50
+_DOM_NAME = re.compile(rb"^dom-(\d+)$")
+_ROOT = "iommu/root-pgtables"
+
+
+class _Domain:
+    """What the checks learn about one domain file."""
+
+    def __init__(self, ino: int, name: bytes, pages: np.ndarray) -> None:
+        self.ino = ino
+        self.name = name
+        self.path = "iommu/" + name.decode(errors="replace")
+        self.pages = pages  #: image page of each file page (in-range extents, file order)
+        self.domain_id: int | None = None  #: set when the header is valid
+        self.walked: tuple[list[vtd.Level], list[vtd.Problem]] | None = None
+
+
+def check_tables(ctx: FsckContext) -> list[Finding]:
+    """Every finding about the VT-d tables of the image behind ``ctx``."""
+    findings: list[Finding] = []
+    iommu_dir = _child(ctx, fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
+    if iommu_dir is None:
+        return findings  # the namespace checks report the missing directory
+    root_pages = None
+    root_ino = _child(ctx, iommu_dir, fmt.ROOT_PGTABLES_NAME)
+    findings += _capped(check_root_pgtables_file(ctx, root_ino))
+    if root_ino is not None and int(ctx.kind[root_ino]) == fmt.KIND_IOMMU_ROOT:
+        pages = _file_pages(ctx, root_ino)
+        if pages.size == fmt.ROOT_PGTABLES_PAGES:
+            root_pages = pages
+    domains = []
+    for ino in np.flatnonzero(ctx.live & (ctx.kind == fmt.KIND_IOMMU_DOMAIN)).tolist():
+        d = ctx.dentries[ino]
+        name = bytes(d["name"])[: min(int(d["name_len"]), fmt.NAME_MAX)]
+        dom = _Domain(ino, name, _file_pages(ctx, ino))
+        findings += _capped(check_domain_header(ctx, dom, iommu_dir))
+        if dom.domain_id is not None:
+            findings += _capped(check_domain_tree(ctx, dom))
+            findings += _capped(check_domain_leaves(ctx, dom))
+        domains.append(dom)
+    if root_pages is not None:
+        findings += _capped(check_root_entries(ctx, root_pages))
+        findings += _capped(check_context_entries(ctx, root_pages, domains))
+    return findings
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _child(ctx: FsckContext, parent: int, name: bytes) -> int | None:
+    inos, parents, lens, names = ctx.named_view
+    want = np.zeros(names.shape[1], np.uint8)
+    want[: len(name)] = np.frombuffer(name, np.uint8)
+    hit = np.flatnonzero((parents == parent) & (lens == len(name)) & (names == want).all(axis=1))
+    return int(inos[hit[0]]) if hit.size else None
+
+
+def _file_pages(ctx: FsckContext, ino: int) -> np.ndarray:
+    """Image page of each file page, for the leading run of file pages with extents."""
+    fp, page, n = ctx.file_map(ino)
+    out = []
+    expect = 0
+    for f, p, c in zip(fp.tolist(), page.tolist(), n.tolist()):
+        if f != expect:
+            break
+        out.append(np.arange(p, p + c, dtype=np.int64))
+        expect += c
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _capped(findings: Iterator[Finding]) -> list[Finding]:
+    out = []
+    more = 0
+    first_extra: Finding | None = None
+    for f in findings:
+        if len(out) < MAX_PER_CHECK:
+            out.append(f)
+        else:
+            more += 1
+            first_extra = first_extra or f
+    if first_extra is not None:
+        out.append(Finding(first_extra.structure, first_extra.offset, f"... and {more} more findings like these"))
+    return out
+
+
+def _words(ctx: FsckContext, page: int) -> np.ndarray:
+    return ctx.image_u64[page * 512 : page * 512 + 512]
+
+
+def _phys(ctx: FsckContext, page: int | np.ndarray) -> int | np.ndarray:
+    return ctx.geometry.base_phys + page * PS
+
+
+# ---------------------------------------------------------- root and context
+
+
+def check_root_pgtables_file(ctx: FsckContext, root_ino: int | None) -> Iterator[Finding]:
+    if root_ino is None:
+        yield Finding(_ROOT, 0, "missing: the VT-d root and context tables are gone")
+        return
+    if int(ctx.kind[root_ino]) != fmt.KIND_IOMMU_ROOT:
+        yield Finding(_ROOT, ctx.inode_off(root_ino), f"inode {root_ino} has kind {int(ctx.kind[root_ino])}, "
+                      "not the VT-d root table file")
+        return
+    n = _file_pages(ctx, root_ino).size
+    if n != fmt.ROOT_PGTABLES_PAGES:
+        yield Finding(_ROOT, ctx.inode_off(root_ino, "npages"),
+                      f"{n} pages with extents, want {fmt.ROOT_PGTABLES_PAGES} (root table + 256 context tables)")
+
+
+def check_root_entries(ctx: FsckContext, root_pages: np.ndarray) -> Iterator[Finding]:
+    rt = int(root_pages[0])
+    w = _words(ctx, rt)
+    lo, hi = w[0::2], w[1::2]
+    for bus in range(fmt.VTD_ROOT_ENTRIES):
+        off = (rt * 512 + bus * 2) * 8
+        l, h = int(lo[bus]), int(hi[bus])
+        if not l & fmt.RE_LO_P:
+            if l or h:
+                yield Finding(f"{_ROOT} root entry {bus:02x}", off, f"not present but holds {h:#x}:{l:#x}")
+            continue
+        f = vtd.root_entry_fields(l, h)
+        if f["rsvd_lo"] or f["rsvd_hi"]:
+            yield Finding(f"{_ROOT} root entry {bus:02x}", off,
+                          f"reserved bits set: lo {f['rsvd_lo']:#x} hi {f['rsvd_hi']:#x}")
+        want = _phys(ctx, int(root_pages[1 + bus]))
+        if f["CTP"] != want:
+            yield Finding(f"{_ROOT} root entry {bus:02x}", off,
+                          f"CTP {f['CTP']:#x} is not the bus's context table {want:#x}")
+
+
+def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: list[_Domain]) -> Iterator[Finding]:
+    by_pml4 = {int(_phys(ctx, int(d.pages[1]))): d for d in domains if d.domain_id is not None}
+    re_lo = _words(ctx, int(root_pages[0]))[0::2]
+    ctables = ctx.image_u64.reshape(-1, 512)[root_pages[1:]]  # (256, 512)
+    lo, hi = ctables[:, 0::2], ctables[:, 1::2]
+    present = (lo & U64(fmt.CE_LO_P)) != 0
+    stray = ~present & ((lo != 0) | (hi != 0))
+    for bus, devfn in zip(*np.nonzero(stray)):
+        yield Finding(_ce(bus, devfn), _ce_off(root_pages, bus, devfn),
+                      f"not present but holds {int(hi[bus, devfn]):#x}:{int(lo[bus, devfn]):#x}")
+    for bus, devfn in zip(*np.nonzero(present)):
+        l, h = int(lo[bus, devfn]), int(hi[bus, devfn])
+        where, off = _ce(bus, devfn), _ce_off(root_pages, bus, devfn)
+        f = vtd.context_entry_fields(l, h)
+        if not int(re_lo[bus]) & fmt.RE_LO_P:
+            yield Finding(where, off, "present, but the root entry of its bus is not: unreachable")
+        if f["rsvd_lo"] or f["rsvd_hi"]:
+            yield Finding(where, off, f"reserved bits set: lo {f['rsvd_lo']:#x} hi {f['rsvd_hi']:#x}")
+        if f["TT"] != fmt.CE_TT_UNTRANSLATED:
+            yield Finding(where, off, f"translation type {f['TT']:#b} is not untranslated (0b00)")
+        if f["AW"] != fmt.CE_AW_48:
+            yield Finding(where, off, f"address width {f['AW']:#b} is not 48-bit (0b010)")
+        dom = by_pml4.get(f["SLPTPTR"])
+        if dom is None:
+            yield Finding(where, off, f"SLPTPTR {f['SLPTPTR']:#x} is not the SL-PML4 of any domain")
+        elif f["DID"] != dom.domain_id:
+            yield Finding(where, off, f"DID {f['DID']} but SLPTPTR is the SL-PML4 of {dom.path} "
+                          f"(DID {dom.domain_id})")
+
+
+def _ce(bus: int, devfn: int) -> str:
+    return f"{_ROOT} context entry {int(bus):02x}:{int(devfn) >> 3:02x}.{int(devfn) & 7}"
+
+
+def _ce_off(root_pages: np.ndarray, bus: int, devfn: int) -> int:
+    return (int(root_pages[1 + int(bus)]) * 512 + int(devfn) * 2) * 8
+
+
+# ------------------------------------------------------------------ domains
+
+
+def check_domain_header(ctx: FsckContext, dom: _Domain, iommu_dir: int) -> Iterator[Finding]:
+    parent = int(ctx.dentries[dom.ino]["parent"])
+    if parent != iommu_dir:
+        yield Finding(dom.path, ctx.dentry_off(dom.ino), "IOMMU domain file outside /iommu")
+    m = _DOM_NAME.match(dom.name)
+    if m is None:
+        yield Finding(dom.path, ctx.dentry_off(dom.ino, "name"), "domain file not named dom-<DID>")
+        return
+    if dom.pages.size < 2:
+        yield Finding(dom.path, ctx.inode_off(dom.ino, "npages"),
+                      f"{dom.pages.size} pages: no room for the header and the SL-PML4")
+        return
+    off = int(dom.pages[0]) * PS
+    hdr = ctx.image[off : off + fmt.DOMAIN_HEADER_DTYPE.itemsize].view(fmt.DOMAIN_HEADER_DTYPE)[0]
+    f = fmt.DOMAIN_HEADER_DTYPE.fields
+    ok = True
+    if bytes(hdr["magic"]) == b"":
+        return  # magic is written last: a kill in create_domain; Iommu.open removes the file
+    if bytes(hdr["magic"]) != fmt.DOMAIN_MAGIC:
+        yield Finding(f"{dom.path} header.magic", off, f"{bytes(hdr['magic'])!r} is not {fmt.DOMAIN_MAGIC!r}")
+        return
+    if bytes(hdr["compatible"]) != fmt.DOMAIN_COMPATIBLE:
+        ok = False
+        yield Finding(f"{dom.path} header.compatible", off + f["compatible"][1],
+                      f"unknown format {bytes(hdr['compatible']).decode(errors='replace')!r}, "
+                      f"want {fmt.DOMAIN_COMPATIBLE.decode()!r}")
+    did = int(hdr["domain_id"])
+    if did != int(m.group(1)) or did == 0:
+        ok = False
+        yield Finding(f"{dom.path} header.domain_id", off + f["domain_id"][1], f"DID {did} does not match the name")
+    if int(hdr["address_width"]) != fmt.CE_AW_48:
+        ok = False
+        yield Finding(f"{dom.path} header.address_width", off + f["address_width"][1],
+                      f"{int(hdr['address_width'])} is not 48-bit (2)")
+    if int(hdr["pml4_file_page"]) != 1:
+        ok = False
+        yield Finding(f"{dom.path} header.pml4_file_page", off + f["pml4_file_page"][1],
+                      f"SL-PML4 at file page {int(hdr['pml4_file_page'])}, want 1")
+    if ok:
+        dom.domain_id = did
+
+
+def _walk(ctx: FsckContext, dom: _Domain) -> tuple[list[vtd.Level], list[vtd.Problem]]:
+    if dom.walked is None:
+        pool = np.sort(dom.pages[2:])
+        dom.walked = vtd.walk_tree(ctx.image_u64, ctx.geometry.base_phys // PS, int(dom.pages[1]), pool,
+                                   MAX_PER_CHECK)
+    return dom.walked
+
+
+def check_domain_tree(ctx: FsckContext, dom: _Domain) -> Iterator[Finding]:
+    _, problems = _walk(ctx, dom)
+    for p in problems:
+        yield Finding(f"{dom.path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
+
+
+def check_domain_leaves(ctx: FsckContext, dom: _Domain) -> Iterator[Finding]:
+    levels, _ = _walk(ctx, dom)
+    where, pfn, npages = [], [], []
+    for level, lv in enumerate(levels):
+        m = lv.leaf
+        where.append(lv.where[m])
+        pfn.append(((lv.entries[m] & U64(vtd.LEAF_ADDR[level] or fmt.SL_ADDR_MASK)) >> U64(12)).astype(np.int64))
+        npages.append(np.full(int(m.sum()), vtd.LEVEL_PAGES[level], np.int64))
+    w, p, n = np.concatenate(where), np.concatenate(pfn), np.concatenate(npages)
+    page = p - ctx.geometry.base_phys // PS
+    inside = (page >= 0) & (page + n <= ctx.geometry.npages)
+    for i in np.flatnonzero(~inside).tolist():
+        yield Finding(f"{dom.path} leaf", int(w[i]) * 8,
+                      f"maps {n[i]} pages at {int(p[i]) << 12:#x}, outside the image")
+    reach = _guest_reach(ctx)
+    starts, ends_reach = reach
+    idx = np.searchsorted(starts, page, side="right") - 1
+    safe = np.maximum(idx, 0)
+    guest = inside & (idx >= 0) & (page + n <= ends_reach[safe]) & (page >= starts[safe]) if starts.size \
+        else np.zeros(page.shape, bool)
+    for i in np.flatnonzero(inside & ~guest).tolist():
+        owner, kind = ctx.page_owner(np.array([page[i]]))
+        what = "a free page" if int(owner[0]) == 0 else fmt.KIND_NAMES.get(int(kind[0]), "?") + f" inode {int(owner[0])}"
+        yield Finding(f"{dom.path} leaf", int(w[i]) * 8,
+                      f"maps {n[i]} pages at {int(p[i]) << 12:#x}, not all guest RAM (starts in {what})")
+
+
+def _guest_reach(ctx: FsckContext) -> tuple[np.ndarray, np.ndarray]:
+    """Starts of guest-RAM extents (sorted) and, for each, the end of the run of
+    guest-RAM extents that continue it without a gap: a leaf starting in
+    extent i maps only guest pages iff it ends by reach[i]."""
+    guest = ctx.kind[ctx.owner_ino] == fmt.KIND_GUEST
+    starts, ends = ctx.owner_start[guest], ctx.owner_end[guest]
+    if not starts.size:
+        return starts, ends
+    brk = np.concatenate(([True], starts[1:] != ends[:-1]))
+    group = np.cumsum(brk) - 1
+    last_end = np.zeros(group[-1] + 1, np.int64)
+    np.maximum.at(last_end, group, ends)
+    return starts, last_end[group]
