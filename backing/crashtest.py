@@ -9,6 +9,17 @@ be there, and the one in flight must be wholly there or wholly absent. The
 image carries over to the next round, so recovery runs on states that
 earlier recoveries produced.
 
+Two ways to choose the instant, mixed in one run (``step_fraction``):
+
+* *timed*: the parent sleeps a random delay, then kills. Lands anywhere,
+  also inside data stores, but mostly between transactions (a commit is a
+  few microseconds of a round's milliseconds).
+* *at a protocol step*: the child counts the journal's protocol steps
+  (``Journal.step_hook``) and, at a randomly chosen one, stops itself with
+  SIGSTOP; the parent sees it stopped and kills it with SIGKILL right there.
+  Still a real SIGKILL of a real process, at an instant chosen to fall
+  between "body written" and "applied" -- where replays happen.
+
 Data writes are memory stores, not transactions: an in-flight write may
 leave any mix of old and new bytes inside the file, and the comparison
 allows exactly that, byte by byte, for that one operation.
@@ -16,6 +27,7 @@ allows exactly that, byte by byte, for that one operation.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import os
@@ -23,10 +35,12 @@ import random
 import signal
 import struct
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 
 from . import format as fmt
 from .errors import StoreError
+from .journal import Journal
 from .store import Store, mkfs
 
 PS = fmt.PAGE_SIZE
@@ -55,8 +69,8 @@ def generate_ops(seed: int, count: int) -> list[Op]:
     ops = []
     for _ in range(count):
         kind = rng.choices(
-            ("create", "mkdir", "rmdir", "unlink", "truncate", "write", "rename", "chmod"),
-            weights=(4, 1, 1, 2, 4, 4, 2, 1),
+            ("create", "mkdir", "rmdir", "unlink", "unlink_open", "truncate", "write", "rename", "chmod"),
+            weights=(4, 1, 1, 2, 1, 4, 4, 2, 1),
         )[0]
         if kind in ("mkdir", "rmdir"):
             ops.append(Op(kind, rng.choice(_DIRS)))
@@ -122,7 +136,7 @@ class Model:
             return self._rename(p, op.path2)
         if p not in self.files:
             return errno.ENOENT
-        if op.name == "unlink":
+        if op.name in ("unlink", "unlink_open"):  # an open file's pages linger until the next open
             del self.files[p], self.modes[p]
         elif op.name == "truncate":
             f = self.files[p]
@@ -179,7 +193,7 @@ def _resolve(store: Store, path: str) -> tuple[int, bytes]:
 def perform(store: Store, op: Op) -> int:
     """Run ``op`` against the store; return 0 or the errno it refused with."""
     try:
-        if op.name in ("mkdir", "rmdir", "create", "unlink", "rename"):
+        if op.name in ("mkdir", "rmdir", "create", "unlink", "unlink_open", "rename"):
             parent, name = _resolve(store, op.path)
             if op.name == "mkdir":
                 store.mkdir(parent, name, 0o755, 0, 0)
@@ -189,6 +203,8 @@ def perform(store: Store, op: Op) -> int:
                 store.create(parent, name, 0o644, 0, 0)
             elif op.name == "unlink":
                 store.unlink(parent, name)
+            elif op.name == "unlink_open":
+                store.unlink(parent, name, keep_open=True)  # an orphan, freed at the next open
             else:
                 store.lookup(parent, name)  # source first, as rename(2) reports it
                 new_parent, new_name = _resolve(store, op.path2)
@@ -255,6 +271,10 @@ class Stats:
     in_flight_present: int = 0
     in_flight_absent: int = 0
     recoveries: int = 0  #: rounds whose open replayed a committed transaction
+    step_kills: int = 0  #: rounds killed at a chosen journal protocol step
+    #: of those, how many stopped after each step kind (STEP_KINDS); the rest
+    #: ran out of steps and finished
+    kills_at: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     seconds: float = 0.0
 
 
@@ -263,18 +283,31 @@ class CrashCheckFailed(AssertionError):
 
 
 def run_rounds(image: str, rounds: int, seed: int = 0, ops_per_round: int = 60,
-               max_delay: float = 0.004) -> Stats:
-    """Run ``rounds`` kill points against a fresh image at ``image``; raise on any violation."""
+               max_delay: float = 0.004, step_fraction: float = 0.5) -> Stats:
+    """Run ``rounds`` kill points against a fresh image at ``image``; raise on any violation.
+
+    A ``step_fraction`` of the rounds kill at a journal protocol step, the
+    rest after a random delay of up to ``max_delay`` seconds.
+    """
     from . import fsck
 
     mkfs(image, 16 << 20, force=True)
     rng = random.Random(seed)
     model = Model()
     stats = Stats()
+    pending = False  #: the image holds a committed, unapplied transaction
     t0 = time.perf_counter()
     for r in range(rounds):
         ops = generate_ops(rng.randrange(1 << 30), ops_per_round)
-        done = list(_run_child(image, ops, rng.uniform(0, max_delay)))
+        if rng.random() < step_fraction:
+            # a step among the first ~5 per op: body, commit, apply:0.., applied;
+            # if the last kill left a transaction to replay, often one of the
+            # open's own steps (replay, then orphan freeing)
+            stop_at = rng.randrange(8 if pending and rng.random() < 0.5 else 5 * ops_per_round)
+            stats.step_kills += 1
+        else:
+            stop_at = -1
+        done = list(_run_child(image, ops, rng.uniform(0, max_delay), stop_at, stats.kills_at))
         for i, (idx, result) in enumerate(done):
             want = model.apply(ops[idx]) if idx == i else -1
             if want != result:
@@ -282,8 +315,11 @@ def run_rounds(image: str, rounds: int, seed: int = 0, ops_per_round: int = 60,
         status, findings = fsck.check_image(image)
         if status != 0:
             raise CrashCheckFailed(f"round {r}: fsck after kill: " + "; ".join(map(str, findings[:5])))
-        with Store.open(image) as store:
-            stats.recoveries += store.journal_recovered
+        # read-only: recovery in private memory, so the next child's open
+        # replays for real (and can be killed while it does)
+        with Store.open(image, read_only=True) as store:
+            pending = store.journal_recovered
+            stats.recoveries += pending
             found = snapshot(store)
         k = len(done)
         if k < len(ops):
@@ -308,33 +344,77 @@ def run_rounds(image: str, rounds: int, seed: int = 0, ops_per_round: int = 60,
     return stats
 
 
-def _run_child(image: str, ops: list[Op], delay: float) -> Iterator[tuple[int, int]]:
-    """Fork a writer, SIGKILL it after ``delay`` seconds, yield (op index, errno) it reported."""
+STEP_KINDS = ("body", "commit", "apply", "applied", "recover", "recovered")  #: Stats.kills_at keys
+_STEP_MARK = 0xFFFF  #: op index of the pipe record that names the step a child stopped at
+
+
+def _stop_at_step(n: int, wfd: int) -> Callable[[str], None]:
+    """A journal step hook that stops this process (SIGSTOP) at its ``n``-th protocol step."""
+    count = 0
+
+    def hook(step: str) -> None:
+        nonlocal count
+        if count == n:
+            os.write(wfd, struct.pack("<HH", _STEP_MARK, STEP_KINDS.index(step.split(":")[0])))
+            os.kill(os.getpid(), signal.SIGSTOP)  # the parent SIGKILLs us here
+        count += 1
+
+    return hook
+
+
+def _run_child(image: str, ops: list[Op], delay: float, stop_at: int = -1,
+               kills_at: collections.Counter[str] | None = None) -> Iterator[tuple[int, int]]:
+    """Fork a writer, SIGKILL it, yield (op index, errno) of each op it reported done.
+
+    The kill comes after ``delay`` seconds, or, if ``stop_at >= 0``, when the
+    child stops itself at that journal protocol step (or exits first); the
+    step's kind is counted in ``kills_at``.
+    """
+    if kills_at is None:
+        kills_at = collections.Counter()
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into the caller's stack
         code = 0
         try:
             os.close(rfd)
+            if stop_at >= 0:
+                # count from the open on: its journal replay and orphan freeing are kill points too
+                Journal.step_hook = staticmethod(_stop_at_step(stop_at, wfd))  # type: ignore[assignment]
+                os.write(wfd, b"R")
             store = Store.open(image)
-            os.write(wfd, b"R")
+            if stop_at < 0:
+                os.write(wfd, b"R")
             for i, op in enumerate(ops):
                 os.write(wfd, struct.pack("<HH", i, perform(store, op)))
             store.close()
         except BaseException:
+            traceback.print_exc()  # the parent sees the exit status and fails the run
             code = 1
         os._exit(code)
     os.close(wfd)
     try:
         if os.read(rfd, 1) != b"R":  # wait until the child holds the image
             raise CrashCheckFailed("child failed to open the image")
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        if stop_at >= 0:
+            _, status = os.waitpid(pid, os.WUNTRACED)  # stopped at the step, or exited
+            if os.WIFSTOPPED(status):
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+        else:
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+            raise CrashCheckFailed(f"writer child failed with status {os.WEXITSTATUS(status)} (traceback on stderr)")
         buf = b""
         while chunk := os.read(rfd, 65536):
             buf += chunk
     finally:
         os.close(rfd)
     for off in range(0, len(buf) - len(buf) % 4, 4):
-        yield struct.unpack_from("<HH", buf, off)
+        idx, result = struct.unpack_from("<HH", buf, off)
+        if idx == _STEP_MARK:
+            kills_at[STEP_KINDS[result]] += 1
+        else:
+            yield idx, result

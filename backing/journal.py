@@ -187,8 +187,9 @@ class Journal:
 
     #: Test hook, None in production: called with the name of each protocol
     #: step just completed ("body", "commit", "apply:<i>" after record i is
-    #: in place, "applied"), so a crash test can copy the image or stop the
-    #: process for a SIGKILL at exactly that point.
+    #: in place, "applied"; in recovery "recover:<i>", "recovered"), so a
+    #: crash test can copy the image or stop the process for a SIGKILL at
+    #: exactly that point.
     step_hook: Callable[[str], None] | None = None
 
     def commit(self, txn: Transaction) -> None:
@@ -248,9 +249,14 @@ class Journal:
         if pending is None:
             return False
         seq, records = pending
-        for offset, data in records:
+        hook = self.step_hook
+        for i, (offset, data) in enumerate(records):
             self.image[offset : offset + data.size] = data
+            if hook:
+                hook(f"recover:{i}")
         self._words[_W_APPLIED_SEQ] = seq
+        if hook:
+            hook("recovered")
         log.info("journal: replayed committed transaction %d (%d records)", seq, len(records))
         return True
 
