@@ -810,7 +810,9 @@ def _deep_checks(ctx: FsckContext) -> list[Finding]:
     # IOMMU tables: backing.tablecheck.check_tables(ctx)
     i.e. ``from . import tablecheck`` and ``return list(tablecheck.check_tables(ctx))``.
     """
-    return []
+    from . import tablecheck
+
+    return list(tablecheck.check_tables(ctx))
 
 
 def status_of(findings: list[Finding]) -> int:
