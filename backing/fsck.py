@@ -96,7 +96,7 @@ class FsckContext:
     e_owner_ok: np.ndarray  #: bool: ino is a live page-holding inode
     owner_start: np.ndarray  #: int64 first page of each in-range extent, ascending
     owner_end: np.ndarray  #: int64 page after it
-    owner_ino: np.ndarray  #: uint32 owning ino
+    owner_ino: np.ndarray  #: uint32 owning ino; 0 where the record's ino is outside the inode table
     owner_rec: np.ndarray  #: int64 extent-table index
 
     @classmethod
@@ -132,7 +132,8 @@ class FsckContext:
             e_rec=e_rec, e_ino=e_ino, e_file_page=e_fp, e_page=e_page, e_npages=e_n,
             e_in_range=e_in_range, e_owner_ok=e_owner_ok,
             owner_start=owner_start, owner_end=owner_end,
-            owner_ino=e_ino[order].astype(np.uint32), owner_rec=e_rec[order].astype(np.int64),
+            owner_ino=np.where(e_ino[order] < g.inode_count, e_ino[order], 0).astype(np.uint32),
+            owner_rec=e_rec[order].astype(np.int64),
         )
 
     @functools.cached_property
@@ -148,7 +149,8 @@ class FsckContext:
 
         Vectorized (``searchsorted`` over the in-range extents); pages out of
         the image are owned by nobody. Where extents overlap (a finding of
-        its own) one of the owners is returned.
+        its own) one of the owners is returned; an extent whose ino is outside
+        the inode table (an ``extent.owner`` finding) is owned by ino 0.
         """
         pages = np.asarray(pages, dtype=np.int64)
         owner = np.zeros(pages.shape, np.uint32)

@@ -615,6 +615,18 @@ def test_context_page_owner_names_file_metadata_and_free_pages(populated: tuple[
     assert kind.tolist()[1] == fmt.KIND_GUEST
 
 
+def test_context_page_owner_of_an_extent_owned_beyond_the_inode_table_is_nobody(populated: tuple[Path, Tree]) -> None:
+    path, t = populated
+    with raw(path) as r:
+        rec = r.extent_of(t.top)
+        r.extents["ino"][rec] = 0xFFFFFFFF
+        ctx = fsck.FsckContext.build(np.asarray(r.mm), r.g)
+        owner, kind = ctx.page_owner(np.array([int(r.extents["page"][rec])]))
+        del ctx
+    assert owner.tolist() == [0] and kind.tolist() == [fmt.KIND_FREE]
+    assert fsck.check_image(path)[0] == 1  # and the deep checks that use the context do not trip on it
+
+
 # ------------------------------------------------------- garbage in general
 
 
