@@ -28,7 +28,7 @@ Ordering (what a walker in another process may observe)
   seconds later -- pkfuse's stand-in for the IOTLB / paging-structure
   cache invalidation and its wait descriptor: a walk that read the old
   pointer has finished before the page is reused. Pages found free at open
-  are held back the same way, since a walker may span the restart.
+  are free at once: a restart takes longer than any walk.
 * Context entries: attach writes the hi word (DID, AW) then the lo word
   (SLPTPTR, TT, P) last; detach clears lo first so P drops in one store.
 
@@ -583,13 +583,11 @@ class Iommu:
         ext = st.extents(self.root_ino)
         self.root_pages = _ranges(np.array([e.page for e in ext], np.int64),
                                   np.array([e.length // PS for e in ext], np.int64))
-        now = time.monotonic()
         for name, ino in st.children(self.iommu_dir):
             if st.getattr(ino).kind != fmt.KIND_IOMMU_DOMAIN:
                 continue
             dom = self._load_domain(name, ino)
             if dom is not None:
-                dom._quiet_after = now + FREE_GRACE_S
                 self.domains[dom.domain_id] = dom
         self._scan_context_entries()
 
@@ -623,11 +621,10 @@ class Iommu:
             p = problems[0]
             raise FormatError(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
         used = np.concatenate([lv.tables for lv in levels])
-        dom._free[:] = False
         free = np.ones(dom._pages.size, bool)
         free[:2] = False
         free[dom._file_pages_of(used[1:])] = False
-        dom._hold(dom._pages[free])  # a walker may still be inside tables freed before the restart
+        dom._free[:] = free  # a restart takes longer than any walk: no grace needed
         iova, pfn, npages, _ = vtd.leaf_ranges(levels)
         order = np.argsort(pfn)
         _, p, n, _ = vtd.coalesce(pfn[order], pfn[order], npages[order], np.zeros(pfn.size, bool))

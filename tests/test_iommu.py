@@ -7,6 +7,8 @@ import errno
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -591,3 +593,46 @@ def test_kill_while_mapping_leaves_every_translation_old_or_new(image: Path, see
         assert pinned == len(got)
         d.unmap(0, 1 << 48)
         assert d.table_pages == 1
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def pk(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pkfuse", "iommu", *map(str, args)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_programs_a_domain_that_the_walker_then_translates(image: Path) -> None:
+    with Store.open(image) as s:
+        base = phys(s, guest(s, b"vm0", 4 * MiB))
+    assert pk("create", image).stdout == "iommu/dom-1: DID 1\n"
+    out = pk("map", image, 1, "--iova", "0x200000", "--length", "2M", "--file", "guest_mem/vm0", "--offset", "2M")
+    assert out.returncode == 0 and "rw guest_mem/vm0+0x200000" in out.stdout
+    assert pk("map", image, 1, "--iova", "0", "--length", "8K", "--phys", hex(base), "--ro").returncode == 0
+    assert pk("attach", image, 1, "00:03.0").returncode == 0
+    assert pk("enable", image).returncode == 0
+    t = pk("translate", image, "00:03.0", "0x200010", "0x1008", "0x5000")
+    assert t.returncode == 3  # one of them faulted
+    assert t.stdout.splitlines() == [f"0x200010 -> {base + 2 * MiB + 0x10:#x}", f"0x1008 -> {base + 0x1008:#x}",
+                                     "0x5000: fault 0x06 (PTE Read access is not set)"]
+    assert "00:03.0 read iova 0x5000" in pk("faults", image).stdout
+    listing = pk("list", image).stdout
+    assert "iommu/dom-1: DID 1" in listing and "attached 00:03.0" in listing
+    assert f"0x000000000000-0x000000001fff -> {base:#014x}-{base + 0x1fff:#014x} r- guest_mem/vm0+0x0" in listing
+    assert check_image(image) == (0, [])
+
+
+def test_cli_refusals_are_one_line_without_traceback(image: Path) -> None:
+    assert pk("create", image).returncode == 0
+    for args in (("map", image, 1, "--iova", "0", "--length", "4K", "--phys", "0x100000000"),
+                 ("destroy", image, 9), ("attach", image, 1, "1:2:3")):
+        r = pk(*args)
+        assert r.returncode in (1, 2) and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r
+        assert r.stderr.startswith(f"pkfuse iommu {args[0]}: error: ")
+
+
+def test_cli_refuses_to_change_an_image_a_daemon_holds(image: Path) -> None:
+    with Store.open(image):
+        r = pk("create", image)
+    assert r.returncode == 1 and "in use" in r.stderr
