@@ -150,31 +150,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(bench.run(args) or 0)
 
 
-def _add_iommu(sub: argparse._SubParsersAction) -> None:
+def _add_iommu(sub: argparse._SubParsersAction, load: bool) -> None:
+    """``pkfuse iommu``, from ``pkfuse.iommu_cli`` -- imported only when that command runs.
+
+    The import is deferred so that every other command starts fast and works
+    even when the IOMMU module is missing or broken.
+    """
     p = sub.add_parser("iommu", help="inspect and program the simulated IOMMU",
                        description="Inspect and program the simulated VT-d IOMMU of an image.")
+    if not load:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
     try:
         mod = importlib.import_module("pkfuse.iommu_cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pkfuse.iommu_cli":
-            raise
+    except Exception as exc:  # noqa: BLE001 - missing or broken: one line, exit 2
+        why = "pkfuse.iommu_cli missing" if isinstance(exc, ModuleNotFoundError) else f"{type(exc).__name__}: {exc}"
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_iommu_missing)
+        p.set_defaults(func=lambda args: _iommu_missing(why))
         return
     mod.add_arguments(p)
     p.set_defaults(func=mod.run)
 
 
-def _iommu_missing(args: argparse.Namespace) -> int:
-    print(f"{PROG}: error: the iommu command is not available in this build (pkfuse.iommu_cli missing)",
-          file=sys.stderr)
+def _iommu_missing(why: str) -> int:
+    print(f"{PROG}: error: the iommu command is not available in this build ({why})", file=sys.stderr)
     return 2
 
 
 # ----------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load_iommu: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="pkfuse: a userspace pkernfs. Guest RAM and IOMMU page tables in one image file "
@@ -237,12 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    _add_iommu(sub)
+    _add_iommu(sub, load_iommu)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(load_iommu="iommu" in argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -61,10 +61,12 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
+import numpy as np
 import pyfuse3
 import trio
 
@@ -84,7 +86,7 @@ VIEW_FILES = {b"status": VIEW_INO_BASE + 1, b"memmap": VIEW_INO_BASE + 2, b"iomm
 VIEW_NAMES = {ino: name for name, ino in VIEW_FILES.items()}
 
 ATTR_TIMEOUT = 1.0  #: seconds the kernel may cache entries and attributes of image inodes
-THREAD_MIN = 64 << 10  #: bytes from which a read or write runs in a worker thread
+THREAD_MIN = 64 << 10  #: bytes from which a write (or a multi-extent read) runs in a worker thread
 BLKSIZE = fmt.HUGE_PAGE  #: st_blksize: the extent alignment, a good I/O size
 _IOMMU_KINDS = (fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 
@@ -142,6 +144,10 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.orphans: set[int] = set()  #: unlinked inodes still held by the kernel or a handle
+        #: ino -> ((igen, npages, mtime_ns), file offsets, image offsets, lengths) for zero-copy reads
+        self._layouts: dict[int, tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: our own descriptor of the image for in-place writes (no flock: the store holds it)
+        self._image_fd: int | None = None if store.read_only else os.open(store.path, os.O_WRONLY | os.O_CLOEXEC)
 
     # ------------------------------------------------------------ helpers
 
@@ -269,12 +275,18 @@ class Operations(pyfuse3.Operations):
                     log.exception("forget of inode %d", ino)
 
     def forget_all(self) -> None:
-        """After the session ends: drop every kernel reference and free orphans."""
+        """After the session ends: drop every kernel reference, free orphans, close our fd."""
         self.lookups.clear()
         self.handles.clear()
         self.open_count.clear()
         for ino in sorted(self.orphans):
             self._maybe_free(ino)
+        self.close()
+
+    def close(self) -> None:
+        if self._image_fd is not None:
+            os.close(self._image_fd)
+            self._image_fd = None
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -407,13 +419,80 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), entry
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview | np.ndarray:
         h = self._handle(fh)
         if h.text is not None:
             return h.text[off : off + size]
+        view = self._image_view(h.ino, off, size)
+        if view is not None:
+            return view
         if size >= THREAD_MIN:
             return await trio.to_thread.run_sync(self.store.read, h.ino, off, size)
         return self.store.read(h.ino, off, size)
+
+    def _image_view(self, ino: int, off: int, size: int) -> np.ndarray | None:
+        """Zero-copy read: the image bytes themselves when [off, off+size) is in one extent.
+
+        pyfuse3 copies them straight from the image mapping into the reply,
+        so a read costs no Python-side copy and no thread hop. None means
+        "use Store.read" (several extents, or nothing to read).
+        """
+        st = self.store
+        with st.lock:
+            span = self._image_span(ino, off, size)
+            if span is None:
+                return None
+            a, n = span
+            return st.image[a : a + n]
+
+    def _image_span(self, ino: int, off: int, size: int) -> tuple[int, int] | None:
+        """``(image offset, bytes)`` of file bytes [off, min(off+size, file size)) if one extent holds them.
+
+        Call with ``store.lock`` held. The layout of a guest file is cached
+        per inode, keyed by (igen, npages, mtime): every resize changes
+        npages or mtime, and a file's pages never move while it exists.
+        IOMMU files (grown by the daemon's IOMMU code) are not cached.
+        """
+        st = self.store
+        if off < 0 or not 0 < ino < st.geometry.inode_count:
+            return None
+        rec = st.inodes[ino]
+        if int(rec["kind"]) != fmt.KIND_GUEST:
+            return None
+        end = min(off + size, int(rec["size"]))
+        if end <= off:
+            return None
+        key = (int(rec["igen"]), int(rec["npages"]), int(rec["mtime_ns"]))
+        layout = self._layouts.get(ino)
+        if layout is None or layout[0] != key:
+            exts = st.extents(ino)
+            layout = (key, np.array([e.file_offset for e in exts], np.int64),
+                      np.array([e.page * fmt.PAGE_SIZE for e in exts], np.int64),
+                      np.array([e.length for e in exts], np.int64))
+            self._layouts[ino] = layout
+        _, starts, image_offs, lengths = layout
+        i = int(np.searchsorted(starts, off, side="right")) - 1
+        if i < 0 or end > int(starts[i]) + int(lengths[i]):
+            return None
+        return int(image_offs[i]) + off - int(starts[i]), end - off
+
+    def _write_in_place(self, ino: int, off: int, buf: bytes) -> int:
+        """A write inside the file's size and one extent: ``pwrite`` into the image, then mtime.
+
+        ``pwrite`` on the image file lands in the same page cache the mapping
+        shows (so it is as durable as a store into the mapping) but takes no
+        write fault per page, which a store into a page that writeback has
+        cleaned would. The store lock is held so a racing truncate cannot
+        free the pages under the copy. Anything else goes to ``Store.write``.
+        """
+        st = self.store
+        with st.lock:
+            span = self._image_span(ino, off, len(buf)) if self._image_fd is not None else None
+            if span is None or span[1] != len(buf):
+                return st.write(ino, off, buf)
+            done = os.pwrite(self._image_fd, buf, span[0])  # type: ignore[arg-type]
+            st.setattr(ino, mtime_ns=time.time_ns())
+            return done
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -421,7 +500,7 @@ class Operations(pyfuse3.Operations):
         if not h.writable:
             raise StoreError(errno.EBADF, "not open for writing")
         if len(buf) >= THREAD_MIN:
-            return await trio.to_thread.run_sync(self.store.write, h.ino, off, buf)
+            return await trio.to_thread.run_sync(self._write_in_place, h.ino, off, buf)
         return self.store.write(h.ino, off, buf)
 
     @_errors
@@ -519,6 +598,11 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if not name.startswith(b"user."):
+            # no security.*, system.* (ACLs) or trusted.* here. ENOTSUP, not
+            # ENODATA: `ls -l` then stops asking for the rest of the directory
+            # (one request per device instead of two per file)
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         if inode >= VIEW_INO_BASE:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = views.xattrs(self.store, inode).get(name)

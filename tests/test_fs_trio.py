@@ -47,8 +47,10 @@ def store(image: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def ops(store: Store) -> Operations:
-    return Operations(store)
+def ops(store: Store) -> Iterator[Operations]:
+    o = Operations(store)
+    yield o
+    o.close()
 
 
 async def guest_dir(ops: Operations) -> int:
@@ -62,6 +64,11 @@ async def new_file(ops: Operations, name: bytes, data: bytes = b"") -> tuple[int
     if data:
         assert await ops.write(fi.fh, 0, data) == len(data)
     return attr.st_ino, fi.fh
+
+
+async def read(ops: Operations, fh: int, off: int, size: int) -> bytes:
+    """A read as the kernel sees it (the handler may return a view of the image)."""
+    return bytes(await ops.read(fh, off, size))
 
 
 async def errno_of(coro) -> int:
@@ -97,7 +104,7 @@ async def test_views_live_above_every_image_inode(ops: Operations, store: Store)
     assert d.st_ino == VIEW_DIR_INO and stat.S_ISDIR(d.st_mode)
     st = await ops.lookup(VIEW_DIR_INO, b"status", CTX)
     fi = await ops.open(st.st_ino, os.O_RDONLY, CTX)
-    text = (await ops.read(fi.fh, 0, 1 << 20)).decode()
+    text = (await read(ops, fi.fh, 0, 1 << 20)).decode()
     assert f"daemon_pid:               {os.getpid()}" in text
     await ops.release(fi.fh)
 
@@ -138,9 +145,33 @@ async def test_root_listing_ends_with_the_views(ops: Operations) -> None:
 async def test_write_then_read_back(ops: Operations) -> None:
     data = os.urandom(3 * MiB + 5)
     ino, fh = await new_file(ops, b"vm0", data)
-    assert await ops.read(fh, 0, len(data) + 100) == data
-    assert await ops.read(fh, MiB, 10) == data[MiB : MiB + 10]
+    assert await read(ops, fh, 0, len(data) + 100) == data
+    assert await read(ops, fh, MiB, 10) == data[MiB : MiB + 10]
     assert (await ops.getattr(ino, CTX)).st_size == len(data)
+    await ops.release(fh)
+
+
+async def test_write_inside_the_file_lands_in_the_image_and_moves_mtime(ops: Operations, store: Store) -> None:
+    ino, fh = await new_file(ops, b"vm0")
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 4 * MiB
+    await ops.setattr(ino, attr, fields(update_size=True), fh, CTX)
+    before = (await ops.getattr(ino, CTX)).st_mtime_ns
+    data = os.urandom(MiB)  # large: the in-place path, in a worker thread
+    assert await ops.write(fh, MiB + 4096, data) == MiB
+    (ext,) = store.extents(ino)
+    assert bytes(store.image[ext.page * 4096 + MiB + 4096 :][:MiB]) == data
+    assert await read(ops, fh, MiB + 4096, MiB) == data
+    assert (await ops.getattr(ino, CTX)).st_mtime_ns > before
+    assert (await ops.getattr(ino, CTX)).st_size == 4 * MiB
+    await ops.release(fh)
+
+
+async def test_a_write_across_the_end_extends_the_file(ops: Operations) -> None:
+    ino, fh = await new_file(ops, b"vm0", b"a" * 100)
+    await ops.write(fh, 50, b"b" * (MiB))
+    assert (await ops.getattr(ino, CTX)).st_size == 50 + MiB
+    assert await read(ops, fh, 0, 60) == b"a" * 50 + b"b" * 10
     await ops.release(fh)
 
 
@@ -180,7 +211,7 @@ async def test_unlinked_open_file_lives_until_release(ops: Operations, store: St
     g = await guest_dir(ops)
     await ops.forget([(ino, 1)])  # the kernel dropped its entry; only the handle holds it
     await ops.unlink(g, b"vm0", CTX)
-    assert await ops.read(fh, 0, 4) == b"zzzz"
+    assert await read(ops, fh, 0, 4) == b"zzzz"
     assert store.statfs().free_pages == free - 256
     await ops.release(fh)
     assert store.statfs().free_pages == free
@@ -203,7 +234,7 @@ async def test_renaming_over_an_open_file_keeps_it_until_release(ops: Operations
     new, new_fh = await new_file(ops, b"new", b"n" * 4096)
     await ops.release(new_fh)
     await ops.rename(g, b"new", g, b"old", 0, CTX)
-    assert await ops.read(old_fh, 0, 1) == b"o"
+    assert await read(ops, old_fh, 0, 1) == b"o"
     assert (await ops.lookup(g, b"old", CTX)).st_ino == new
     await ops.forget([(old, 1)])
     await ops.release(old_fh)
@@ -247,7 +278,7 @@ async def test_iommu_files_refuse_every_change(ops: Operations) -> None:
     assert await errno_of(ops.unlink(io, fmt.ROOT_PGTABLES_NAME, CTX)) == errno.EPERM
     assert await errno_of(ops.create(io, b"x", 0o644, os.O_RDWR, CTX)) == errno.EPERM
     fi = await ops.open(root, os.O_RDONLY, CTX)
-    assert len(await ops.read(fi.fh, 0, 1 << 20)) == 1 << 20
+    assert len(await read(ops, fi.fh, 0, 1 << 20)) == 1 << 20
     await ops.release(fi.fh)
 
 

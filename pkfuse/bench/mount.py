@@ -1,0 +1,262 @@
+"""``pkfuse bench`` area ``mount``: the FUSE daemon against reading the image directly.
+
+Targets (issue 4), all measured in one run on one machine:
+
+- sequential read of a 1 GiB guest file through the mount, cold, at least
+  0.25x the speed of reading the same bytes from the image file directly
+  (same offsets, same 1 MiB request size); "cold" means the image's page
+  cache is dropped (fsync + ``posix_fadvise(DONTNEED)``) before each run, and
+  the mount serves with ``direct_io`` so the FUSE side caches nothing;
+- sequential write of the same file, against ``pwrite`` of the same bytes
+  into the image at the file's physical offsets: at least 0.25x;
+- ``ls -l`` of a directory holding 10,000 files: under 1 s (first listing
+  after the mount, so nothing is cached in the kernel);
+- ``pkfuse mount`` of a 16 GiB image, from the command until it returns
+  (it returns once the mount answers): under 300 ms. Reported too: the time
+  for a ``--foreground`` daemon's mount to answer, which leaves out the
+  daemonizing parent's interpreter start.
+
+``--quick`` uses a 128 MiB file, 1,000 files and a 1 GiB image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from backing import format as fmt
+from backing.mkfs import mkfs
+from backing.store import Store
+
+from . import Report, timer
+
+MiB = 1 << 20
+GiB = 1 << 30
+CHUNK = MiB  #: bytes per read/write request on both sides
+PKFUSE = [sys.executable, "-m", "pkfuse"]
+
+
+def _mounted(mnt: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mnt for line in f)
+
+
+@contextlib.contextmanager
+def _mount(image: str, mnt: str, log: str) -> Iterator[float]:
+    """Mount with the CLI (daemon mode); yields the seconds until it returned."""
+    t = time.perf_counter()
+    r = subprocess.run([*PKFUSE, "mount", "--log", log, image, mnt], capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"pkfuse mount failed: {r.stderr.strip()}")
+    try:
+        yield elapsed
+    finally:
+        subprocess.run([*PKFUSE, "umount", mnt], capture_output=True, text=True)
+        if _mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _extents(path: str, base_phys: int) -> list[tuple[int, int, int]]:
+    """``(file_offset, image_offset, length)`` of a file through the mount, from its xattr."""
+    out = []
+    for line in os.getxattr(path, "user.pkernfs.extents").decode().splitlines():
+        off, phys, length = (int(x, 16) for x in line.split())
+        out.append((off, phys - base_phys, length))
+    return out
+
+
+def _image_spans(exts: list[tuple[int, int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """``(image_offset, nbytes)`` requests of at most CHUNK covering file bytes [0, size)."""
+    for off, img, length in exts:
+        pos = 0
+        while pos < length and off + pos < size:
+            n = min(CHUNK, length - pos, size - off - pos)
+            yield img + pos, n
+            pos += n
+
+
+def _read_file(path: str, size: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    try:
+        while total < size:
+            n = os.readv(fd, [view])
+            if n <= 0:
+                break
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def _read_image(image: str, spans: list[tuple[int, int]]) -> int:
+    fd = os.open(image, os.O_RDONLY)
+    buf = bytearray(CHUNK)
+    total = 0
+    try:
+        for off, n in spans:
+            total += os.preadv(fd, [memoryview(buf)[:n]], off)
+    finally:
+        os.close(fd)
+    return total
+
+
+def _write_file(path: str, size: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off in range(0, size, CHUNK):
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+
+
+def _write_image(image: str, spans: list[tuple[int, int]], data: bytes) -> None:
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        for off, n in spans:
+            os.pwrite(fd, data[:n], off)
+    finally:
+        os.close(fd)
+
+
+def bench_io(report: Report, work: str, size: int) -> None:
+    """Sequential write and read of one guest file, via the mount and directly.
+
+    Cold reads need the image's pages out of the page cache, and pages the
+    daemon has mapped cannot be dropped: so each cold run starts from an
+    unmounted image (fsync + ``POSIX_FADV_DONTNEED``), and the mount case
+    mounts afresh before reading.
+    """
+    image = os.path.join(work, "io.img")
+    mnt = os.path.join(work, "mnt-io")
+    log = os.path.join(work, "io.log")
+    os.makedirs(mnt, exist_ok=True)
+    mkfs(image, size + 64 * MiB)
+    data = os.urandom(CHUNK)
+    label = f"{size // MiB} MiB"
+    f = os.path.join(mnt, "guest_mem", "vm0")
+    with _mount(image, mnt, log):
+        subprocess.run(["truncate", "-s", str(size), f], check=True)
+        spans = list(_image_spans(_extents(f, fmt.DEFAULT_BASE_PHYS), size))
+        _write_file(f, size, data)  # first touch allocates the host pages: not timed
+        _drop_cache(image)  # start both timed runs with no dirty backlog
+        with timer() as t_mount_w:
+            _write_file(f, size, data)
+        _drop_cache(image)
+        with timer() as t_image_w:
+            _write_image(image, spans, data)
+        report.add(f"write {label} via mount (1 MiB pwrite)", size / t_mount_w() / MiB, "MiB/s")
+        report.add(f"write {label} image direct (same bytes)", size / t_image_w() / MiB, "MiB/s")
+        report.add(f"write ratio mount/direct, {label}", t_image_w() / t_mount_w(), "x", at_least=0.25)
+    _drop_cache(image)
+    with _mount(image, mnt, log):
+        with timer() as t_mount_r:
+            got = _read_file(f, size)
+        if got != size:
+            raise RuntimeError(f"read {got} of {size} bytes through the mount")
+        # warm: both from the page cache, the daemon's own cost laid bare
+        with timer() as t_mount_wr:
+            _read_file(f, size)
+    _drop_cache(image)
+    with timer() as t_image_r:
+        _read_image(image, spans)
+    with timer() as t_image_wr:
+        _read_image(image, spans)
+    report.add(f"cold read {label} via mount (1 MiB reads)", size / t_mount_r() / MiB, "MiB/s")
+    report.add(f"cold read {label} image direct (same bytes)", size / t_image_r() / MiB, "MiB/s")
+    report.add(f"cold read ratio mount/direct, {label}", t_image_r() / t_mount_r(), "x", at_least=0.25)
+    report.add(f"warm read ratio mount/direct, {label}", t_image_wr() / t_mount_wr(), "x",
+               detail=f"{size / t_mount_wr() / MiB:.0f} vs {size / t_image_wr() / MiB:.0f} MiB/s")
+    os.unlink(image)
+
+
+def bench_ls(report: Report, work: str, nfiles: int) -> None:
+    image = os.path.join(work, "ls.img")
+    mnt = os.path.join(work, "mnt-ls")
+    os.makedirs(mnt, exist_ok=True)
+    mkfs(image, 1 * GiB, inode_count=max(1024, nfiles + 64))
+    with Store.open(image) as store:
+        guest = store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME)
+        d = store.mkdir(guest, b"many", 0o755, 0, 0)
+        for i in range(nfiles):
+            store.create(d, b"f%05d" % i, 0o644, 0, 0)
+    with _mount(image, mnt, os.path.join(work, "ls.log")):
+        target = os.path.join(mnt, "guest_mem", "many")
+        with timer() as cold:
+            r = subprocess.run(["ls", "-l", target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = r.stdout.count("\n")
+        if r.returncode != 0 or lines != nfiles + 1:
+            raise RuntimeError(f"ls -l listed {lines} lines: {r.stderr.strip()}")
+        with timer() as warm:
+            subprocess.run(["ls", "-l", target], stdout=subprocess.DEVNULL, check=True)
+        report.add(f"ls -l of {nfiles} files (first after mount)", cold(), "s", below=1.0)
+        report.add(f"ls -l of {nfiles} files (again)", warm(), "s", below=1.0)
+    os.unlink(image)
+
+
+def bench_mount_time(report: Report, work: str, size: int) -> None:
+    image = os.path.join(work, "big.img")
+    mnt = os.path.join(work, "mnt-big")
+    os.makedirs(mnt, exist_ok=True)
+    mkfs(image, size)
+    label = f"{size // GiB} GiB"
+    best = float("inf")
+    for _ in range(3):
+        with _mount(image, mnt, os.path.join(work, "big.log")) as elapsed:
+            best = min(best, elapsed)
+    report.add(f"pkfuse mount of a {label} image until it answers", best * 1e3, "ms", below=300)
+    # the daemon alone: foreground process from exec until the mount answers
+    fg_best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        proc = subprocess.Popen([*PKFUSE, "mount", "--foreground", "--log", os.path.join(work, "big.log"),
+                                 image, mnt], stdin=subprocess.DEVNULL)
+        try:
+            while not _mounted(mnt):
+                if proc.poll() is not None:
+                    raise RuntimeError("foreground daemon exited before mounting")
+                time.sleep(0.001)
+            os.stat(mnt)
+            fg_best = min(fg_best, time.perf_counter() - t)
+        finally:
+            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+            proc.wait(10)
+    report.add(f"foreground daemon mount of a {label} image until it answers", fg_best * 1e3, "ms")
+    os.unlink(image)
+
+
+def run(report: Report, args: argparse.Namespace) -> None:
+    if shutil.which("fusermount3") is None or not os.path.exists("/dev/fuse"):
+        print("mount: skipped (no FUSE on this machine)", file=sys.stderr)
+        return
+    quick = bool(getattr(args, "quick", False))
+    work = tempfile.mkdtemp(prefix="pkfuse-bench-mount-", dir=getattr(args, "dir", None))
+    try:
+        bench_mount_time(report, work, (1 if quick else 16) * GiB)
+        bench_ls(report, work, 1000 if quick else 10_000)
+        bench_io(report, work, (128 if quick else 1024) * MiB)
+    finally:
+        for name in os.listdir(work):
+            p = os.path.join(work, name)
+            if os.path.isdir(p) and _mounted(p):
+                subprocess.run(["fusermount3", "-u", "-z", p], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
