@@ -1,0 +1,133 @@
+"""IOMMU domains seen through a real mount: iommu/dom-N files, .pkernfs/iommu, pins,
+and the walker translating while the daemon serves (and after it was SIGKILLed)."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from backing import format as fmt
+from backing.iommu import Iommu
+from backing.store import Store
+from conftest import Mount
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+PS = fmt.PAGE_SIZE
+
+
+@pytest.fixture
+def image(make_image: Callable[..., Path]) -> Path:
+    """vm0 (8 MiB); dom-1 maps it (2 MiB and 4 KiB leaves) for 00:03.0; dom-2 is empty."""
+    path = make_image("128M")
+    with Store.open(path) as s:
+        g = s.create(s.lookup(fmt.ROOT_INO, b"guest_mem"), b"vm0", 0o644, 0, 0)
+        s.truncate(g, 8 * MiB)
+        base = s.extents(g)[0].phys_addr
+        with Iommu.open(s, str(path) + ".regs") as io:
+            d = io.create_domain()
+            d.map(0, base, 4 * MiB)
+            d.map(0x10000000, base + 4 * MiB + PS, 3 * PS, write=False)
+            d.attach(0, 3, 0)
+            io.enable()
+            io.create_domain(2)
+    return path
+
+
+def domain_pages(image: Path) -> dict[str, int]:
+    with Store.open(image, read_only=True, lock=False) as s:
+        iommu = s.lookup(fmt.ROOT_INO, b"iommu")
+        return {name.decode(): s.getattr(ino).npages for name, ino in s.children(iommu)}
+
+
+@pytest.fixture
+def mnt(image: Path, mount_image: Callable[..., Mount]) -> Mount:
+    return mount_image(image)
+
+
+def test_ls_lists_each_domain_with_its_table_memory_as_size(image: Path, mnt: Mount) -> None:
+    pages = domain_pages(image)
+    out = subprocess.run(["ls", "-l", str(mnt.path / "iommu")], capture_output=True, text=True, check=True).stdout
+    sizes = {line.split()[-1]: int(line.split()[4]) for line in out.splitlines()[1:]}
+    assert sizes == {name: n * PS for name, n in pages.items()}
+    assert set(sizes) == {"dom-1", "dom-2", "root-pgtables"}
+    assert out.count("-r--r--r--") == 3
+
+
+def test_domain_file_bytes_are_its_header_and_tables(mnt: Mount) -> None:
+    data = (mnt.path / "iommu" / "dom-1").read_bytes()
+    assert data[:8] == fmt.DOMAIN_MAGIC and data[8:8 + len(fmt.DOMAIN_COMPATIBLE)] == fmt.DOMAIN_COMPATIBLE
+    pml4 = data[PS : 2 * PS]
+    assert pml4[:8] != bytes(8) and pml4[8:] == bytes(PS - 8)  # one SL-PML4E: IOVA 0..512 GiB
+    assert os.getxattr(mnt.path / "iommu" / "dom-1", "user.pkernfs.kind") == b"iommu-domain"
+
+
+@pytest.mark.parametrize("what", ["open-write", "truncate", "unlink", "rename", "chmod"])
+def test_domain_files_are_read_only_to_every_user(mnt: Mount, what: str) -> None:
+    f = mnt.path / "iommu" / "dom-1"
+    ops = {"open-write": lambda: os.open(f, os.O_WRONLY), "truncate": lambda: os.truncate(f, 0),
+           "unlink": lambda: os.unlink(f), "rename": lambda: os.rename(f, f.with_name("dom-9")),
+           "chmod": lambda: os.chmod(f, 0o644)}
+    with pytest.raises(OSError) as exc:
+        ops[what]()
+    assert exc.value.errno == errno.EPERM or (what == "open-write" and exc.value.errno == errno.EACCES)
+    assert f.exists()
+
+
+def test_domain_files_cannot_be_mapped_for_writing(mnt: Mount) -> None:
+    with open(mnt.path / "iommu" / "dom-1", "rb") as fh:
+        with pytest.raises(OSError) as exc:
+            mmap.mmap(fh.fileno(), PS, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    assert exc.value.errno in (errno.EACCES, errno.EPERM, errno.ENODEV)
+
+
+def test_no_domain_file_can_be_created_through_the_mount(mnt: Mount) -> None:
+    with pytest.raises(OSError) as exc:
+        (mnt.path / "iommu" / "dom-5").write_bytes(b"x")
+    assert exc.value.errno == errno.EPERM
+
+
+def test_pkernfs_iommu_view_lists_requesters_and_mappings(mnt: Mount) -> None:
+    text = (mnt.path / ".pkernfs" / "iommu").read_text()
+    assert "translation enabled" in text
+    assert "iommu/dom-1: DID 1, compatible intel,vtd-legacy-sl4-v1" in text and "attached 00:03.0" in text
+    assert "iommu/dom-2: DID 2" in text and "attached none" in text
+    lines = [line.strip() for line in text.splitlines() if " -> " in line]
+    assert len(lines) == 2
+    assert lines[0].startswith("0x000000000000-0x0000003fffff -> ") and lines[0].endswith(" rw guest_mem/vm0+0x0")
+    assert lines[1].startswith("0x000010000000-0x000010002fff -> ") and lines[1].endswith(" r- guest_mem/vm0+0x401000")
+
+
+def test_a_mapped_guest_file_is_busy_through_the_mount(mnt: Mount) -> None:
+    vm0 = mnt.path / "guest_mem" / "vm0"
+    for fn in (lambda: os.truncate(vm0, MiB), lambda: os.unlink(vm0)):
+        with pytest.raises(OSError) as exc:
+            fn()
+        assert exc.value.errno == errno.EBUSY
+    os.truncate(vm0, 16 * MiB)  # growing moves nothing: allowed
+    assert vm0.stat().st_size == 16 * MiB
+
+
+def test_the_walker_translates_while_mounted_and_after_a_kill(image: Path, mnt: Mount) -> None:
+    def translate() -> str:
+        r = subprocess.run([sys.executable, "-m", "pkfuse", "iommu", "translate", str(image), "00:03.0",
+                            "0x1234", "0x10001008"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    before, view = translate(), (mnt.path / ".pkernfs" / "iommu").read_text()
+    mnt.kill()  # the restart: the tables and the registers stay where they are
+    assert translate() == before
+    mnt.start()
+    assert (mnt.path / ".pkernfs" / "iommu").read_text() == view
+    with pytest.raises(OSError) as exc:
+        os.truncate(mnt.path / "guest_mem" / "vm0", 0)
+    assert exc.value.errno == errno.EBUSY  # the pins came back with the domains
