@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from . import format as fmt
-from .errors import FormatError, Finding
+from .errors import Finding, FormatError
 from .journal import Journal
 
 PS = fmt.PAGE_SIZE
@@ -471,7 +471,7 @@ def check_dentry_name(ctx: FsckContext) -> Iterator[Finding]:
 
     def finding(j: int) -> Finding:
         i = int(inos[j])
-        why = ("length out of 1..%d" % fmt.NAME_MAX if bad_len[j] else "contains '/' or NUL" if bad_byte[j]
+        why = (f"length out of 1..{fmt.NAME_MAX}" if bad_len[j] else "contains '/' or NUL" if bad_byte[j]
                else "is '.' or '..'" if dots[j] else "has bytes after its end")
         return Finding("dentry.name", ctx.dentry_off(i, "name_len" if bad_len[j] else "name"),
                        f"inode {i} name {_name(ctx, i)} (length {nlen[j]}) {why}")

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from backing import format as fmt
 from backing import fsck
-from backing.errors import FormatError, Finding
+from backing.errors import Finding, FormatError
 from backing.journal import Journal, Transaction
 from backing.store import Store
 
@@ -594,7 +594,7 @@ def test_missing_iommu_dir_is_a_finding(image: Path) -> None:
 
 
 def test_root_pgtables_of_the_wrong_kind_is_a_finding(populated: tuple[Path, Tree]) -> None:
-    path, t = populated
+    path, _ = populated
     with raw(path) as r:
         pgt = int(np.flatnonzero(r.inodes["kind"] == fmt.KIND_IOMMU_ROOT)[0])
         r.inodes["kind"][pgt] = fmt.KIND_GUEST
@@ -726,7 +726,7 @@ def test_image_that_fsck_passes_after_field_edits_opens_and_stays_clean(
                 table = {g.inode_page: r.inodes, g.dentry_page: r.dentries, g.extent_page: r.extents}[page]
                 dtype = table.dtype.fields[field][0]
                 table[field][rec] = value % (1 << (8 * dtype.itemsize))
-        status, findings = fsck.check_image(path)
+        status, _ = fsck.check_image(path)
         if status == 0:
             Store.open(path).close()  # read-write: frees orphans, bumps the generation
             assert fsck.check_image(path) == (0, [])
