@@ -10,12 +10,18 @@ Placement policy, in order:
 
 1. Whole free 2 MiB chunks (512 pages, 2 MiB aligned in physical address
    space because ``data_page`` and ``base_phys`` are) for the part of a
-   request that is a multiple of 512 pages: one best-fit run of chunks if
-   one is long enough, else the longest runs first. This is what lets a
-   guest be mapped with few extents and VT-d 2 MiB leaves.
-2. The remainder (or a small request) from free pages inside chunks that are
-   already partly used, best fit, so whole free chunks stay whole.
+   request that covers whole 2 MiB ranges *of the file*: one best-fit run
+   of chunks if one is long enough, else the longest runs first. This is
+   what lets a guest be mapped with few extents and VT-d 2 MiB leaves.
+2. The rest -- the head up to the file's next 2 MiB boundary and the tail
+   past the last one (or a small request) -- from free pages inside chunks
+   that are already partly used, best fit, so whole free chunks stay whole.
 3. Anything still missing from any free pages, best fit, longest first.
+
+Runs come back in file order: head, chunks, tail. So a file grown from a
+size that is not a multiple of 2 MiB still has file offset and physical
+address congruent modulo 2 MiB over every chunk (a superpage needs both
+aligned).
 """
 
 from __future__ import annotations
@@ -53,6 +59,20 @@ def _take(starts: np.ndarray, lengths: np.ndarray, want: int) -> list[Run]:
     return taken
 
 
+def _split(runs: list[Run], npages: int) -> tuple[list[Run], list[Run]]:
+    """``runs`` cut after their first ``npages`` pages: (first part, rest)."""
+    first: list[Run] = []
+    rest: list[Run] = []
+    for p, n in runs:
+        take = min(n, npages)
+        if take:
+            first.append((p, take))
+        if n > take:
+            rest.append((p + take, n - take))
+        npages -= take
+    return first, rest
+
+
 class Allocator:
     """Finds free page runs and produces the bitmap bytes that record them."""
 
@@ -62,8 +82,13 @@ class Allocator:
         self.used = np.unpackbits(bitmap, count=geometry.npages, bitorder="little").astype(bool)
         self.free_pages = int(geometry.npages - np.count_nonzero(self.used))
 
-    def find(self, npages: int) -> list[Run] | None:
-        """Runs of free pages totalling ``npages``, or None if there are not enough."""
+    def find(self, npages: int, file_page: int = 0) -> list[Run] | None:
+        """Runs of free pages totalling ``npages``, in file order, or None if there are not enough.
+
+        ``file_page`` is the file page the first run will hold (the file's
+        current size in pages when it grows): chunks go where the file's
+        2 MiB ranges start.
+        """
         if npages > self.free_pages:
             return None
         g = self.geometry
@@ -71,32 +96,35 @@ class Allocator:
         nchunks = data.size // fmt.PAGES_PER_HUGE
         chunk_used = data[: nchunks * fmt.PAGES_PER_HUGE].reshape(nchunks, fmt.PAGES_PER_HUGE)
         chunk_free = ~chunk_used.any(axis=1)
-        runs: list[Run] = []
+        head = min(npages, -file_page % fmt.PAGES_PER_HUGE)  # pages up to the file's next 2 MiB boundary
+        chunk_runs: list[Run] = []
         want = npages
         # 1. whole 2 MiB chunks
-        if want >= fmt.PAGES_PER_HUGE and chunk_free.any():
+        if want - head >= fmt.PAGES_PER_HUGE and chunk_free.any():
             starts, lengths = runs_of(chunk_free)
-            for c, n in _take(starts, lengths, want // fmt.PAGES_PER_HUGE):
-                runs.append((g.data_page + c * fmt.PAGES_PER_HUGE, n * fmt.PAGES_PER_HUGE))
+            for c, n in _take(starts, lengths, (want - head) // fmt.PAGES_PER_HUGE):
+                chunk_runs.append((g.data_page + c * fmt.PAGES_PER_HUGE, n * fmt.PAGES_PER_HUGE))
                 chunk_free[c : c + n] = False  # taken: not a candidate below
                 want -= n * fmt.PAGES_PER_HUGE
         if want == 0:
-            return runs
+            return chunk_runs
         free = ~data
-        for c0, n in runs:  # pages just chosen are not free for the small search
+        for c0, n in chunk_runs:  # pages just chosen are not free for the small search
             lo = c0 - g.data_page
             free[lo : lo + n] = False
         # 2. partly used chunks first, keeping whole free chunks whole
+        small: list[Run] = []
         partial = free.copy()
         partial[: nchunks * fmt.PAGES_PER_HUGE].reshape(nchunks, fmt.PAGES_PER_HUGE)[chunk_free] = False
         for pool in (partial, free):
             starts, lengths = runs_of(pool)
             for p, n in _take(starts, lengths, want):
-                runs.append((g.data_page + p, n))
+                small.append((g.data_page + p, n))
                 free[p : p + n] = False
                 want -= n
             if want == 0:
-                return runs
+                head_runs, tail_runs = _split(small, head)
+                return head_runs + chunk_runs + tail_runs
         return None  # unreachable while free_pages is exact; kept as a guard
 
     def bitmap_records(self, runs: list[Run], value: bool) -> list[tuple[int, np.ndarray]]:

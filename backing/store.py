@@ -625,7 +625,7 @@ class Store:
         freed: list[Run] = []
         new_map = fm
         if new_pages > old_pages:
-            alloc = self.allocator.find(new_pages - old_pages) or []
+            alloc = self.allocator.find(new_pages - old_pages, old_pages) or []
             if not alloc:
                 raise StoreError(errno.ENOSPC, f"no room for {new_pages - old_pages} pages")
             new_map = self._stage_extend(txn, ino, fm, old_pages, alloc)

@@ -220,6 +220,38 @@ def _with(used: np.ndarray, runs: list[tuple[int, int]], base: int) -> np.ndarra
     return out
 
 
+def test_growth_from_an_unaligned_size_puts_chunks_at_2mib_file_offsets() -> None:
+    used = np.zeros(pool_pages(), bool)
+    used[: CHUNK - 100] = True  # chunk 0: 100 free pages at its end
+    a = make(used)
+    g = a.geometry
+    runs = a.find(30 + 2 * CHUNK + 7, file_page=CHUNK - 30)
+    assert runs[0] == (g.data_page + CHUNK - 100, 30)  # head: up to the file's 2 MiB boundary
+    assert runs[1] == (g.data_page + CHUNK, 2 * CHUNK)  # chunks at file page 2 * CHUNK
+    assert runs[2] == (g.data_page + CHUNK - 70, 7)  # tail
+
+
+@settings(max_examples=200, deadline=None)
+@given(pool_state(), st.integers(0, 4 * CHUNK))
+def test_chunk_runs_start_at_2mib_file_offsets(state: tuple[np.ndarray, int], file_page: int) -> None:
+    used, want = state
+    a = make(used)
+    runs = a.find(want, file_page)
+    if runs is None:
+        return
+    check_runs(a, runs, want)
+    fp = file_page
+    chunks_needed = max(0, want - (-file_page % CHUNK)) // CHUNK
+    aligned = 0
+    for p, n in runs:
+        phys_aligned = (p - a.geometry.data_page) % CHUNK == 0
+        if phys_aligned and n % CHUNK == 0 and n >= CHUNK:
+            assert fp % CHUNK == 0, "a whole chunk at an unaligned file offset"
+            aligned += n // CHUNK
+        fp += n
+    assert aligned >= min(chunks_needed, model_free_chunks(used))
+
+
 # ------------------------------------------------------------ bitmap_records
 
 

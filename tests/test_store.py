@@ -353,6 +353,27 @@ def test_truncate_up_uses_2mib_aligned_extents_when_space_allows(store: Store) -
     assert e.phys_addr == store.geometry.base_phys + e.page * PS
 
 
+def aligned_huge_ranges(s: Store, ino: int) -> tuple[int, int]:
+    """(2 MiB file ranges mappable by one 2 MiB leaf, 2 MiB file ranges in total)."""
+    good = total = 0
+    for e in s.extents(ino):
+        lo = -(-e.file_offset // HUGE) * HUGE
+        for off in range(lo, e.file_offset + e.length - HUGE + 1, HUGE):
+            good += (e.phys_addr + off - e.file_offset) % HUGE == 0
+    total = s.getattr(ino).size // HUGE
+    return good, total
+
+
+@pytest.mark.parametrize("first", [5 * PS, HUGE + 3 * PS, HUGE - PS])
+def test_growing_a_file_keeps_file_offsets_and_physical_addresses_2mib_congruent(store: Store, first: int) -> None:
+    """A 2 MiB range of the file maps to one 2 MiB-aligned chunk (an IOMMU superpage), also after
+    growing from a size that is not a multiple of 2 MiB."""
+    ino = new_file(store, size=first)
+    store.truncate(ino, 6 * HUGE)
+    good, total = aligned_huge_ranges(store, ino)
+    assert good == total - 1  # all but the range holding the first allocation's end
+
+
 def test_extents_are_sorted_contiguous_in_the_file_and_disjoint_in_memory(store: Store) -> None:
     files = [new_file(store, b"f%d" % i, size=(i + 1) * 5 * PS) for i in range(6)]
     store.unlink(gm(store), b"f1")
