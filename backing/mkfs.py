@@ -7,6 +7,7 @@ superblock magic (it is written last) and fsck calls it unusable.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -78,6 +79,10 @@ def mkfs(
             raise StoreError(errno.EEXIST, f"{path} exists and is not empty (use --force to overwrite)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        try:  # the lock a Store holds: truncating a mapped image would SIGBUS its daemon
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(errno.EBUSY, f"{path} is in use by a pkfuse process") from None
         os.ftruncate(fd, 0)  # drop old contents so every page reads as zero
         os.ftruncate(fd, size)
         image = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))

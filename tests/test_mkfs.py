@@ -91,6 +91,18 @@ def test_force_overwrites_an_image(tmp_path: Path) -> None:
         assert s.children(s.lookup(fmt.ROOT_INO, b"guest_mem")) == []
 
 
+def test_refuses_an_image_in_use_even_with_force(tmp_path: Path) -> None:
+    path = tmp_path / "i"
+    mkfs(path, 16 * MiB)
+    with Store.open(path) as s:
+        ino = s.create(s.lookup(fmt.ROOT_INO, b"guest_mem"), b"vm0", 0o600, 0, 0)
+        s.write(ino, 0, b"live")
+        with pytest.raises(StoreError) as e:
+            mkfs(path, 16 * MiB, force=True)
+        assert e.value.errno == errno.EBUSY
+        assert s.read(ino, 0, 4) == b"live"
+
+
 def test_empty_existing_file_is_used(tmp_path: Path) -> None:
     path = tmp_path / "i"
     path.touch()
