@@ -568,6 +568,14 @@ def test_write_and_read_across_extents(tmp_path: Path) -> None:
         assert got == data[: len(got)]
 
 
+def test_empty_write_past_the_end_changes_nothing(store: Store) -> None:
+    ino = new_file(store)
+    store.write(ino, 0, b"abc")
+    before = metadata(store)
+    assert store.write(ino, 5 * PS, b"") == 0
+    assert store.getattr(ino).size == 3 and metadata(store) == before
+
+
 def test_read_clips_at_end_of_file(store: Store) -> None:
     ino = new_file(store)
     store.write(ino, 0, b"0123456789")
