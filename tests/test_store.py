@@ -161,11 +161,13 @@ def test_rmdir_missing_is_enoent(store: Store) -> None:
 
 @pytest.mark.parametrize("name", [b"guest_mem", b"iommu"])
 def test_top_directories_cannot_be_removed_or_renamed(store: Store, name: bytes) -> None:
-    for f in (gm(store), store.lookup(ROOT, b"iommu")):  # make both empty-or-not irrelevant
-        pass
-    if name == b"guest_mem":
+    if name == b"guest_mem":  # empty, so only the rule refuses it (/iommu is not empty)
         assert errno_of(lambda: store.rmdir(ROOT, name)) == errno.EPERM
     assert errno_of(lambda: store.rename(ROOT, name, ROOT, b"other")) == errno.EPERM
+    other = store.mkdir(ROOT, b"other", 0o755, 0, 0)
+    want = errno.EPERM if name == b"guest_mem" else errno.ENOTEMPTY
+    assert errno_of(lambda: store.rename(ROOT, b"other", ROOT, name)) == want
+    assert store.lookup(ROOT, b"other") == other
 
 
 def test_iommu_files_cannot_be_unlinked_renamed_or_truncated(store: Store) -> None:
