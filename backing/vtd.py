@@ -209,6 +209,16 @@ def _report(problems: list[Problem], level: int, where: np.ndarray, values: np.n
         problems.append(Problem(level, int(where[limit]), f"... and {where.size - limit} more like it"))
 
 
+def leaf_frames(levels: list[Level]) -> tuple[np.ndarray, np.ndarray]:
+    """Every leaf as (pfn, pages), in no particular order (cheaper than ``leaf_ranges``)."""
+    pfn, npages = [], []
+    for level, lv in enumerate(levels):
+        e = lv.entries if level == 3 else lv.entries[lv.leaf]
+        pfn.append((e >> U64(fmt.PAGE_SHIFT)).astype(np.int64) & (fmt.SL_ADDR_MASK >> fmt.PAGE_SHIFT))
+        npages.append(np.full(e.size, LEVEL_PAGES[level], np.int64))
+    return np.concatenate(pfn), np.concatenate(npages)
+
+
 def leaf_ranges(levels: list[Level]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every leaf as (iova page, pfn, pages, writable), sorted by IOVA."""
     iova, pfn, npages, wr = [], [], [], []
