@@ -549,6 +549,7 @@ class Iommu:
             with store.lock:
                 io._load()
                 store.pin_hook = io.pinned
+                store.free_orphans()  # deferred by Store.open until the pins are known
         except BaseException:
             if regs is not None:
                 regs.close()

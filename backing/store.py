@@ -241,10 +241,32 @@ class Store:
         self._owner_index = None
 
     def _free_orphans(self) -> None:
-        orphans = np.flatnonzero((self.inodes["flags"] & fmt.IFLAG_ORPHAN) != 0)
-        for ino in orphans.tolist():
-            log.info("freeing orphan inode %d left open at the restart", ino)
-            self.release_orphan(ino)
+        # No pin_hook is installed during open. With IOMMU domains in the
+        # image an orphan may still be mapped by one (unlinked while open,
+        # then mapped): freeing it would hand DMA-visible pages to the next
+        # file. Then Iommu.open calls free_orphans() once the pins are known.
+        if np.any(self.inodes["kind"] == fmt.KIND_IOMMU_DOMAIN):
+            return
+        self.free_orphans()
+
+    def free_orphans(self) -> int:
+        """Free every orphan (unlinked while open, e.g. before a restart) that no domain maps.
+
+        Returns how many were freed. A read-only store frees none.
+        """
+        with self.lock:
+            if self.read_only:
+                return 0
+            orphans = np.flatnonzero((self.inodes["flags"] & fmt.IFLAG_ORPHAN) != 0)
+            freed = 0
+            for ino in orphans.tolist():
+                if self._pinned(ino):
+                    log.info("orphan inode %d is mapped by an IOMMU domain; kept", ino)
+                    continue
+                log.info("freeing orphan inode %d left open at the restart", ino)
+                self.release_orphan(ino)
+                freed += 1
+            return freed
 
     # ----------------------------------------------------------------- close
 

@@ -13,6 +13,8 @@ import pytest
 
 from backing import format as fmt
 from backing.errors import ImageBusy, StoreError
+from backing.fsck import check_image
+from backing.iommu import Iommu
 from backing.mkfs import mkfs
 from backing.store import Store, max_file_extents
 
@@ -748,6 +750,43 @@ def test_rename_over_an_open_file_keeps_it_as_an_orphan(store: Store) -> None:
 
 
 # ------------------------------------------------------------------------ pins
+
+
+def test_an_orphan_mapped_by_a_domain_survives_a_restart(path: Path) -> None:
+    """Unlinked while open, then mapped for DMA: the next open must not free its pages."""
+    with Store.open(path) as s:
+        io = Iommu.open(s)
+        ino = new_file(s, size=HUGE)
+        s.unlink(gm(s), b"vm0", keep_open=True)
+        dom = io.create_domain()
+        dom.map(0, s.extents(ino)[0].phys_addr, HUGE)
+        s.release_orphan(ino)  # still mapped: kept
+        io.close()
+    with Store.open(path) as s:
+        assert s.getattr(ino).nlink == 0  # not freed before the pins are known
+        io = Iommu.open(s)
+        assert s.getattr(ino).npages == HUGE // PS
+        assert check_image(path)[0] == 0
+        io.domain(dom.domain_id).unmap(0, HUGE)
+        assert s.free_orphans() == 1
+        assert errno_of(lambda: s.getattr(ino)) == errno.ENOENT
+        io.close()
+    assert check_image(path)[0] == 0
+
+
+def test_iommu_open_frees_unmapped_orphans(path: Path) -> None:
+    with Store.open(path) as s:
+        io = Iommu.open(s)
+        io.create_domain()
+        free = s.statfs().free_pages
+        ino = new_file(s, size=HUGE)
+        s.unlink(gm(s), b"vm0", keep_open=True)
+        io.close()
+    with Store.open(path) as s:
+        assert s.getattr(ino).nlink == 0
+        Iommu.open(s).close()
+        assert errno_of(lambda: s.getattr(ino)) == errno.ENOENT
+        assert s.statfs().free_pages == free
 
 
 def test_pinned_file_cannot_be_truncated_down_or_unlinked(store: Store) -> None:
