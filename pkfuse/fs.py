@@ -43,9 +43,12 @@ Timeouts
 
 Concurrency
     Handlers run as trio tasks on one thread. Store calls are short and take
-    the store's lock; copies of ``THREAD_MIN`` bytes or more and truncates
-    (page allocation) run in ``trio.to_thread.run_sync`` so one large request
-    does not stall the others. The daemon never touches its own mountpoint.
+    the store's lock. Reads of one extent return a view of the image mapping
+    (no copy in Python); writes inside a file are one bounded ``pwrite`` into
+    the image; work that allocates or zeroes pages (truncate, writes that
+    extend a file, ``THREAD_MIN`` bytes or more) and multi-extent reads run in
+    ``trio.to_thread.run_sync``, so one large request does not stall the
+    others. The daemon never touches its own mountpoint.
 
 IOMMU files (kinds ``KIND_IOMMU_ROOT``/``KIND_IOMMU_DOMAIN``) are read-only to
 every user, root included: opening for writing, truncate, chmod, chown,
@@ -86,7 +89,10 @@ VIEW_FILES = {b"status": VIEW_INO_BASE + 1, b"memmap": VIEW_INO_BASE + 2, b"iomm
 VIEW_NAMES = {ino: name for name, ino in VIEW_FILES.items()}
 
 ATTR_TIMEOUT = 1.0  #: seconds the kernel may cache entries and attributes of image inodes
-THREAD_MIN = 64 << 10  #: bytes from which a write (or a multi-extent read) runs in a worker thread
+THREAD_MIN = 64 << 10  #: bytes from which a Store.write (allocating) or a multi-extent read runs in a thread
+#: in-place writes move mtime (one journaled commit) at most this often: the
+#: granularity of the kernel's coarse clock that local filesystems stamp with
+MTIME_GRANULARITY_NS = 4_000_000
 BLKSIZE = fmt.HUGE_PAGE  #: st_blksize: the extent alignment, a good I/O size
 _IOMMU_KINDS = (fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 
@@ -476,22 +482,31 @@ class Operations(pyfuse3.Operations):
             return None
         return int(image_offs[i]) + off - int(starts[i]), end - off
 
-    def _write_in_place(self, ino: int, off: int, buf: bytes) -> int:
+    def _write_in_place(self, ino: int, off: int, buf: bytes) -> int | None:
         """A write inside the file's size and one extent: ``pwrite`` into the image, then mtime.
 
         ``pwrite`` on the image file lands in the same page cache the mapping
         shows (so it is as durable as a store into the mapping) but takes no
         write fault per page, which a store into a page that writeback has
-        cleaned would. The store lock is held so a racing truncate cannot
-        free the pages under the copy. Anything else goes to ``Store.write``.
+        cleaned would. mtime moves when it is ``MTIME_GRANULARITY_NS`` old.
+        The store lock is held so a racing truncate cannot free the pages
+        under the copy. Returns None when the write needs ``Store.write``
+        (it extends the file or spans extents).
+
+        It runs on the trio thread: one ``pwrite`` of at most ``max_write``
+        (1 MiB) into the page cache is short and bounded, and a thread hop
+        per request measured 40% slower on a 2-CPU machine (1.0 against
+        1.7 GB/s with dd bs=1M).
         """
         st = self.store
         with st.lock:
             span = self._image_span(ino, off, len(buf)) if self._image_fd is not None else None
             if span is None or span[1] != len(buf):
-                return st.write(ino, off, buf)
+                return None
             done = os.pwrite(self._image_fd, buf, span[0])  # type: ignore[arg-type]
-            st.setattr(ino, mtime_ns=time.time_ns())
+            now = time.time_ns()
+            if now - int(st.inodes["mtime_ns"][ino]) >= MTIME_GRANULARITY_NS:
+                st.setattr(ino, mtime_ns=now)
             return done
 
     @_errors
@@ -499,8 +514,11 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         if not h.writable:
             raise StoreError(errno.EBADF, "not open for writing")
+        done = self._write_in_place(h.ino, off, buf)
+        if done is not None:
+            return done
         if len(buf) >= THREAD_MIN:
-            return await trio.to_thread.run_sync(self._write_in_place, h.ino, off, buf)
+            return await trio.to_thread.run_sync(self.store.write, h.ino, off, buf)
         return self.store.write(h.ino, off, buf)
 
     @_errors

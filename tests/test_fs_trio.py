@@ -157,7 +157,7 @@ async def test_write_inside_the_file_lands_in_the_image_and_moves_mtime(ops: Ope
     attr.st_size = 4 * MiB
     await ops.setattr(ino, attr, fields(update_size=True), fh, CTX)
     before = (await ops.getattr(ino, CTX)).st_mtime_ns
-    data = os.urandom(MiB)  # large: the in-place path, in a worker thread
+    data = os.urandom(MiB)  # inside the file and one extent: the in-place pwrite path
     assert await ops.write(fh, MiB + 4096, data) == MiB
     (ext,) = store.extents(ino)
     assert bytes(store.image[ext.page * 4096 + MiB + 4096 :][:MiB]) == data
