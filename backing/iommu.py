@@ -203,7 +203,7 @@ class Domain:
         free = np.flatnonzero(self._free)
         if free.size < k:
             short = k - free.size
-            self.store.grow(self.ino, short if short > GROW_CHUNK else GROW_CHUNK)
+            self.store.grow(self.ino, max(GROW_CHUNK, short))
             self._refresh_pages()
             free = np.flatnonzero(self._free)
         take = free[:k]
@@ -631,7 +631,6 @@ class Iommu:
         else:
             log.warning("%s: half-made domain (%s), left by a restart; removed", path, why)
             self.store.unlink(self.iommu_dir, name, managed=True)
-        return None
 
     def _scan_context_entries(self) -> None:
         u64 = self.store.image_u64

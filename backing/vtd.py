@@ -162,7 +162,7 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         if stray.any():
             r, c = np.nonzero(stray)
             _report(problems, level, tables[r] * 512 + c, block[r, c], limit,
-                    lambda v: f"{LEVEL_NAMES[level]} not present but has bits {v:#x}")
+                    lambda v, level=level: f"{LEVEL_NAMES[level]} not present but has bits {v:#x}")
         rows, cols = np.nonzero(present)
         entries = block[rows, cols]
         where = tables[rows] * 512 + cols
@@ -172,7 +172,7 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         bad = rsvd != 0
         if bad.any():
             _report(problems, level, where[bad], rsvd[bad], limit,
-                    lambda v: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
+                    lambda v, level=level: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
         ok = ~bad
         levels.append(Level(tables, slots[ok], where[ok], entries[ok], leaf[ok]))
         if level == fmt.VTD_LEVELS - 1:
@@ -185,16 +185,16 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         dwhere, dslots = where[desc], slots[desc]
         if not inside.all():
             _report(problems, level, dwhere[~inside], child[~inside], limit,
-                    lambda v: f"{LEVEL_NAMES[level]} points at image page {v} outside the domain's table pool")
+                    lambda v, level=level: f"{LEVEL_NAMES[level]} points at image page {v} outside the domain's table pool")
         child, dwhere, dslots = child[inside], dwhere[inside], dslots[inside]
-        uniq, first, counts = np.unique(child, return_index=True, return_counts=True)
+        _, first = np.unique(child, return_index=True)
         again = np.isin(child, seen)
         dup = np.ones(child.shape, bool)
         dup[first] = False
         dup |= again
         if dup.any():
             _report(problems, level, dwhere[dup], child[dup], limit,
-                    lambda v: f"{LEVEL_NAMES[level]} points at table page {v}, which another entry also uses")
+                    lambda v, level=level: f"{LEVEL_NAMES[level]} points at table page {v}, which another entry also uses")
         keep = ~dup & ~np.isin(child, child[dup])
         tables, bases = child[keep], dslots[keep]
         seen = np.concatenate([seen, tables])

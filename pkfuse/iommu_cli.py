@@ -291,4 +291,4 @@ _COMMANDS = {
     "enable": cmd_enable, "disable": cmd_disable, "faults": cmd_faults,
 }
 
-__all__ = ["add_arguments", "run", "parse_bdf", "FormatError"]
+__all__ = ["FormatError", "add_arguments", "parse_bdf", "run"]

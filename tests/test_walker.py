@@ -110,7 +110,7 @@ def test_unmapped_iova_faults_as_the_missing_access_right(io: Iommu, dom: Domain
 
 
 def test_per_request_write_flags(io: Iommu, dom: Domain) -> None:
-    p, f = io.translate(BUS, DEV, FN, np.array([16 * MiB, 16 * MiB], np.uint64), np.array([False, True]))
+    _, f = io.translate(BUS, DEV, FN, np.array([16 * MiB, 16 * MiB], np.uint64), np.array([False, True]))
     assert f.tolist() == [0, fmt.FR_WRITE]
 
 
