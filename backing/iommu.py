@@ -29,8 +29,12 @@ Ordering (what a walker in another process may observe)
   cache invalidation and its wait descriptor: a walk that read the old
   pointer has finished before the page is reused. Pages found free at open
   are free at once: a restart takes longer than any walk.
-* Context entries: attach writes the hi word (DID, AW) then the lo word
-  (SLPTPTR, TT, P) last; detach clears lo first so P drops in one store.
+* Root and context entries: attach makes the bus's root entry present
+  first (its context table was zeroed at mkfs), then writes the context
+  entry's hi word (DID, AW), then its lo word (SLPTPTR, TT, P) last; detach
+  (and a replacing attach) clears lo first so P drops in one store. A kill
+  between the two stores leaves a non-present entry with an old hi word,
+  which hardware ignores and fsck accepts.
 
 Crash consistency: pool growth is a journaled ``Store.grow``; table writes
 need no journal because of the ordering above -- after a kill, every
@@ -856,16 +860,17 @@ class Iommu:
                 raise _errno(errno.EBUSY, f"requester {_rid(sid)} is attached to domain {cur}")
             u64 = self.store.image_u64
             g = self.store.geometry
+            re_where = int(self.root_pages[0]) * 512 + bus * 2
+            if not int(u64[re_where]) & fmt.RE_LO_P:
+                # the bus's context table (zeroed at mkfs) is complete before it is reachable
+                re_lo, re_hi = vtd.root_entry(g.phys_addr(ct_page))
+                u64[re_where + 1] = re_hi
+                u64[re_where] = re_lo
             lo, hi = vtd.context_entry(domain.pml4_phys, domain.domain_id)
             if cur is not None:
                 u64[where] = 0  # P drops first
             u64[where + 1] = hi
             u64[where] = lo  # P last: the entry is complete when it becomes present
-            re_where = int(self.root_pages[0]) * 512 + bus * 2
-            if not int(u64[re_where]) & fmt.RE_LO_P:
-                re_lo, re_hi = vtd.root_entry(g.phys_addr(ct_page))
-                u64[re_where + 1] = re_hi
-                u64[re_where] = re_lo
             self.attached[sid] = domain.domain_id
             if cur is not None and cur in self.domains:
                 self.domains[cur]._quiet_after = time.monotonic() + FREE_GRACE_S

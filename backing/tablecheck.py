@@ -14,8 +14,9 @@ Checks, one function each:
   point at the context table of their bus (file page 1 + bus); others are 0.
 * ``check_context_entries``: present context entries have reserved bits
   clear, TT untranslated, AW 48-bit, SLPTPTR at the SL-PML4 of a domain
-  and that domain's DID; non-present entries are 0; a present entry on a
-  bus whose root entry is clear is unreachable (reported).
+  and that domain's DID; non-present entries have a zero lo word (the hi
+  word may outlive a detach cut short by a kill); a present entry on a bus
+  whose root entry is clear is unreachable (reported).
 * ``check_domain_header``: magic, compatible string, DID = file name,
   address width, SL-PML4 at file page 1.
 * ``check_domain_tree``: tree shape (pointers only to the domain's own pool
@@ -178,7 +179,8 @@ def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: lis
     ctables = ctx.image_u64.reshape(-1, 512)[root_pages[1:]]  # (256, 512)
     lo, hi = ctables[:, 0::2], ctables[:, 1::2]
     present = (lo & U64(fmt.CE_LO_P)) != 0
-    stray = ~present & ((lo != 0) | (hi != 0))
+    # a non-present entry may keep its hi word: detach clears lo (P) first
+    stray = ~present & (lo != 0)
     for bus, devfn in zip(*np.nonzero(stray)):
         yield Finding(_ce(bus, devfn), _ce_off(root_pages, bus, devfn),
                       f"not present but holds {int(hi[bus, devfn]):#x}:{int(lo[bus, devfn]):#x}")

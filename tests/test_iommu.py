@@ -557,6 +557,10 @@ def _mapper_child(image: Path, wfd: int, seed: int) -> None:
     while True:
         d.map(k * 8 * MiB + (k % 3) * 2 * MiB, base + (k % 5) * 4 * MiB, CHUNK_PAGES * PS, write=bool(k % 2))
         os.write(wfd, b"M%d\n" % k)
+        if k % 4 == 1:  # root/context entry stores are cut by the kill too
+            d.attach(0, 2, k % 8 // 4)
+        elif k % 4 == 3:
+            d.detach(0, 2, k % 8 // 4)
         if k >= 2 and rnd.random() < 0.5:
             j = k - 2
             d.unmap(j * 8 * MiB + (j % 3) * 2 * MiB, CHUNK_PAGES * PS)

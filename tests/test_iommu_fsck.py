@@ -233,3 +233,9 @@ def test_garbage_in_any_table_gives_findings_never_an_exception(image: Path, wor
         assert all(isinstance(f, Finding) for f in findings)
     finally:
         image.write_bytes(data)
+
+
+def test_a_detach_cut_between_its_two_stores_is_not_a_finding(image: Path) -> None:
+    # detach clears the lo word (P) first; a kill before the hi word leaves it behind
+    f = corrupt(image, lambda s, io: s.image_u64.__setitem__(context(io), np.uint64(0)))
+    assert f == []
