@@ -136,9 +136,27 @@ def cmd_info(args: argparse.Namespace) -> int:
         sys.stdout.write(views.render_status(store, pid=0).replace("daemon_pid: 0", "daemon_pid: (not mounted here)"))
         sys.stdout.write("\n" + views.render_files(store) + "\n")
         sys.stdout.write(views.render_memmap(store))
+        sys.stdout.write("\n" + _iommu_text(store))
     finally:
         store.close()
     return 0
+
+
+def _iommu_text(store: object) -> str:
+    """The IOMMU view of an unmounted image (no register block: that belongs to a daemon)."""
+    try:
+        from backing.iommu import Iommu  # type: ignore[attr-defined]
+
+        io = Iommu.open(store)  # type: ignore[arg-type]
+    except ImportError:
+        return "# IOMMU: backing.iommu not available in this build\n"
+    except Exception as exc:  # noqa: BLE001 - info shows what it can
+        return f"# IOMMU state not readable: {type(exc).__name__}: {exc}\n"
+    try:
+        text = io.render()
+    finally:
+        io.close()
+    return text if text.endswith("\n") else text + "\n"
 
 
 # ------------------------------------------------------------ bench, iommu
