@@ -63,7 +63,7 @@ import numpy as np
 
 from . import format as fmt
 from . import vtd
-from .errors import FormatError, StoreError
+from .errors import FormatError, PkfuseError, StoreError
 from .regs import Regs
 from .store import Store
 
@@ -532,6 +532,7 @@ class Iommu:
     def __init__(self, store: Store, regs: Regs | None) -> None:
         self.store = store
         self.regs = regs
+        self.regs_error = ""  #: why the register block could not be opened
         self.domains: dict[int, Domain] = {}
         self.attached: dict[int, int] = {}  #: source id -> domain id (-1: unknown tables)
         self.iommu_dir = 0
@@ -545,19 +546,21 @@ class Iommu:
         """Load every domain under ``/iommu`` and pin the guest files they map.
 
         Raises FormatError naming a domain whose format (magic, compatible
-        string) is unknown or whose tree is malformed.
+        string) is unknown or whose tree is malformed. A register block
+        that cannot be opened does not stop the pins: it is logged, kept in
+        ``regs_error``, and ``regs`` stays None.
         """
-        regs = Regs.open(regs_path) if regs_path else None
-        try:
-            io = cls(store, regs)
-            with store.lock:
-                io._load()
-                store.pin_hook = io.pinned
-                store.free_orphans()  # deferred by Store.open until the pins are known
-        except BaseException:
-            if regs is not None:
-                regs.close()
-            raise
+        io = cls(store, None)
+        with store.lock:
+            io._load()
+            store.pin_hook = io.pinned
+            store.free_orphans()  # deferred by Store.open until the pins are known
+        if regs_path:
+            try:
+                io.regs = Regs.open(regs_path)
+            except (PkfuseError, OSError) as exc:
+                io.regs_error = str(exc)
+                log.error("IOMMU register block %s not opened: %s", regs_path, exc)
         return io
 
     def close(self) -> None:
@@ -927,6 +930,8 @@ class Iommu:
                 r = self.regs
                 lines.append(f"translation {'enabled' if r.enabled else 'disabled'}, RTADDR {r.rtaddr:#x}, "
                              f"faults recorded {r.fault_seq}")
+            elif self.regs_error:
+                lines.append(f"register block not opened: {self.regs_error}")
             lines.append(f"root table {self.root_table_phys:#x} (iommu/root-pgtables)")
             orphans = sorted(s for s, d in self.attached.items() if d not in self.domains)
             for s in orphans:

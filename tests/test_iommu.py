@@ -361,6 +361,14 @@ def test_mapped_guest_file_cannot_be_truncated_down_or_unlinked(io: Iommu, store
     store.truncate(vm0, 64 * MiB)  # growing is fine: the mapped pages stay put
 
 
+def test_a_mapped_guest_file_cannot_be_replaced_by_rename(io: Iommu, store: Store, vm0: int) -> None:
+    io.create_domain().map(0, phys(store, vm0), PS)
+    gm = store.lookup(ROOT, b"guest_mem")
+    guest(store, b"other", PS)
+    assert errno_of(lambda: store.rename(gm, b"other", gm, b"vm0")) == errno.EBUSY
+    store.rename(gm, b"vm0", gm, b"vm0-renamed")  # moving the name frees nothing: allowed
+
+
 def test_unmapping_releases_the_pin(io: Iommu, store: Store, vm0: int) -> None:
     d = io.create_domain()
     d.map(0, phys(store, vm0), 2 * MiB + PS)
@@ -657,3 +665,15 @@ def test_cli_refuses_to_change_an_image_a_daemon_holds(image: Path) -> None:
     with Store.open(image):
         r = pk("create", image)
     assert r.returncode == 1 and "in use" in r.stderr
+
+
+def test_a_bad_register_file_does_not_stop_the_pins(image: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.regs"
+    bad.write_bytes(b"not registers" * 1000)
+    with Store.open(image) as s:
+        g = guest(s, b"vm0", MiB)
+        with Iommu.open(s) as io:
+            io.create_domain().map(0, phys(s, g), PS)
+    with Store.open(image) as s, Iommu.open(s, str(bad)) as io:
+        assert io.regs is None and "not a pkfuse register block" in io.regs_error
+        assert errno_of(lambda: s.truncate(g, 0)) == errno.EBUSY
