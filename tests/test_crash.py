@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from backing.crashtest import Stats, run_rounds
+from backing.crashtest import CrashCheckFailed, Stats, run_rounds
+from backing.journal import Journal, Transaction
 
 ROUNDS = 300
 
@@ -51,3 +53,19 @@ def test_crash_recovery_works_on_dev_shm() -> None:
         assert_not_vacuous(stats, 60)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_the_harness_catches_metadata_stores_without_a_journal(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: records stored in place with no commit point must be caught as torn."""
+
+    def commit_in_place(self: Journal, txn: Transaction) -> None:
+        hook = self.step_hook
+        for i, (offset, payload) in enumerate(txn.records):
+            self.image[offset : offset + len(payload)] = np.frombuffer(payload, np.uint8)
+            if hook:
+                hook(f"apply:{i}")
+
+    monkeypatch.setattr(Journal, "commit", commit_in_place)  # the forked writers inherit it
+    with pytest.raises(CrashCheckFailed):
+        run_rounds(str(tmp_path / "crash.img"), 200, seed=11, step_fraction=1.0)
