@@ -323,6 +323,10 @@ def test_map_unmap_translate_agree_with_a_dict_model(io: Iommu, store: Store, op
             else:
                 d.map(iova * PS, (base_pfn + gp) * PS, n * PS, write=write)
                 model.update(want)
+                if (base_pfn + gp - iova) % 512 == 0:  # every 2 MiB slot inside is one SL-PDE leaf
+                    lv = d.walk()[0][2]
+                    leaves = set(lv.slots[lv.leaf].tolist())
+                    assert set(range(-(-iova // 512), (iova + n) // 512)) <= leaves
         else:
             _, iova, n = op
             gone = [p for p in range(iova, iova + n) if p in model]
