@@ -231,7 +231,7 @@ def build_parser(load_iommu: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS", help="comma-separated mount options")
     p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     p.add_argument("--regs", metavar="FILE", help="IOMMU register file (default IMAGE.regs)")
-    p.add_argument("--debug", action="store_true", help="log every request (verbose)")
+    p.add_argument("--debug", action="store_true", help="debug logging: every refused request with its reason")
     p.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

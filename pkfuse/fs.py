@@ -134,7 +134,12 @@ class Handle:
 
 
 class Operations(pyfuse3.Operations):
-    """Request handlers over ``store``; ``status_extra`` adds lines to ``.pkernfs/status``."""
+    """Request handlers over an open ``store``.
+
+    ``iommu`` (a ``backing.iommu.Iommu``) and ``regs_path`` feed the
+    ``.pkernfs/iommu`` and ``status`` views. Call ``forget_all`` after the
+    session ends (it also closes the image descriptor this object opened).
+    """
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -376,12 +381,8 @@ class Operations(pyfuse3.Operations):
             raise StoreError(errno.EROFS, "mounted read-only")
         replaced = self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new,
                                      noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), keep_open=self._keep)
-        if replaced is not None and self._keep(replaced):
-            try:
-                if self.store.inodes["flags"][replaced] & fmt.IFLAG_ORPHAN:
-                    self.orphans.add(replaced)
-            except IndexError:
-                pass
+        if replaced is not None and int(self.store.inodes["flags"][replaced]) & fmt.IFLAG_ORPHAN:
+            self.orphans.add(replaced)  # kept as an orphan because keep_open said so
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
