@@ -221,7 +221,7 @@ def build_parser(load_iommu: bool = True) -> argparse.ArgumentParser:
                     "stderr (--foreground).",
         epilog=mountmod.EXIT_DOC + "\n\n-o options: ro, rw, allow_other, allow_root, auto_unmount, "
                "default_permissions (on by default; no_default_permissions turns it off), fsname=, "
-               "subtype=, max_read=, log=FILE, regs=FILE, and the usual dev/suid/exec/atime flags.",
+               "subtype=, log=FILE, regs=FILE, and the usual dev/suid/exec/atime flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", metavar="IMAGE")

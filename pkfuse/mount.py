@@ -58,8 +58,9 @@ READY_TIMEOUT = 30.0  #: seconds a daemonizing `pkfuse mount` waits for the moun
 
 #: -o options passed through to libfuse/the kernel as given
 PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions", "dev", "nodev", "suid",
-               "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "sync", "async", "dirsync"}
-PASSTHROUGH_VALUE = {"fsname", "subtype", "max_read"}
+               "nosuid", "exec", "noexec", "atime", "noatime", "sync", "async", "dirsync"}
+#: (libfuse rejects relatime; max_read breaks pyfuse3's init: neither is offered)
+PASSTHROUGH_VALUE = {"fsname", "subtype"}
 #: pkfuse's own -o options
 OWN_FLAGS = {"ro", "rw", "no_default_permissions", "nodefault_permissions"}
 OWN_VALUE = {"log", "regs"}
@@ -90,8 +91,6 @@ def parse_options(opts: Iterable[str]) -> dict[str, Any]:
                 else:
                     out["default_permissions"] = False
             elif (not eq and key in PASSTHROUGH) or (eq and key in PASSTHROUGH_VALUE):
-                if key == "max_read" and not value.isdigit():
-                    raise MountError(f"-o max_read needs a byte count, not {value!r}", EXIT_USAGE)
                 out["fuse"].add(opt)
             else:
                 raise MountError(f"unknown mount option {opt!r}", EXIT_USAGE)
@@ -213,6 +212,9 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         try:
             pyfuse3.init(ops, mnt, options)
         except RuntimeError as exc:
+            if "fuse_session_new" in str(exc):
+                raise MountError(f"libfuse rejected the mount options {','.join(sorted(options))}",
+                                 EXIT_USAGE) from None
             raise MountError(f"the kernel refused to mount {mnt} ({exc}); is FUSE available?", EXIT_NO_FUSE) from None
         try:
             if daemonized:
@@ -248,7 +250,7 @@ def _open_iommu(store: Any, image: str, opts: dict[str, Any]) -> tuple[Any, str 
     except Exception as exc:  # noqa: BLE001 - a broken optional module must not stop the mount
         log.warning("backing.iommu unusable (%s: %s); serving without the IOMMU", type(exc).__name__, exc)
         return None, None
-    regs: str | None = opts.get("regs") or default_regs(image)
+    regs: str | None = os.path.abspath(opts.get("regs") or default_regs(image))
     if opts["read_only"] and regs and not os.path.exists(regs):
         regs = None
     try:
@@ -310,7 +312,7 @@ def daemonize(image: str, mnt: str, argv_tail: list[str], log_file: str) -> int:
     cmd = [sys.executable, "-m", "pkfuse", "mount", "--foreground", "--daemonized", "--log", log_file,
            *argv_tail, image, mnt]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, cwd="/")
+                            start_new_session=True)  # cwd kept: relative -o paths resolve as typed
     assert proc.stderr is not None
     deadline = time.monotonic() + READY_TIMEOUT
     # the daemon closes its stderr once mounted (or exits): EOF either way

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from . import cli
 
 DROPPED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
-           "loud", "silent"}
+           "loud", "silent", "relatime", "norelatime", "strictatime", "lazytime", "nolazytime"}
 
 
 def translate(argv: Sequence[str]) -> tuple[list[str], bool]:
