@@ -182,3 +182,31 @@ def test_unmount_then_remount_keeps_files(image: Path, mount_image) -> None:
     assert m.unmount() == 0
     m.start()
     assert (m.path / "guest_mem" / "vm1" / "ram").read_bytes() == b"kept"
+
+
+def test_umount_clears_the_mount_of_a_killed_daemon(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt)).returncode == 0
+        status = (mnt / ".pkernfs" / "status").read_text()
+        pid = int(next(x for x in status.splitlines() if x.startswith("daemon_pid:")).split()[1])
+        os.kill(pid, signal.SIGKILL)
+        r = pkfuse("umount", str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
+
+
+def test_umount_of_a_busy_mount_says_so_and_leaves_it_mounted(mounted: Mount) -> None:
+    holder = subprocess.Popen(["sleep", "60"], cwd=mounted.path / "guest_mem")
+    try:
+        r = pkfuse("umount", str(mounted.path))
+        assert r.returncode == 3 and "busy" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert is_mounted(mounted.path) and mounted.proc is not None and mounted.proc.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
