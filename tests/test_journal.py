@@ -8,6 +8,7 @@ at that instant leaves. Recovery then runs on the copy.
 from __future__ import annotations
 
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -279,8 +280,6 @@ def test_record_targeting_outside_metadata_is_a_format_error(image: Path, target
     put_u(data, jh + HDR["txn_seq"][1], seq, 8)
     put_u(data, jh + HDR["body_bytes"][1], len(payload), 8)
     put_u(data, jh + HDR["nrecords"][1], 1, 4)
-    import zlib
-
     put_u(data, jh + HDR["body_crc"][1], zlib.crc32(payload, seq & 0xFFFFFFFF), 4)
     put_u(data, jh + HDR["commit_seq"][1], seq, 8)
     with pytest.raises(FormatError) as e:
