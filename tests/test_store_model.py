@@ -3,8 +3,8 @@
 A hypothesis state machine drives a small image (16 MiB, 14 inodes, 24
 extent records) so that every kind of ENOSPC happens. After each step the
 tree and every file's bytes must equal the model, statfs must equal the
-model's page and inode counts, and a refused operation must leave the
-metadata byte-identical. From time to time the store is closed, the image
+model's page and inode counts, no page a file keeps may move, and a refused
+operation must leave the metadata byte-identical. From time to time the store is closed, the image
 checked with fsck, and reopened (orphans are freed then).
 """
 
@@ -14,6 +14,7 @@ import errno
 from pathlib import Path
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -59,6 +60,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.orphans: dict[int, bytearray] = {}
         self.pool_free = self.store.statfs().free_pages
         self.reopens = 0
+        self.layouts: dict[tuple[int, int], np.ndarray] = {}  #: (ino, igen) -> image page of each file page
 
     def teardown(self) -> None:
         if self.store is not None:
@@ -336,6 +338,25 @@ class StoreMachine(RuleBasedStateMachine):
         assert found.keys() == want.keys()
         for p in want:
             assert found[p] == want[p], f"contents of {'/'.join(p)} differ"
+
+    @invariant()
+    def layouts_never_move(self) -> None:
+        """Every page a file keeps stays at its physical page (a VMM and devices map it)."""
+        if self.store is None:
+            return
+        now: dict[tuple[int, int], np.ndarray] = {}
+        for ino in np.flatnonzero(self.store.inodes["kind"] == fmt.KIND_GUEST).tolist():
+            ext = self.store.extents(ino)
+            pages = [np.arange(e.page, e.page + e.length // PS) for e in ext]
+            layout = np.concatenate(pages) if pages else np.zeros(0, np.int64)
+            assert layout.size == self.store.getattr(ino).npages
+            key = (ino, self.store.getattr(ino).igen)
+            old = self.layouts.get(key)
+            if old is not None:
+                n = min(old.size, layout.size)
+                assert np.array_equal(old[:n], layout[:n]), f"inode {ino} moved"
+            now[key] = layout
+        self.layouts = now
 
     @invariant()
     def statfs_matches(self) -> None:
