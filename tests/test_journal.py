@@ -298,3 +298,13 @@ def test_image_copied_at_a_step_opens_as_a_store(image: Path, tmp_path: Path) ->
             crashed.write_bytes(data)
             with Store.open(crashed) as s:
                 s.statfs()
+
+
+def test_read_only_open_replays_in_private_memory_only(image: Path, tmp_path: Path) -> None:
+    g, _, after, snaps = run_with_snapshots(image, op_unlink)
+    crashed = tmp_path / "crashed.img"
+    crashed.write_bytes(snaps["commit"])
+    with Store.open(crashed, read_only=True) as s:
+        assert s.journal_recovered and tables(s.image, g) == after
+        assert [n for n, _ in s.children(gm(s))] == [b"b"]
+    assert crashed.read_bytes() == snaps["commit"]  # the next read-write open replays for real
