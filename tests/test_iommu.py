@@ -681,3 +681,34 @@ def test_a_bad_register_file_does_not_stop_the_pins(image: Path, tmp_path: Path)
     with Store.open(image) as s, Iommu.open(s, str(bad)) as io:
         assert io.regs is None and "not a pkfuse register block" in io.regs_error
         assert errno_of(lambda: s.truncate(g, 0)) == errno.EBUSY
+
+
+def test_save_restore_switches_a_requester_to_a_copy_without_changing_translations(io: Iommu, store: Store,
+                                                                                   vm0: int) -> None:
+    live = io.create_domain()
+    live.map(0, phys(store, vm0), 6 * MiB + 3 * PS)
+    live.map(1 << 40, phys(store, vm0, 8 * MiB), 2 * MiB, write=False)
+    live.attach(0, 7, 0)
+    io.enable()
+    iovas = np.concatenate([np.arange(0, 7 * MiB, 0x1F00), (1 << 40) + np.arange(0, 2 * MiB, 0x3300)]).astype(np.uint64)
+    before = [io.translate(0, 7, 0, iovas, w) for w in (False, True)]
+    saved = io.copy_domain(live)
+    saved.attach(0, 7, 0, replace=True)  # the atomic switch of the save/restore flow
+    after = [io.translate(0, 7, 0, iovas, w) for w in (False, True)]
+    for (p0, f0), (p1, f1) in zip(before, after):
+        assert (p0 == p1).all() and (f0 == f1).all()
+    assert live.attached == [] and saved.attached == [fmt.requester_id(0, 7, 0)]
+
+
+def test_a_read_only_store_refuses_every_change_with_erofs(image: Path) -> None:
+    with Store.open(image) as s:
+        g = guest(s, b"vm0", MiB)
+        with Iommu.open(s) as io:
+            io.create_domain().map(0, phys(s, g), PS)
+    with Store.open(image, read_only=True) as s, Iommu.open(s) as io:
+        d = io.domain(1)
+        assert len(d.mappings()) == 1
+        assert errno_of(lambda: d.map(PS, phys(s, g, PS), PS)) == errno.EROFS
+        assert errno_of(lambda: d.unmap(0, PS)) == errno.EROFS
+        assert errno_of(lambda: d.attach(0, 1, 0)) == errno.EROFS
+        assert errno_of(lambda: io.create_domain()) == errno.EROFS
