@@ -134,6 +134,13 @@ def _regs_path(args: argparse.Namespace) -> str:
     return args.regs or regs_mod.default_path(args.image)
 
 
+def _existing_regs(args: argparse.Namespace) -> regs_mod.Regs:
+    path = _regs_path(args)
+    if not os.path.exists(path):
+        raise UsageError(f"no register block at {path} (made by `pkfuse iommu enable` or a mount)")
+    return regs_mod.Regs.open(path, create=False)
+
+
 @contextmanager
 def _opened(args: argparse.Namespace, *, write: bool, regs: bool = False) -> Iterator[Iommu]:
     store = Store.open(args.image, read_only=not write, lock=write)
@@ -248,7 +255,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_translate(args: argparse.Namespace) -> int:
     bus, dev, fn = parse_bdf(args.bdf)
     u64, base_phys, npages = walker.open_image(args.image)
-    with regs_mod.Regs.open(_regs_path(args)) as regs:
+    with _existing_regs(args) as regs:
         iovas = np.array(args.iovas, dtype=np.uint64)
         phys, fault = walker.translate(u64, base_phys, npages, regs, fmt.requester_id(bus, dev, fn),
                                        iovas, args.write)
@@ -268,13 +275,13 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
-    with regs_mod.Regs.open(_regs_path(args)) as regs:
+    with _existing_regs(args) as regs:
         regs.disable()
     return 0
 
 
 def cmd_faults(args: argparse.Namespace) -> int:
-    with regs_mod.Regs.open(_regs_path(args)) as regs:
+    with _existing_regs(args) as regs:
         faults = regs.faults()
         for f in faults:
             print(f)
