@@ -163,6 +163,13 @@ def test_1g_aligned_range_uses_a_1g_leaf(tmp_path: Path) -> None:
             d.map(GiB, first_1g, GiB)
             assert leaf_levels(d) == {0: 0, 1: 1, 2: 0, 3: 0}
             assert d.translate_soft(GiB + 0x1234) == first_1g + 0x1234
+            # unmapping one page in its middle splits it: 1 GiB -> 2 MiB leaves -> 4 KiB leaves
+            assert d.unmap(GiB + 300 * MiB + PS, PS) == PS
+            assert leaf_levels(d) == {0: 0, 1: 0, 2: 511, 3: 511}
+            assert d.translate_soft(GiB + 300 * MiB + PS) is None
+            for off in (0, 300 * MiB, 300 * MiB + 2 * PS, GiB - 1):
+                assert d.translate_soft(GiB + off) == first_1g + off
+            assert sum(m.length for m in d.mappings()) == GiB - PS
 
 
 def test_map_over_a_mapped_page_is_eexist_and_changes_nothing(io: Iommu, store: Store, vm0: int) -> None:
