@@ -111,15 +111,39 @@ def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise
         except StoreError as exc:
             log.debug("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            code = exc.errno
         except PkfuseError as exc:
             log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            code = errno.EIO
         except Exception:
             log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            code = errno.EIO
+        # raised outside the except block: no __context__, so no traceback
+        # keeps the failed call's frames (and their views of the image
+        # mapping) alive until the store closes
+        raise pyfuse3.FUSEError(code)
 
     return wrapper
+
+
+async def _in_thread(fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)`` in a worker thread; a StoreError comes back as a fresh one.
+
+    The fresh error carries no traceback: trio's idle worker thread would
+    otherwise keep the failed call's frames -- and their views of the image
+    mapping -- alive, and the store could not unmap the image at close.
+    """
+
+    def call() -> tuple[R | None, int, str]:
+        try:
+            return fn(*args), 0, ""
+        except StoreError as exc:
+            return None, exc.errno, exc.message
+
+    result, code, message = await trio.to_thread.run_sync(call)
+    if code:
+        raise StoreError(code, message)
+    return result  # type: ignore[return-value]
 
 
 class Handle:
@@ -317,7 +341,7 @@ class Operations(pyfuse3.Operations):
         if self._kind(inode) in _IOMMU_KINDS:
             raise StoreError(errno.EPERM, "IOMMU files are written only by pkfuse")
         if fields.update_size:
-            await trio.to_thread.run_sync(self.store.truncate, inode, attr.st_size)
+            await _in_thread(self.store.truncate, inode, attr.st_size)
         changes: dict[str, int] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode
@@ -434,7 +458,7 @@ class Operations(pyfuse3.Operations):
         if view is not None:
             return view
         if size >= THREAD_MIN:
-            return await trio.to_thread.run_sync(self.store.read, h.ino, off, size)
+            return await _in_thread(self.store.read, h.ino, off, size)
         return self.store.read(h.ino, off, size)
 
     def _image_view(self, ino: int, off: int, size: int) -> np.ndarray | None:
@@ -519,7 +543,7 @@ class Operations(pyfuse3.Operations):
         if done is not None:
             return done
         if len(buf) >= THREAD_MIN:
-            return await trio.to_thread.run_sync(self.store.write, h.ino, off, buf)
+            return await _in_thread(self.store.write, h.ino, off, buf)
         return self.store.write(h.ino, off, buf)
 
     @_errors

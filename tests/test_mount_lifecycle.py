@@ -210,3 +210,13 @@ def test_umount_of_a_busy_mount_says_so_and_leaves_it_mounted(mounted: Mount) ->
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_refused_requests_leave_nothing_holding_the_image_at_unmount(mounted: Mount) -> None:
+    f = mounted.path / "guest_mem" / "vm0"
+    f.write_bytes(b"")
+    for size in (1 << 40, 255 << 20):  # EFBIG, then ENOSPC, both from a worker thread
+        assert subprocess.run(["truncate", "-s", str(size), str(f)], capture_output=True).returncode != 0
+    assert mounted.unmount() == 0
+    log = mounted.log_text()
+    assert "closed cleanly" in log and "still exported" not in log
