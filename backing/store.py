@@ -485,6 +485,8 @@ class Store:
             # a rename moves a name, not a page: a pinned source may move
             self._check_removable(ino, pinned_ok=True)
             target = new_kids.get(new_name)
+            if target is not None and noreplace:  # also onto itself, as renameat2(2) says
+                raise StoreError(errno.EEXIST, f"{new_name!r} exists")
             if target == ino:
                 return None
             if is_dir:

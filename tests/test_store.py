@@ -213,6 +213,11 @@ def test_rename_noreplace_onto_existing_is_eexist(store: Store) -> None:
     assert errno_of(lambda: store.rename(gm(store), b"a", gm(store), b"b", noreplace=True)) == errno.EEXIST
 
 
+def test_rename_noreplace_onto_itself_is_eexist(store: Store) -> None:
+    new_file(store, b"a")
+    assert errno_of(lambda: store.rename(gm(store), b"a", gm(store), b"a", noreplace=True)) == errno.EEXIST
+
+
 def test_rename_missing_source_is_enoent(store: Store) -> None:
     assert errno_of(lambda: store.rename(gm(store), b"a", gm(store), b"b")) == errno.ENOENT
 
