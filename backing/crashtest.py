@@ -38,6 +38,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 
+import numpy as np
+
 from . import format as fmt
 from .errors import StoreError
 from .journal import Journal
@@ -47,6 +49,8 @@ PS = fmt.PAGE_SIZE
 _DIRS = ("a", "b")
 _FILES = ("f0", "f1", "f2", "f3")
 _MAX_PAGES = 24
+_BIG_PAGES = 2048  #: 8 MiB: a few such truncates fill the 16 MiB image (ENOSPC, 2 MiB chunks, many extents)
+_IMAGE_SIZE = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,8 @@ def generate_ops(seed: int, count: int) -> list[Op]:
         if kind in ("mkdir", "rmdir"):
             ops.append(Op(kind, rng.choice(_DIRS)))
         elif kind == "truncate":
-            ops.append(Op(kind, _random_path(rng), rng.randrange(0, _MAX_PAGES * PS + 1, rng.choice((1, PS)))))
+            top = _BIG_PAGES if rng.random() < 0.25 else _MAX_PAGES
+            ops.append(Op(kind, _random_path(rng), rng.randrange(0, top * PS + 1, rng.choice((1, PS)))))
         elif kind == "write":
             off = rng.randrange(0, _MAX_PAGES * PS)
             n = rng.randrange(1, 3 * PS)
@@ -95,14 +100,27 @@ def generate_ops(seed: int, count: int) -> list[Op]:
 
 @dataclasses.dataclass
 class Model:
-    """Expected contents of /guest_mem: directories and files with their bytes and mode."""
+    """Expected contents of /guest_mem: directories and files with their bytes and mode.
+
+    ``free_pages`` is the pool's free pages, so that ENOSPC is predicted
+    exactly; pages of files unlinked while open (``orphan_pages``) are not
+    free until the next open frees them (``next_open``).
+    """
 
     dirs: set[str] = dataclasses.field(default_factory=set)
     files: dict[str, bytearray] = dataclasses.field(default_factory=dict)
     modes: dict[str, int] = dataclasses.field(default_factory=dict)
+    free_pages: int = 0
+    orphan_pages: int = 0
 
     def copy(self) -> Model:
-        return Model(set(self.dirs), {k: bytearray(v) for k, v in self.files.items()}, dict(self.modes))
+        return Model(set(self.dirs), {k: bytearray(v) for k, v in self.files.items()}, dict(self.modes),
+                     self.free_pages, self.orphan_pages)
+
+    def next_open(self) -> None:
+        """A writer's open completed: the orphans are freed."""
+        self.free_pages += self.orphan_pages
+        self.orphan_pages = 0
 
     def _parent_ok(self, path: str) -> bool:
         return "/" not in path or path.split("/")[0] in self.dirs
@@ -137,14 +155,27 @@ class Model:
         if p not in self.files:
             return errno.ENOENT
         if op.name in ("unlink", "unlink_open"):  # an open file's pages linger until the next open
+            if op.name == "unlink":
+                self.free_pages += _pages(len(self.files[p]))
+            else:
+                self.orphan_pages += _pages(len(self.files[p]))
             del self.files[p], self.modes[p]
         elif op.name == "truncate":
             f = self.files[p]
-            f[:] = f[: op.arg] + bytes(max(0, op.arg - len(f)))
+            need = _pages(op.arg) - _pages(len(f))
+            if need > self.free_pages:
+                return errno.ENOSPC
+            self.free_pages -= need
+            del f[op.arg :]
+            f.extend(bytes(op.arg - len(f)))
         elif op.name == "write":
             f = self.files[p]
             end = op.arg + len(op.data)
             if end > len(f):
+                need = _pages(end) - _pages(len(f))
+                if need > self.free_pages:
+                    return errno.ENOSPC
+                self.free_pages -= need
                 f.extend(bytes(end - len(f)))
             f[op.arg : end] = op.data
         elif op.name == "chmod":
@@ -174,6 +205,8 @@ class Model:
             return 0
         if dst in self.dirs:
             return errno.EISDIR
+        if dst in self.files:  # replaced: freed
+            self.free_pages += _pages(len(self.files[dst]))
         self.files[dst] = self.files.pop(src)
         self.modes[dst] = self.modes.pop(src)
         return 0
@@ -257,11 +290,22 @@ def _matches(found: Model, want: Model, torn: tuple[str, Model, Model] | None = 
             continue
         if torn is None or path != torn[0] or len(got) != len(data):
             return False
-        before, after = torn[1].files.get(path, b""), torn[2].files.get(path, b"")
-        for i, g in enumerate(got):  # small files: per-byte is fine here
-            if g != (before[i] if i < len(before) else 0) and g != (after[i] if i < len(after) else 0):
-                return False
+        g = np.frombuffer(got, np.uint8)
+        before, after = (_padded(m.files.get(path, b""), g.size) for m in torn[1:])
+        if not ((g == before) | (g == after)).all():
+            return False
     return True
+
+
+def _padded(data: bytes | bytearray, n: int) -> np.ndarray:
+    out = np.zeros(n, np.uint8)
+    m = min(n, len(data))
+    out[:m] = np.frombuffer(data, np.uint8, m)
+    return out
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // PS)
 
 
 @dataclasses.dataclass
@@ -291,9 +335,9 @@ def run_rounds(image: str, rounds: int, seed: int = 0, ops_per_round: int = 60,
     """
     from . import fsck
 
-    mkfs(image, 16 << 20, force=True)
+    g = mkfs(image, _IMAGE_SIZE, force=True)
     rng = random.Random(seed)
-    model = Model()
+    model = Model(free_pages=g.npages - g.data_page - fmt.ROOT_PGTABLES_PAGES)
     stats = Stats()
     pending = False  #: the image holds a committed, unapplied transaction
     t0 = time.perf_counter()
@@ -308,6 +352,7 @@ def run_rounds(image: str, rounds: int, seed: int = 0, ops_per_round: int = 60,
         else:
             stop_at = -1
         done = list(_run_child(image, ops, rng.uniform(0, max_delay), stop_at, stats.kills_at))
+        model.next_open()  # if the child's open was cut short, no op ran and the next open frees them
         for i, (idx, result) in enumerate(done):
             want = model.apply(ops[idx]) if idx == i else -1
             if want != result:
