@@ -315,6 +315,7 @@ class Stats:
     in_flight_present: int = 0
     in_flight_absent: int = 0
     recoveries: int = 0  #: rounds whose open replayed a committed transaction
+    enospc: int = 0  #: completed operations refused with ENOSPC (as the model predicted)
     step_kills: int = 0  #: rounds killed at a chosen journal protocol step
     #: of those, how many stopped after each step kind (STEP_KINDS); the rest
     #: ran out of steps and finished
@@ -357,6 +358,7 @@ def run_rounds(image: str, rounds: int, seed: int = 0, ops_per_round: int = 60,
             want = model.apply(ops[idx]) if idx == i else -1
             if want != result:
                 raise CrashCheckFailed(f"round {r}: op {idx} {ops[idx]} gave {result}, model says {want}")
+            stats.enospc += result == errno.ENOSPC
         status, findings = fsck.check_image(image)
         if status != 0:
             raise CrashCheckFailed(f"round {r}: fsck after kill: " + "; ".join(map(str, findings[:5])))

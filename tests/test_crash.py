@@ -33,6 +33,7 @@ def test_300_kill_points_keep_completed_ops_and_the_in_flight_op_whole(tmp_path:
     stats = run_rounds(str(tmp_path / "crash.img"), ROUNDS, seed=20261125)
     assert_not_vacuous(stats, ROUNDS)
     assert 0 < stats.step_kills < ROUNDS  # both timed and protocol-step kills ran
+    assert stats.enospc > 0  # the image filled up, and refusals matched the model
     assert stats.kills_at["body"] > 0  # killed before the commit point: must be absent
     assert stats.kills_at["commit"] + stats.kills_at["apply"] > 0  # after it: must be replayed
 

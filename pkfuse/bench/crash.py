@@ -48,6 +48,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
     report.add("in-flight operation wholly present", stats.in_flight_present, "rounds", at_least=1)
     report.add("in-flight operation wholly absent", stats.in_flight_absent, "rounds", at_least=1)
     report.add("opens that replayed a committed transaction", stats.recoveries, "rounds", at_least=1)
+    report.add("operations refused with ENOSPC, as predicted", stats.enospc, "ops")
     where = ", ".join(f"{k} {stats.kills_at[k]}" for k in STEP_KINDS)
     report.add("kills at a chosen journal step", stats.step_kills, "rounds", detail=where)
     report.add("violations", 0, "count", below=1)
