@@ -203,6 +203,8 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         raise MountError(f"{image} is not a usable pkfuse image: {exc}", EXIT_BAD_IMAGE) from None
     except PermissionError as exc:
         raise MountError(f"cannot open {image}: {exc.strerror}", EXIT_ERROR) from None
+    iommu: Any = None
+    ops: Operations | None = None
     try:
         iommu, regs = _open_iommu(store, image, opts)
         ops = Operations(store, iommu=iommu, regs_path=regs)
@@ -224,11 +226,13 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         finally:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
-            ops.forget_all()
+            ops.forget_all()  # the kernel's references are gone: free orphans
         log.info("unmounted %s; closing the image", mnt)
     finally:
-        with contextlib.suppress(Exception):
-            if "iommu" in locals() and iommu is not None:
+        if ops is not None:
+            ops.close()
+        if iommu is not None:
+            with contextlib.suppress(Exception):
                 iommu.close()
         store.close()
     log.info("image %s closed cleanly", image)
