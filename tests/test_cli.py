@@ -195,5 +195,7 @@ def test_demo_shows_the_data_survived_a_restart(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "survived: hello from the guest, written before the restart" in r.stdout
     assert "user.pkernfs.extents=" in r.stdout and "daemon_pid:" in r.stdout
+    if importlib.util.find_spec("pkfuse.iommu_cli") is not None:
+        assert "\nwritten by the device\n" in r.stdout and "device DMA still translates: 0x" in r.stdout
     assert not [p for p in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in p]
     assert list(tmp_path.iterdir()) == []  # the demo cleaned up after itself
