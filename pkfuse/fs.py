@@ -409,7 +409,8 @@ class Operations(pyfuse3.Operations):
             self.orphans.add(replaced)  # kept as an orphan because keep_open said so
 
     @_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any = None) -> pyfuse3.EntryAttributes:
         raise StoreError(errno.EPERM, "pkfuse files have exactly one name")
 
     @_errors
