@@ -531,7 +531,7 @@ class Operations(pyfuse3.Operations):
                 return None
             done = os.pwrite(self._image_fd, buf, span[0])  # type: ignore[arg-type]
             now = time.time_ns()
-            if now - int(st.inodes["mtime_ns"][ino]) >= MTIME_GRANULARITY_NS:
+            if not 0 <= now - int(st.inodes["mtime_ns"][ino]) < MTIME_GRANULARITY_NS:  # also if set ahead
                 st.setattr(ino, mtime_ns=now)
             return done
 

@@ -167,6 +167,16 @@ async def test_write_inside_the_file_lands_in_the_image_and_moves_mtime(ops: Ope
     await ops.release(fh)
 
 
+async def test_a_write_moves_an_mtime_that_was_set_into_the_future(ops: Operations) -> None:
+    ino, fh = await new_file(ops, b"vm0", b"x" * MiB)
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mtime_ns = 4_000_000_000_000_000_000  # year 2096
+    await ops.setattr(ino, attr, fields(update_mtime=True), fh, CTX)
+    await ops.write(fh, 0, b"y" * MiB)
+    assert (await ops.getattr(ino, CTX)).st_mtime_ns < 4_000_000_000_000_000_000
+    await ops.release(fh)
+
+
 async def test_a_write_across_the_end_extends_the_file(ops: Operations) -> None:
     ino, fh = await new_file(ops, b"vm0", b"a" * 100)
     await ops.write(fh, 50, b"b" * (MiB))
