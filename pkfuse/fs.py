@@ -288,6 +288,7 @@ class Operations(pyfuse3.Operations):
         elif name == b".":
             ino = parent_inode
         elif name == b"..":
+            self.store.getattr(parent_inode)  # ENOENT for a stale inode
             ino = int(self.store.dentries["parent"][parent_inode]) or fmt.ROOT_INO
         else:
             ino = self.store.lookup(parent_inode, name)
