@@ -158,6 +158,8 @@ class Store:
         self.allocator: Allocator
         self._children: dict[int, dict[bytes, int]] = {}
         self._files: dict[int, _FileMap] = {}
+        self._unread_maps: dict[int, tuple[int, int]] = {}  #: ino -> slice of _sorted_extents
+        self._sorted_extents: tuple[np.ndarray, ...] = ()
         self._owner_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ open
@@ -234,10 +236,7 @@ class Store:
         names = self.dentries["name"][named]
         for ino, parent, n, name in zip(named.tolist(), parents.tolist(), lens.tolist(), names.tolist()):
             self._children[parent][name[:n]] = ino
-        self._files = {}
-        for ino in live[np.isin(kinds[live], _HOLDS_PAGES)].tolist():
-            self._files[ino] = self._empty_map()
-        self._rebuild_file_maps(None)
+        self._index_extents()
         self._owner_index = None
 
     def _free_orphans(self) -> None:
@@ -352,10 +351,9 @@ class Store:
     def extents(self, ino: int) -> list[Extent]:
         """The physical layout of ``ino``, sorted by file offset."""
         with self.lock:
-            self._inode(ino)
-            fm = self._files.get(ino)
-            if fm is None:
+            if int(self._inode(ino)["kind"]) not in _HOLDS_PAGES:
                 return []
+            fm = self._file_map(ino)
             base = self.geometry.base_phys
             return [
                 Extent(fp * PS, base + p * PS, n * PS, p)
@@ -607,7 +605,7 @@ class Store:
             if not len(data):  # write(2) of 0 bytes changes nothing, not even the size
                 return 0
             if end <= size:
-                self._copy_in(self._files[ino], offset, data)
+                self._copy_in(self._file_map(ino), offset, data)
                 self._touch(None, ino, _now(), ctime=True)
             else:
                 self._resize(ino, end, max(-(-end // PS), int(rec["npages"])), _now(), data, offset)
@@ -624,7 +622,7 @@ class Store:
             end = min(offset + length, int(rec["size"]))
             if end <= offset:
                 return b""
-            return b"".join(self.image[a:b].tobytes() for a, b in self._spans(self._files[ino], offset, end))
+            return b"".join(self.image[a:b].tobytes() for a, b in self._spans(self._file_map(ino), offset, end))
 
     def grow(self, ino: int, npages: int) -> list[Extent]:
         """Append ``npages`` zeroed pages to a file (how IOMMU files get table pages)."""
@@ -645,7 +643,7 @@ class Store:
         """One transaction: allocate or free pages, write ``data`` at ``offset``, set size."""
         rec = self.inodes[ino : ino + 1].copy()
         old_size, old_pages = int(rec["size"][0]), int(rec["npages"][0])
-        fm = self._files[ino]
+        fm = self._file_map(ino)
         txn = Transaction()
         alloc: list[Run] = []
         freed: list[Run] = []
@@ -746,7 +744,7 @@ class Store:
             rec["ctime_ns"] = now
             txn.put(self._inode_off(ino), rec)
             return []
-        fm = self._files.get(ino)
+        fm = self._file_map(ino) if int(rec["kind"][0]) in _HOLDS_PAGES else None
         freed: list[Run] = []
         if fm is not None and fm.records.size:
             zero = np.zeros(1, fmt.EXTENT_DTYPE)
@@ -764,6 +762,7 @@ class Store:
         if keep_open:
             return
         self._files.pop(ino, None)
+        self._unread_maps.pop(ino, None)
         if freed:
             self.allocator.apply(freed, False)
             self._discard(freed)
@@ -847,23 +846,35 @@ class Store:
         else:
             txn.put(self._inode_off(ino), rec)
 
-    def _rebuild_file_maps(self, only: int | None) -> None:
+    def _index_extents(self) -> None:
+        """Sort the extent table once; per-file maps are cut from it on first use.
+
+        Open must cost little per file (a mount of thousands of guest files
+        answers in milliseconds), so no per-file arrays are built here.
+        """
         table = self.extents_table
         live = np.flatnonzero(table["npages"] != 0)
-        if only is not None:
-            live = live[table["ino"][live] == only]
         inos = table["ino"][live]
         order = np.lexsort((table["file_page"][live], inos))
         live, inos = live[order], inos[order]
-        cuts = np.flatnonzero(np.diff(inos)) + 1
-        for group in np.split(np.arange(live.size), cuts) if live.size else []:
-            recs = live[group]
-            ino = int(inos[group[0]])
-            if ino in self._files:
-                self._files[ino] = _FileMap(
-                    recs.astype(np.int64), table["file_page"][recs].astype(np.int64),
-                    table["page"][recs].astype(np.int64), table["npages"][recs].astype(np.int64),
-                )
+        self._sorted_extents = (live.astype(np.int64), table["file_page"][live].astype(np.int64),
+                                table["page"][live].astype(np.int64), table["npages"][live].astype(np.int64))
+        firsts = np.flatnonzero(np.r_[True, inos[1:] != inos[:-1]]) if live.size else live
+        ends = np.r_[firsts[1:], live.size] if live.size else live
+        self._files = {}
+        self._unread_maps = dict(zip(inos[firsts].tolist(), zip(firsts.tolist(), ends.tolist())))
+
+    def _file_map(self, ino: int) -> _FileMap:
+        """The extents of page-holding inode ``ino`` (empty for a file with no pages)."""
+        fm = self._files.get(ino)
+        if fm is None:
+            span = self._unread_maps.pop(ino, None)
+            if span is None:
+                fm = self._empty_map()
+            else:
+                fm = _FileMap(*(a[span[0] : span[1]] for a in self._sorted_extents))
+            self._files[ino] = fm
+        return fm
 
     @staticmethod
     def _empty_map() -> _FileMap:
