@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+import trio
 
 from backing import format as fmt
 from backing.store import Store
@@ -308,3 +309,38 @@ async def test_a_bug_in_a_handler_becomes_eio_not_a_crash(ops: Operations, caplo
     ops.store = None  # type: ignore[assignment] - every store call now fails unexpectedly
     assert await errno_of(ops.statfs(CTX)) == errno.EIO
     assert "statfs failed" in caplog.text
+
+
+# ------------------------------------------- an in-process mount, on trio
+
+
+@pytest.mark.mount
+async def test_the_handlers_serve_a_real_mount_from_this_trio_loop(image: Path, tmp_path: Path) -> None:
+    """pyfuse3.main in this test's own trio loop; the mount is touched only from worker threads
+    (touching it from the loop's thread would deadlock, FUSE-NOTES)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    store = Store.open(image)
+    ops = Operations(store)
+    pyfuse3.init(ops, str(mnt), {"fsname=in-process", "subtype=pkfuse", "default_permissions"})
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            names = await trio.to_thread.run_sync(os.listdir, mnt)
+            f = mnt / "guest_mem" / "vm0"
+            await trio.to_thread.run_sync(f.write_bytes, b"through the kernel")
+            data = await trio.to_thread.run_sync(f.read_bytes)
+            extents = await trio.to_thread.run_sync(os.getxattr, f, "user.pkernfs.extents")
+            pyfuse3.terminate()
+    finally:
+        pyfuse3.close(unmount=True)
+        ops.forget_all()
+        store.close()
+    assert sorted(names) == [".pkernfs", "guest_mem", "iommu"]
+    assert data == b"through the kernel"
+    assert extents.startswith(b"0x0 0x")
+    assert not os.path.ismount(mnt)
+    from backing.fsck import check_image
+
+    status, findings = check_image(str(image))
+    assert status == 0, [str(x) for x in findings]
