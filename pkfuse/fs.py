@@ -469,6 +469,13 @@ class Operations(pyfuse3.Operations):
         pyfuse3 copies them straight from the image mapping into the reply,
         so a read costs no Python-side copy and no thread hop. None means
         "use Store.read" (several extents, or nothing to read).
+
+        The view is taken under the store lock but copied after it is
+        released. A truncate running in a worker thread in that gap makes
+        the read return zeros (punched pages), as any read racing a
+        truncate may; for another file's bytes to show, its allocation and
+        write would both have to complete in that gap, while this thread
+        holds the GIL from here through the reply's writev.
         """
         st = self.store
         with st.lock:
