@@ -181,6 +181,7 @@ class Operations(pyfuse3.Operations):
         self.orphans: set[int] = set()  #: unlinked inodes still held by the kernel or a handle
         #: ino -> ((igen, npages, mtime_ns), file offsets, image offsets, lengths) for zero-copy reads
         self._layouts: dict[int, tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._truncating = 0  #: truncates running in worker threads
         #: our own descriptor of the image for in-place writes (no flock: the store holds it)
         self._image_fd: int | None = None if store.read_only else os.open(store.path, os.O_WRONLY | os.O_CLOEXEC)
 
@@ -342,7 +343,11 @@ class Operations(pyfuse3.Operations):
         if self._kind(inode) in _IOMMU_KINDS:
             raise StoreError(errno.EPERM, "IOMMU files are written only by pkfuse")
         if fields.update_size:
-            await _in_thread(self.store.truncate, inode, attr.st_size)
+            self._truncating += 1  # zero-copy reads wait for it (see _image_view)
+            try:
+                await _in_thread(self.store.truncate, inode, attr.st_size)
+            finally:
+                self._truncating -= 1
         changes: dict[str, int] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode
@@ -470,13 +475,14 @@ class Operations(pyfuse3.Operations):
         so a read costs no Python-side copy and no thread hop. None means
         "use Store.read" (several extents, or nothing to read).
 
-        The view is taken under the store lock but copied after it is
-        released. A truncate running in a worker thread in that gap makes
-        the read return zeros (punched pages), as any read racing a
-        truncate may; for another file's bytes to show, its allocation and
-        write would both have to complete in that gap, while this thread
-        holds the GIL from here through the reply's writev.
+        The view is copied after the store lock is released, so it is only
+        given while no truncate runs in a worker thread (the one way pages
+        are freed off this thread): freed pages could otherwise be handed
+        to another file and written before the reply is copied. A new
+        truncate cannot start before the reply: that needs this thread.
         """
+        if self._truncating:
+            return None
         st = self.store
         with st.lock:
             span = self._image_span(ino, off, size)
