@@ -216,12 +216,12 @@ def build_parser(load_iommu: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "mount", help="mount an image (daemonizes)",
-        description="Mount IMAGE on MOUNTPOINT and serve it. Daemonizes and returns once the mount "
-                    "answers, unless --foreground. Logs go to --log FILE, else IMAGE.log (daemon) or "
-                    "stderr (--foreground).",
-        epilog=mountmod.EXIT_DOC + "\n\n-o options: ro, rw, allow_other, allow_root, auto_unmount, "
-               "default_permissions (on by default; no_default_permissions turns it off), fsname=, "
-               "subtype=, log=FILE, regs=FILE, and the usual dev/suid/exec/atime flags.",
+        description="Mount IMAGE on MOUNTPOINT and serve it. Daemonizes and returns once the mount\n"
+                    "answers, unless --foreground. Logs go to --log FILE, else IMAGE.log (daemon)\n"
+                    "or stderr (--foreground).",
+        epilog=mountmod.EXIT_DOC + "\n\n-o options: ro, rw, allow_other, allow_root, auto_unmount,\n"
+               "  default_permissions (on by default; no_default_permissions turns it off),\n"
+               "  fsname=, subtype=, log=FILE, regs=FILE, and the usual dev/suid/exec/atime flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", metavar="IMAGE")
