@@ -243,26 +243,24 @@ def _open_iommu(store: Any, image: str, opts: dict[str, Any]) -> tuple[Any, str 
     """Load the IOMMU driver state (``backing.iommu``) and its register block.
 
     The register block defaults to ``IMAGE.regs`` (made, reset, if missing;
-    a read-only mount does not make one). If the module is missing or the
-    state does not load, the mount still serves files and says why in the
-    log and in ``.pkernfs/status``.
+    a read-only mount does not make one). Pins live in this state: without
+    it nothing would stop a truncate or unlink of guest pages that a
+    domain's tables still point at. So state that does not load refuses a
+    read-write mount; a read-only mount serves the files and says why in
+    the log and in ``.pkernfs/status``.
     """
-    try:
-        from backing import iommu as iommu_mod  # type: ignore[attr-defined]
-    except ImportError:
-        return None, None
-    except Exception as exc:  # noqa: BLE001 - a broken optional module must not stop the mount
-        log.warning("backing.iommu unusable (%s: %s); serving without the IOMMU", type(exc).__name__, exc)
-        return None, None
+    from backing import iommu as iommu_mod
+
     regs: str | None = os.path.abspath(opts.get("regs") or default_regs(image))
     if opts["read_only"] and regs and not os.path.exists(regs):
         regs = None
     try:
         return iommu_mod.Iommu.open(store, regs), regs
     except (PkfuseError, OSError) as exc:
+        if not opts["read_only"]:
+            raise MountError(f"the IOMMU state of {image} does not load ({exc}); guest files could not be "
+                             "pinned, so only --read-only mounts are allowed", EXIT_BAD_IMAGE) from None
         log.error("IOMMU state not loaded (regs %s): %s", regs, exc)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("IOMMU state not loaded (regs %s): %s: %s", regs, type(exc).__name__, exc)
     return None, regs
 
 

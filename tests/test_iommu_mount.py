@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import Mount
 
@@ -130,3 +131,34 @@ def test_the_walker_translates_while_mounted_and_after_a_kill(image: Path, mnt: 
     with pytest.raises(OSError) as exc:
         os.truncate(mnt.path / "guest_mem" / "vm0", 0)
     assert exc.value.errno == errno.EBUSY  # the pins came back with the domains
+
+
+def _break_domain_header(image: Path) -> None:
+    """Overwrite dom-1's compatible string: tables of a format this build does not know."""
+    with Store.open(image) as s:
+        ino = s.lookup(s.lookup(fmt.ROOT_INO, b"iommu"), b"dom-1")
+        header = s.extents(ino)[0].page * PS
+        off = header + fmt.DOMAIN_HEADER_DTYPE.fields["compatible"][1]
+        s.image[off : off + 32] = np.frombuffer(b"intel,vtd-scalable-v9".ljust(32, b"\0"), np.uint8)
+
+
+def test_mount_refuses_read_write_when_iommu_state_does_not_load(image: Path, tmp_path: Path) -> None:
+    _break_domain_header(image)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run([sys.executable, "-m", "pkfuse", "mount", str(image), str(mnt)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 6, r.stderr
+    assert "IOMMU state" in r.stderr and "--read-only" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_read_only_mount_serves_files_when_iommu_state_does_not_load(
+        image: Path, mount_image: Callable[..., Mount]) -> None:
+    _break_domain_header(image)
+    m = mount_image(image, "--read-only")
+    assert (m.path / "guest_mem" / "vm0").stat().st_size == 8 * MiB
+    status = (m.path / ".pkernfs" / "status").read_text()
+    assert any(ln.split() == ["iommu:", "not", "loaded"] for ln in status.splitlines())
+    assert "intel,vtd-scalable-v9" in m.log_text()
