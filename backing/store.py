@@ -932,7 +932,10 @@ def _load_fallocate() -> Callable[[int, int, int, int], None]:
     import ctypes
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    try:  # find_library runs ldconfig in a subprocess: tens of ms at every daemon start
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     fn = libc.fallocate
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 

@@ -154,26 +154,38 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
         else:
             leaf = present & ((e & _PS) != 0)
         rsvd = np.where(leaf, e & _LEAF_RSVD[level] if level else U64(0), e & _RSVD_NONLEAF) != 0
-        rsvd &= present
-        fr = np.zeros(e.size, np.uint16)
-        fr[~present] = fmt.FR_READ
-        fr[~present & w] = fmt.FR_WRITE
-        fr[rsvd] = fmt.FR_PT_RSVD
         ok = present & ~rsvd
+        if ok.all():  # the common case: no fault can arise at this level but at leaves
+            fr = None
+        else:
+            fr = np.zeros(e.size, np.uint16)
+            fr[~present] = fmt.FR_READ
+            fr[~present & w] = fmt.FR_WRITE
+            fr[rsvd & present] = fmt.FR_PT_RSVD
         # leaves: access right, then the address
         done = leaf & ok
         if done.any():
-            e_l = e[done]
-            mask = _LEAF_ADDR[level]
-            pa = (e_l & mask) | (iv[done] & U64((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
-            denied = ~allow[done]
+            every = bool(done.all())
+            e_l = e if every else e[done]
+            iv_l = iv if every else iv[done]
+            pa = (e_l & _LEAF_ADDR[level]) | (iv_l & U64((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
+            allowed = allow if every else allow[done]
             inside = ((pa >> _PAGE_SHIFT) - base) < U64(npages)  # wraps below base: huge -> outside
-            leaf_fr = np.zeros(pa.size, np.uint16)
-            leaf_fr[~inside] = fmt.FR_NEXT_PT_INVALID
-            leaf_fr[denied] = np.where(w[done][denied], fmt.FR_WRITE, fmt.FR_READ)
-            pa[leaf_fr != 0] = 0
-            fr[done] = leaf_fr
-            tgt = np.flatnonzero(done) if idx is None else idx[done]
+            good = allowed & inside
+            if not good.all():
+                w_l = w if every else w[done]
+                leaf_fr = np.zeros(pa.size, np.uint16)
+                leaf_fr[~inside] = fmt.FR_NEXT_PT_INVALID
+                denied = ~allowed
+                leaf_fr[denied] = np.where(w_l[denied], fmt.FR_WRITE, fmt.FR_READ)
+                pa[leaf_fr != 0] = 0
+                if fr is None:
+                    fr = np.zeros(e.size, np.uint16)
+                fr[done] = leaf_fr
+            if every:
+                tgt = slice(None) if idx is None else idx
+            else:
+                tgt = np.flatnonzero(done) if idx is None else idx[done]
             phys[tgt] = pa
         cont = ok & ~leaf
         if level < 3:
@@ -181,13 +193,16 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
             outside = nxt >= U64(npages)
             if outside.any():
                 sub = np.flatnonzero(cont)[outside]
+                if fr is None:
+                    fr = np.zeros(e.size, np.uint16)
                 fr[sub] = fmt.FR_NEXT_PT_INVALID
                 cont[sub] = False
                 nxt = nxt[~outside]
-        bad = fr != 0
-        if bad.any():
-            tgt = np.flatnonzero(bad) if idx is None else idx[bad]
-            fault[tgt] = fr[bad]
+        if fr is not None:
+            bad = fr != 0
+            if bad.any():
+                tgt = np.flatnonzero(bad) if idx is None else idx[bad]
+                fault[tgt] = fr[bad]
         if level == 3 or not cont.any():
             return
         if cont.all():
