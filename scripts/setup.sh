@@ -9,6 +9,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PKFUSE_VENV:-$ROOT/.venv}"
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr)
 
+# Debian's own python3 ships venv's ensurepip in a separate package
+python3 -c "import ensurepip" 2>/dev/null || APT_PACKAGES+=(python3-venv)
+
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
