@@ -179,7 +179,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.orphans: set[int] = set()  #: unlinked inodes still held by the kernel or a handle
-        #: ino -> ((igen, npages, mtime_ns), file offsets, image offsets, lengths) for zero-copy reads
+        #: ino -> ((igen, npages, ctime_ns), file offsets, image offsets, lengths) for zero-copy reads
         self._layouts: dict[int, tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]] = {}
         self._truncating = 0  #: truncates running in worker threads
         #: our own descriptor of the image for in-place writes (no flock: the store holds it)
@@ -495,9 +495,10 @@ class Operations(pyfuse3.Operations):
         """``(image offset, bytes)`` of file bytes [off, min(off+size, file size)) if one extent holds them.
 
         Call with ``store.lock`` held. The layout of a guest file is cached
-        per inode, keyed by (igen, npages, mtime): every resize changes
-        npages or mtime, and a file's pages never move while it exists.
-        IOMMU files (grown by the daemon's IOMMU code) are not cached.
+        per inode, keyed by (igen, npages, ctime): every resize stamps ctime,
+        which no user can set (mtime can be set back, as ``cp -p`` does after
+        its O_TRUNC), and a file's pages never move while it exists. IOMMU
+        files (grown by the daemon's IOMMU code) are not cached.
         """
         st = self.store
         if off < 0 or not 0 < ino < st.geometry.inode_count:
@@ -508,7 +509,7 @@ class Operations(pyfuse3.Operations):
         end = min(off + size, int(rec["size"]))
         if end <= off:
             return None
-        key = (int(rec["igen"]), int(rec["npages"]), int(rec["mtime_ns"]))
+        key = (int(rec["igen"]), int(rec["npages"]), int(rec["ctime_ns"]))
         layout = self._layouts.get(ino)
         if layout is None or layout[0] != key:
             exts = st.extents(ino)

@@ -177,6 +177,26 @@ async def test_a_write_moves_an_mtime_that_was_set_into_the_future(ops: Operatio
     assert (await ops.getattr(ino, CTX)).st_mtime_ns < 4_000_000_000_000_000_000
     await ops.release(fh)
 
+async def test_a_read_after_regrowing_to_the_same_size_and_mtime_sees_the_new_pages(ops: Operations) -> None:
+    """``cp -p a b`` twice: O_TRUNC frees b's pages, the copy allocates others, utimes restores mtime."""
+    old = os.urandom(2 * MiB)
+    ino, fh = await new_file(ops, b"b", old)
+    mtime = (await ops.getattr(ino, CTX)).st_mtime_ns
+    assert await read(ops, fh, 0, 4096) == old[:4096]
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 0
+    await ops.setattr(ino, attr, fields(update_size=True), fh, CTX)
+    _, other_fh = await new_file(ops, b"other", b"o" * (2 * MiB))  # takes the freed pages
+    new = os.urandom(2 * MiB)
+    await ops.write(fh, 0, new)
+    attr.st_mtime_ns = mtime
+    await ops.setattr(ino, attr, fields(update_mtime=True), fh, CTX)
+    assert await read(ops, fh, 0, 4096) == new[:4096]
+    await ops.write(fh, 4096, b"w" * 4096)
+    assert await read(ops, other_fh, 4096, 4096) == b"o" * 4096
+    await ops.release(other_fh)
+    await ops.release(fh)
+
 
 async def test_a_write_across_the_end_extends_the_file(ops: Operations) -> None:
     ino, fh = await new_file(ops, b"vm0", b"a" * 100)
