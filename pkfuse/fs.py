@@ -306,6 +306,7 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = left
             else:
                 self.lookups.pop(ino, None)
+                self._layouts.pop(ino, None)  # bounds the cache to inodes the kernel knows
                 try:
                     self._maybe_free(ino)
                 except Exception:  # forget must never raise
