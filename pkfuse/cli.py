@@ -133,7 +133,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise PkfuseError(f"{target}: not a usable pkfuse image ({exc}); if a daemon is serving it, "
                           "run `pkfuse info MOUNTPOINT` instead") from None
     try:
-        sys.stdout.write(views.render_status(store, pid=0).replace("daemon_pid: 0", "daemon_pid: (not mounted here)"))
+        sys.stdout.write(views.render_status(store, pid="(not mounted here)"))
         sys.stdout.write("\n" + views.render_files(store) + "\n")
         sys.stdout.write(views.render_memmap(store))
         sys.stdout.write("\n" + _iommu_text(store))

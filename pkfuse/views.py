@@ -48,8 +48,8 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 
 
 def render_status(store: Store, *, iommu: Any = None, regs_path: str | None = None,
-                  pid: int | None = None) -> str:
-    """``key: value`` lines describing the image and the daemon serving it."""
+                  pid: int | str | None = None) -> str:
+    """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default)."""
     g = store.geometry
     with store.lock:
         s = store.statfs()
@@ -59,7 +59,7 @@ def render_status(store: Store, *, iommu: Any = None, regs_path: str | None = No
             ("generation", str(store.generation)),
             ("daemon_pid", str(os.getpid() if pid is None else pid)),
             ("read_only", "yes" if store.read_only else "no"),
-            ("journal_replayed_at_open", "yes" if getattr(store, "journal_recovered", False) else "no"),
+            ("journal_replayed_at_open", "yes" if store.journal_recovered else "no"),
             ("base_phys", f"{g.base_phys:#x}"),
             ("page_size", str(s.page_size)),
             ("size", f"{g.size} bytes ({_human(g.size)})"),

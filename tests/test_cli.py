@@ -118,6 +118,7 @@ def test_info_of_an_image_shows_geometry_files_and_extents(mounted: Mount) -> No
     r = pkfuse("info", str(mounted.image))
     assert r.returncode == 0, r.stderr
     assert f"base_phys:                {fmt.DEFAULT_BASE_PHYS:#x}" in r.stdout
+    assert "daemon_pid:               (not mounted here)" in r.stdout
     assert "/guest_mem/vm0  guest-ram  size 4194304" in r.stdout
     assert phys in r.stdout
     assert "superblock" in r.stdout and "free" in r.stdout
