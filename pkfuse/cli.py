@@ -144,6 +144,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _iommu_text(store: object) -> str:
     """The IOMMU view of an unmounted image (no register block: that belongs to a daemon)."""
+    from . import views
+
     try:
         from backing.iommu import Iommu  # type: ignore[attr-defined]
 
@@ -153,10 +155,9 @@ def _iommu_text(store: object) -> str:
     except Exception as exc:  # noqa: BLE001 - info shows what it can
         return f"# IOMMU state not readable: {type(exc).__name__}: {exc}\n"
     try:
-        text = io.render()
+        return views.render_iommu(io)
     finally:
         io.close()
-    return text if text.endswith("\n") else text + "\n"
 
 
 # ------------------------------------------------------------ bench, iommu

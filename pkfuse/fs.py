@@ -231,7 +231,7 @@ class Operations(pyfuse3.Operations):
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
-        return views.render_iommu(self.store, self.iommu).encode()
+        return views.render_iommu(self.iommu).encode()
 
     def _kind(self, ino: int) -> int:
         return self.store.getattr(ino).kind

@@ -169,7 +169,7 @@ def render_memmap(store: Store) -> str:
     return "".join(lines)
 
 
-def render_iommu(store: Store, iommu: Any) -> str:
+def render_iommu(iommu: Any) -> str:
     """The IOMMU view: the IOMMU module's own text, or a note that it is not loaded."""
     if iommu is None:
         return "# IOMMU not loaded (backing.iommu unavailable or no register file)\n"
