@@ -76,7 +76,7 @@ class Regs:
                     os.ftruncate(fd, REGS_SIZE)
                     mm = mmap.mmap(fd, REGS_SIZE)
                     mm[:8] = fmt.REGS_MAGIC  # the rest reads as zero: reset state
-                elif size < fmt.REGS_DTYPE.itemsize:
+                elif size < REGS_SIZE:  # mmap of REGS_SIZE would fail with a ValueError
                     raise FormatError("regs", 0, f"{path} is {size} bytes, not a register block")
                 else:
                     mm = mmap.mmap(fd, REGS_SIZE)

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backing import format as fmt
+from backing import regs as regs_mod
 from backing import walker
+from backing.errors import FormatError
 from backing.iommu import Domain, Iommu
 from backing.mkfs import mkfs
 from backing.regs import Regs
@@ -232,6 +234,15 @@ def test_enable_without_root_table_is_refused(tmp_path: Path) -> None:
         assert not r.enabled and r.rtaddr == 0
         with pytest.raises(ValueError):
             r.enable()
+
+
+@pytest.mark.parametrize("size", [100, fmt.REGS_DTYPE.itemsize, regs_mod.REGS_SIZE - 8])
+def test_a_register_file_too_short_for_the_block_is_a_format_error(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "short.regs"
+    path.write_bytes(fmt.REGS_MAGIC + bytes(size - 8))
+    with pytest.raises(FormatError) as e:
+        Regs.open(path, create=False)
+    assert str(path) in str(e.value)
 
 
 # -------------------------------------------------------------- other process
