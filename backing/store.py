@@ -570,13 +570,7 @@ class Store:
     def truncate(self, ino: int, size: int) -> InodeAttr:
         """Set the size of a guest-RAM file, allocating or freeing whole pages."""
         with self.lock:
-            self._writable()
-            rec = self._inode(ino)
-            kind = int(rec["kind"])
-            if kind == fmt.KIND_DIR:
-                raise StoreError(errno.EISDIR, f"inode {ino} is a directory")
-            if kind != fmt.KIND_GUEST:
-                raise StoreError(errno.EPERM, f"inode {ino} is an IOMMU file")
+            rec = self._guest_file(ino)
             if size < 0 or size > self.geometry.size:
                 raise StoreError(errno.EFBIG if size > 0 else errno.EINVAL, f"size {size} out of range")
             old_pages = int(rec["npages"])
@@ -589,13 +583,7 @@ class Store:
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at byte ``offset``; extends (and allocates) past the end."""
         with self.lock:
-            self._writable()
-            rec = self._inode(ino)
-            kind = int(rec["kind"])
-            if kind == fmt.KIND_DIR:
-                raise StoreError(errno.EISDIR, f"inode {ino} is a directory")
-            if kind != fmt.KIND_GUEST:
-                raise StoreError(errno.EPERM, f"inode {ino} is an IOMMU file")
+            rec = self._guest_file(ino)
             if offset < 0:
                 raise StoreError(errno.EINVAL, "negative offset")
             end = offset + len(data)
@@ -637,6 +625,17 @@ class Store:
             return [e for e in self.extents(ino) if e.file_offset + e.length > old * PS]
 
     # -------------------------------------------------------------- internals
+
+    def _guest_file(self, ino: int) -> np.ndarray:
+        """The inode record of ``ino`` if its data may change (a guest-RAM file of a writable store)."""
+        self._writable()
+        rec = self._inode(ino)
+        kind = int(rec["kind"])
+        if kind == fmt.KIND_DIR:
+            raise StoreError(errno.EISDIR, f"inode {ino} is a directory")
+        if kind != fmt.KIND_GUEST:
+            raise StoreError(errno.EPERM, f"inode {ino} is an IOMMU file")
+        return rec
 
     def _resize(self, ino: int, size: int, new_pages: int, now: int, data: bytes | memoryview,
                 offset: int = 0) -> None:
