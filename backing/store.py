@@ -594,7 +594,7 @@ class Store:
                 return 0
             if end <= size:
                 self._copy_in(self._file_map(ino), offset, data)
-                self._touch(None, ino, _now(), ctime=True)
+                self._touch(None, ino, _now())
             else:
                 self._resize(ino, end, max(-(-end // PS), int(rec["npages"])), _now(), data, offset)
             return len(data)
@@ -672,7 +672,7 @@ class Store:
             self.allocator.apply(alloc, True)
         if freed:
             self.allocator.apply(freed, False)
-            self._discard(freed)
+            self._zero_pages(freed)
         self._files[ino] = new_map
         self._owner_index = None
 
@@ -764,7 +764,7 @@ class Store:
         self._unread_maps.pop(ino, None)
         if freed:
             self.allocator.apply(freed, False)
-            self._discard(freed)
+            self._zero_pages(freed)
             self._owner_index = None
 
     def _check_removable(self, ino: int, pinned_ok: bool = False) -> None:
@@ -813,13 +813,8 @@ class Store:
                 self.image[a:b] = 0
 
     def _zero_pages(self, runs: list[Run]) -> None:
-        """Make free pages read as zero before they join a file."""
-        for page, n in runs:
-            if not self._punch(page, n):
-                self.image[page * PS : (page + n) * PS] = 0
-
-    def _discard(self, runs: list[Run]) -> None:
-        """Give freed pages back to the host (their old bytes must not leak)."""
+        """Make free pages read as zero: before they join a file, and after a commit freed
+        them (their old bytes must not leak; punching also gives them back to the host)."""
         for page, n in runs:
             if not self._punch(page, n):
                 self.image[page * PS : (page + n) * PS] = 0
@@ -833,11 +828,10 @@ class Store:
         except OSError:
             return False
 
-    def _touch(self, txn: Transaction | None, ino: int, now: int, ctime: bool = True) -> None:
+    def _touch(self, txn: Transaction | None, ino: int, now: int) -> None:
+        """Set mtime and ctime of ``ino`` in ``txn``, or in a transaction of its own if None."""
         rec = self.inodes[ino : ino + 1].copy()
-        rec["mtime_ns"] = now
-        if ctime:
-            rec["ctime_ns"] = now
+        rec["mtime_ns"] = rec["ctime_ns"] = now
         if txn is None:
             t = Transaction()
             t.put(self._inode_off(ino), rec)
