@@ -599,8 +599,8 @@ class Iommu:
         st = self.store
         path = "iommu/" + name.decode(errors="replace")
         ext = st.extents(ino)
-        if not ext or sum(e.length for e in ext) < 2 * PS or not _DOM_NAME.match(name):
-            return self._half_made(name, path, "fewer than two pages or a bad name")
+        if not ext or sum(e.length for e in ext) < 2 * PS:
+            return self._half_made(name, path, "fewer than two pages")
         hdr_off = ext[0].page * PS
         hdr = st.image[hdr_off : hdr_off + fmt.DOMAIN_HEADER_DTYPE.itemsize].view(fmt.DOMAIN_HEADER_DTYPE)[0]
         if bytes(hdr["magic"]) == b"":

@@ -559,6 +559,21 @@ def test_a_domain_left_half_made_by_a_kill_is_removed_at_open(image: Path) -> No
         assert errno_of(lambda: s.lookup(io.iommu_dir, b"dom-5")) == errno.ENOENT
 
 
+def test_a_domain_file_whose_name_was_corrupted_is_refused_not_removed(image: Path) -> None:
+    with Store.open(image) as s, Iommu.open(s) as io:
+        g = guest(s, b"vm0", MiB)
+        d = io.create_domain(2)
+        d.map(0, phys(s, g), PS)
+        d.attach(0, 3, 0)  # its tables are live: removing the file would free them under DMA
+        ino = s.lookup(io.iommu_dir, b"dom-2")
+        s.dentries["name"][ino] = b"dox-2"
+    with Store.open(image) as s:
+        with pytest.raises(FormatError) as e:
+            Iommu.open(s)
+        assert "iommu/dox-2" in str(e.value)
+        assert s.lookup(s.lookup(ROOT, b"iommu"), b"dox-2") == ino
+
+
 # --------------------------------------------------------------- kill mid-map
 
 CHUNK_PAGES = 1000  # not a multiple of 512: 4 KiB and 2 MiB leaves mixed
