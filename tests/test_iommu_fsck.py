@@ -215,6 +215,19 @@ def test_a_half_made_domain_is_not_a_finding(image: Path) -> None:
     assert check_image(image) == (0, [])
 
 
+def test_a_domain_file_killed_before_its_pages_were_added_is_not_a_finding(image: Path) -> None:
+    with Store.open(image) as s:
+        s.create(s.lookup(ROOT, b"iommu"), b"dom-7", 0o444, 0, 0, kind=fmt.KIND_IOMMU_DOMAIN)
+    assert check_image(image) == (0, [])
+
+
+def test_a_domain_file_of_one_page_is_a_finding(image: Path) -> None:
+    with Store.open(image) as s:
+        ino = s.create(s.lookup(ROOT, b"iommu"), b"dom-7", 0o444, 0, 0, kind=fmt.KIND_IOMMU_DOMAIN)
+        s.grow(ino, 1)
+    only(check_image(image)[1], "iommu/dom-7", "no room for the header")
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 511), st.integers(0, (1 << 64) - 1)),
                       min_size=1, max_size=40))
