@@ -16,7 +16,7 @@ from backing.errors import ImageBusy, StoreError
 from backing.fsck import check_image
 from backing.iommu import Iommu
 from backing.mkfs import mkfs
-from backing.store import Store, max_file_extents
+from backing.store import Extent, Store, max_file_extents
 
 PS = fmt.PAGE_SIZE
 HUGE = fmt.HUGE_PAGE
@@ -64,6 +64,12 @@ def used_pages(s: Store) -> int:
     g = s.geometry
     bits = np.unpackbits(s.image[g.bitmap_page * PS :][: g.bitmap_bytes], bitorder="little")
     return int(bits[: g.npages].sum())
+
+
+def image_pages(s: Store | list[Extent], ino: int = 0) -> np.ndarray:
+    """The image page of each file page of ``ino`` (or of a list of extents)."""
+    exts = s.extents(ino) if isinstance(s, Store) else s
+    return np.concatenate([np.arange(e.page, e.page + e.length // PS) for e in exts])
 
 
 # ------------------------------------------------------------------ namespace
@@ -687,6 +693,33 @@ def test_tree_layout_and_data_persist_across_close_and_reopen(path: Path) -> Non
         assert ino2 == ino and s.extents(ino2) == layout
         assert s.getattr(ino2) == attr
         assert s.read(ino2, HUGE - 2, 4) == b"span"
+
+
+def test_files_changed_after_reopen_before_any_read_start_from_their_own_extents(path: Path) -> None:
+    """Open cuts per-file extent maps lazily: the first use may be a shrink, a growth or a free."""
+    with Store.open(path) as s:
+        a = new_file(s, b"a", size=3 * HUGE + 5 * PS)
+        b = new_file(s, b"b", size=HUGE + PS)
+        new_file(s, b"c", size=2 * PS)
+        new_file(s, b"d", size=3 * PS)
+        e = new_file(s, b"e")
+        s.write(a, HUGE - 2, b"kept")
+        s.write(b, 0, b"bbbb")
+        layout = {ino: s.extents(ino) for ino in (a, b)}
+        assert len(layout[a]) == 2  # so the shrink both drops and cuts extent records
+        free = s.statfs().free_pages
+    with Store.open(path) as s:
+        s.truncate(a, HUGE + 2)
+        s.truncate(b, 2 * HUGE + PS)
+        s.unlink(gm(s), b"c")
+        s.rename(gm(s), b"e", gm(s), b"d")  # frees d
+        chunk = HUGE // PS
+        assert s.statfs().free_pages == free + (2 * chunk + 4) - chunk + 2 + 3
+        assert np.array_equal(image_pages(s, a), image_pages(layout[a])[: chunk + 1])
+        assert np.array_equal(image_pages(s, b)[: chunk + 1], image_pages(layout[b]))
+        assert s.read(a, HUGE - 2, 4) == b"kept" and s.read(b, 0, 4) == b"bbbb"
+        assert [n for n, _ in s.children(gm(s))] == [b"a", b"b", b"d"]
+    assert check_image(path)[0] == 0
 
 
 def test_generation_increments_per_read_write_open(path: Path) -> None:
