@@ -259,7 +259,7 @@ class Domain:
         if phys_addr % PS or phys_addr < 0:
             raise _errno(errno.EINVAL, f"phys_addr {phys_addr:#x} is not 4 KiB aligned")
         with self.store.lock:
-            self.iommu._writable()
+            self.iommu._writable(self)
             g = self.store.geometry
             a, n = iova >> fmt.PAGE_SHIFT, length >> fmt.PAGE_SHIFT
             pfn0 = phys_addr >> fmt.PAGE_SHIFT
@@ -344,7 +344,7 @@ class Domain:
         """
         _check_range(iova, length)
         with self.store.lock:
-            self.iommu._writable()
+            self.iommu._writable(self)
             a, b = iova >> fmt.PAGE_SHIFT, (iova + length) >> fmt.PAGE_SHIFT
             self._split_at(a)
             self._split_at(b)
@@ -654,9 +654,14 @@ class Iommu:
                 page = (int(lo[devfn]) & fmt.CE_LO_SLPTPTR_MASK) // PS - base_pfn
                 self.attached[(bus << 8) | devfn] = by_pml4.get(page, -1)
 
-    def _writable(self) -> None:
+    def _writable(self, *domains: Domain) -> None:
+        """Refuse a change to a read-only image, or to a Domain object whose file
+        was destroyed (its pages may belong to another file by now)."""
         if self.store.read_only:
             raise _errno(errno.EROFS, "image opened read-only")
+        for d in domains:
+            if self.domains.get(d.domain_id) is not d:
+                raise _errno(errno.ENOENT, f"{d.path} is not a live domain")
 
     # --------------------------------------------------------------- pins
 
@@ -782,9 +787,7 @@ class Iommu:
     def destroy_domain(self, domain: Domain) -> None:
         """Unmap everything and free every page of ``domain`` (EBUSY while attached)."""
         with self.store.lock:
-            self._writable()
-            if self.domains.get(domain.domain_id) is not domain:
-                raise _errno(errno.ENOENT, f"{domain.path} is not a live domain")
+            self._writable(domain)
             if domain.attached:
                 rids = ", ".join(_rid(s) for s in domain.attached)
                 raise _errno(errno.EBUSY, f"{domain.path} is attached to {rids}")
@@ -809,7 +812,7 @@ class Iommu:
     def copy_into(self, src: Domain, dst: Domain) -> None:
         """Make the empty domain ``dst`` translate exactly as ``src`` (a full copy of the tree)."""
         with self.store.lock:
-            self._writable()
+            self._writable(src, dst)
             levels, problems = src.walk()
             if problems:
                 p = problems[0]
@@ -854,7 +857,7 @@ class Iommu:
         fault for an instant rather than see a half-written entry).
         """
         with self.store.lock:
-            self._writable()
+            self._writable(domain)
             sid, ct_page, where = self._context_where(bus, dev, fn)
             cur = self.attached.get(sid)
             if cur == domain.domain_id:
@@ -881,7 +884,7 @@ class Iommu:
     def detach(self, domain: Domain, bus: int, dev: int, fn: int) -> None:
         """Clear the requester's context entry (ENOENT unless attached to ``domain``)."""
         with self.store.lock:
-            self._writable()
+            self._writable(domain)
             sid, _ct, where = self._context_where(bus, dev, fn)
             if self.attached.get(sid) != domain.domain_id:
                 raise _errno(errno.ENOENT, f"requester {_rid(sid)} is not attached to {domain.path}")

@@ -481,6 +481,19 @@ def test_destroy_frees_every_page_and_unpins(io: Iommu, store: Store, vm0: int) 
     assert errno_of(lambda: store.lookup(io.iommu_dir, b"dom-1")) == errno.ENOENT
 
 
+def test_a_destroyed_domain_object_refuses_every_change_with_enoent(io: Iommu, store: Store, vm0: int) -> None:
+    d = io.create_domain()
+    io.destroy_domain(d)
+    again = io.create_domain()  # the same DID, on pages that may include d's old ones
+    guest(store, b"reuse", 8 * MiB)  # d's freed pages go to a guest file's data
+    assert errno_of(lambda: d.map(0, phys(store, vm0), PS)) == errno.ENOENT
+    assert errno_of(lambda: d.unmap(0, PS)) == errno.ENOENT
+    assert errno_of(lambda: d.attach(0, 1, 0)) == errno.ENOENT
+    assert errno_of(lambda: d.copy_to(again)) == errno.ENOENT
+    assert errno_of(lambda: io.destroy_domain(d)) == errno.ENOENT
+    assert again.domain_id == d.domain_id and again.attached == [] and again.mappings() == []
+
+
 def test_copy_domain_translates_identically_with_its_own_tables(io: Iommu, store: Store, vm0: int) -> None:
     src = io.create_domain()
     src.map(0, phys(store, vm0), 4 * MiB)
