@@ -619,6 +619,8 @@ class Store:
             rec = self._inode(ino)
             if int(rec["kind"]) not in _HOLDS_PAGES:
                 raise StoreError(errno.EISDIR, f"inode {ino} holds no pages")
+            if npages < 0:  # would shrink the file below its size: an invalid inode
+                raise StoreError(errno.EINVAL, f"cannot grow inode {ino} by {npages} pages")
             old = int(rec["npages"])
             total = old + npages
             self._resize(ino, max(int(rec["size"]), total * PS), total, _now(), b"")

@@ -877,6 +877,15 @@ def test_grow_appends_zeroed_pages_to_an_iommu_file(store: Store) -> None:
     assert store.statfs().table_pages == fmt.ROOT_PGTABLES_PAGES + 3
 
 
+def test_grow_by_a_negative_count_is_einval_and_changes_nothing(store: Store) -> None:
+    iommu = store.lookup(ROOT, b"iommu")
+    dom = store.create(iommu, b"dom-1", 0o400, 0, 0, kind=fmt.KIND_IOMMU_DOMAIN)
+    store.grow(dom, 3)
+    before = metadata(store)
+    assert errno_of(lambda: store.grow(dom, -2)) == errno.EINVAL
+    assert metadata(store) == before
+
+
 def test_page_owner_names_the_file_of_each_page(store: Store) -> None:
     ino = new_file(store, size=2 * PS)
     e = store.extents(ino)[0]
