@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, Any]:
                 else:
                     out["default_permissions"] = False
             elif (not eq and key in PASSTHROUGH) or (eq and key in PASSTHROUGH_VALUE):
+                if not opt.isascii():
+                    raise MountError(f"mount option {opt!r} is not ASCII (libfuse options must be)", EXIT_USAGE)
                 out["fuse"].add(opt)
             else:
                 raise MountError(f"unknown mount option {opt!r}", EXIT_USAGE)
@@ -98,7 +101,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, Any]:
 
 
 def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace(",", "\\,")
+    """``text`` as one libfuse option value: ASCII (pyfuse3 encodes options as ASCII), ``,`` and ``\\`` escaped."""
+    return text.encode("ascii", "backslashreplace").decode().replace("\\", "\\\\").replace(",", "\\,")
 
 
 def fuse_options(image: str, opts: dict[str, Any]) -> set[str]:
@@ -118,23 +122,24 @@ def fuse_options(image: str, opts: dict[str, Any]) -> set[str]:
 
 
 def mounted_paths() -> set[str]:
-    """Mountpoints in this mount namespace."""
+    """Mountpoints in this mount namespace (the kernel escapes space, tab, newline and ``\\`` as octal)."""
     out = set()
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            left = line.partition(" - ")[0].split()
+            left = line.partition(b" - ")[0].split()
             if len(left) > 4:
-                out.add(left[4].encode().decode("unicode_escape"))
+                out.add(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), left[4])))
     return out
 
 
 def check_mountpoint(mnt: str) -> None:
+    # the mount check first: a dead FUSE mount (daemon killed) fails stat, so exists() says False
+    if os.path.realpath(mnt) in mounted_paths():
+        raise MountError(f"mountpoint {mnt} is busy: something is already mounted there", EXIT_MOUNTPOINT)
     if not os.path.exists(mnt):
         raise MountError(f"mountpoint {mnt} does not exist", EXIT_MOUNTPOINT)
     if not os.path.isdir(mnt):
         raise MountError(f"mountpoint {mnt} is not a directory", EXIT_MOUNTPOINT)
-    if os.path.realpath(mnt) in mounted_paths():
-        raise MountError(f"mountpoint {mnt} is busy: something is already mounted there", EXIT_MOUNTPOINT)
 
 
 def check_fuse() -> None:
@@ -284,13 +289,17 @@ async def _watch_signals(pyfuse3: Any, scope: Any) -> None:
 
 
 def _detach_stdio() -> None:
-    """Point stdin at /dev/null and stdout/stderr at the log (or /dev/null)."""
-    target = None
-    for h in logging.getLogger().handlers:
-        if isinstance(h, logging.FileHandler):
-            target = h.baseFilename
+    """Point stdin at /dev/null and stdout/stderr at the log (or /dev/null).
+
+    The log's descriptor is duplicated, not reopened by name: this runs once
+    mounted, and a log path under the mountpoint would be opened through our
+    own, not yet served, mount and hang.
+    """
     null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if target else null
+    out = null
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and h.stream is not None:
+            out = os.dup(h.stream.fileno())
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backing.store import Store
-from conftest import FUSERMOUNT, Mount, is_mounted, mounted_paths
+from conftest import FUSERMOUNT, Mount, force_unmount, is_mounted, mounted_paths
 
 pytestmark = pytest.mark.mount
 
@@ -126,6 +126,34 @@ def test_daemon_mode_logs_next_to_the_image_by_default(image: Path, tmp_path: Pa
     finally:
         if is_mounted(mnt):
             pkfuse("umount", str(mnt))
+        force_unmount(mnt)
+
+
+def test_daemon_mode_mounts_a_path_with_a_space_and_non_ascii_letters(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt été"  # mountinfo escapes the space as \040, é stays UTF-8
+    mnt.mkdir()
+    try:
+        r = pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(mnt)
+        assert pkfuse("mount", str(image), str(mnt)).returncode == 3  # seen as busy, not as missing
+        assert pkfuse("umount", str(mnt)).returncode == 0
+    finally:
+        force_unmount(mnt)
+
+
+def test_daemon_mode_with_its_log_under_the_mountpoint_does_not_hang(image: Path, tmp_path: Path) -> None:
+    """The daemon must not open anything under its own mountpoint once mounted (it would wait on itself)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = pkfuse("mount", "--log", str(mnt / "daemon.log"), str(image), str(mnt), timeout=40)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(mnt)) == [".pkernfs", "guest_mem", "iommu"]
+        assert pkfuse("umount", str(mnt)).returncode == 0
+        assert "closed cleanly" in (mnt / "daemon.log").read_text()
+    finally:
+        force_unmount(mnt)
 
 
 def test_daemon_mode_reports_the_daemons_error(mounted: Mount, tmp_path: Path) -> None:
