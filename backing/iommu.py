@@ -111,6 +111,17 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return offs + np.arange(total, dtype=np.int64)
 
 
+def _next_slots(a: int, b: int, level: int, parents: np.ndarray, children: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The slots at ``level + 1`` inside IOVA pages [a, b) under each parent slot at
+    ``level``, and the table page (or new-table ref) of each: the next step of a descent."""
+    nsp = _LEVEL_PAGES[level + 1]
+    lo, hi = a // nsp, (b - 1) // nsp + 1
+    starts = np.maximum(parents * 512, lo)
+    counts = np.minimum(parents * 512 + 512, hi) - starts
+    return _ranges(starts, counts), np.repeat(children, counts)
+
+
 def _rid(source_id: int) -> str:
     return f"{source_id >> 8:02x}:{(source_id >> 3) & 0x1F:02x}.{source_id & 7}"
 
@@ -275,8 +286,7 @@ class Domain:
         delta = pfn0 - a
         aligned = (False, delta % _LEVEL_PAGES[1] == 0, delta % _LEVEL_PAGES[2] == 0, True)
         plan = _Plan()
-        slots = np.arange(a >> 27, ((b - 1) >> 27) + 1, dtype=np.int64)
-        tref = np.full(slots.size, self.pml4_page, np.int64)
+        slots, tref = self._pml4_slots(a, b)
         for level in range(fmt.VTD_LEVELS):
             sp = _LEVEL_PAGES[level]
             existing = tref >= 0
@@ -312,13 +322,7 @@ class Domain:
                 child[new] = -(plan.new_tables + np.arange(k, dtype=np.int64)) - 1
                 plan.new_tables += k
                 plan.add(tref[new], slots[new] & 511, None, child[new])
-            parents, cref = slots[need], child[need]
-            nsp = _LEVEL_PAGES[level + 1]
-            lo, hi = a // nsp, (b - 1) // nsp + 1
-            starts = np.maximum(parents * 512, lo)
-            counts = np.minimum(parents * 512 + 512, hi) - starts
-            slots = _ranges(starts, counts)
-            tref = np.repeat(cref, counts)
+            slots, tref = _next_slots(a, b, level, slots[need], child[need])
         return plan
 
     def _apply_plan(self, plan: _Plan) -> None:
@@ -400,8 +404,7 @@ class Domain:
         """Per level (slots, table page, u64 index, entry) of live entries covering [a, b)."""
         u64 = self._u64
         out = []
-        slots = np.arange(a >> 27, ((b - 1) >> 27) + 1, dtype=np.int64)
-        tref = np.full(slots.size, self.pml4_page, np.int64)
+        slots, tref = self._pml4_slots(a, b)
         for level in range(fmt.VTD_LEVELS):
             where = tref * 512 + (slots & 511)
             ent = u64[where]
@@ -409,15 +412,13 @@ class Domain:
             if level == 3:
                 break
             desc = ((ent & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level, ent)
-            child = self._child_pages(ent[desc], where[desc])
-            parents = slots[desc]
-            nsp = _LEVEL_PAGES[level + 1]
-            lo, hi = a // nsp, (b - 1) // nsp + 1
-            starts = np.maximum(parents * 512, lo)
-            counts = np.minimum(parents * 512 + 512, hi) - starts
-            slots = _ranges(starts, counts)
-            tref = np.repeat(child, counts)
+            slots, tref = _next_slots(a, b, level, slots[desc], self._child_pages(ent[desc], where[desc]))
         return out
+
+    def _pml4_slots(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """The SL-PML4 slots covering IOVA pages [a, b), each with the SL-PML4's page."""
+        slots = np.arange(a // _LEVEL_PAGES[0], (b - 1) // _LEVEL_PAGES[0] + 1, dtype=np.int64)
+        return slots, np.full(slots.size, self.pml4_page, np.int64)
 
     def _split_at(self, page: int) -> None:
         """Split superpages that contain both IOVA pages ``page - 1`` and ``page``."""
@@ -823,7 +824,7 @@ class Iommu:
             new = dst._alloc(old.size)
             order = np.argsort(old)
             old_sorted, new_sorted = old[order], new[order]
-            tables = self.store.image_u64[: self.store.image_u64.size // 512 * 512].reshape(-1, 512)
+            tables = dst._tables
             base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
             contents = []
             for level, lv in enumerate(levels[:3]):
