@@ -493,6 +493,7 @@ def check_dentry_parent(ctx: FsckContext) -> Iterator[Finding]:
 
 
 _HASH_MULT = (np.arange(1, 32, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+_COMPARE_BATCH = 1 << 16  #: candidate name pairs compared per pass (bounds the gathered copies)
 
 
 def check_dentry_unique(ctx: FsckContext) -> Iterator[Finding]:
@@ -503,18 +504,19 @@ def check_dentry_unique(ctx: FsckContext) -> Iterator[Finding]:
     words = names.view("<u8")  # 248 bytes = 31 words
     h = (words * _HASH_MULT[None, : words.shape[1]]).sum(axis=1, dtype=np.uint64) ^ nlen.astype(np.uint64)
     order = np.lexsort((h, parent))
-    same = (parent[order][1:] == parent[order][:-1]) & (h[order][1:] == h[order][:-1])
-    dups = []
-    for k in np.flatnonzero(same).tolist():
-        a, b = order[k], order[k + 1]
-        if nlen[a] == nlen[b] and np.array_equal(names[a], names[b]):
-            dups.append((int(inos[a]), int(inos[b])))
-    for a, b in dups[:MAX_PER_CHECK]:
-        yield Finding("dentry.duplicate", ctx.dentry_off(b, "name"),
-                      f"inodes {a} and {b} are both named {_name(ctx, b)} in directory {int(ctx.dentries['parent'][b])}")
-    if len(dups) > MAX_PER_CHECK:
-        yield Finding("dentry.duplicate", ctx.dentry_off(dups[MAX_PER_CHECK][1], "name"),
-                      f"... and {len(dups) - MAX_PER_CHECK} more duplicate names")
+    same = np.flatnonzero((parent[order][1:] == parent[order][:-1]) & (h[order][1:] == h[order][:-1]))
+    a, b = order[same], order[same + 1]
+    equal = nlen[a] == nlen[b]
+    for lo in range(0, same.size, _COMPARE_BATCH):  # garbage may make every pair a candidate
+        cut = slice(lo, lo + _COMPARE_BATCH)
+        equal[cut] &= (words[a[cut]] == words[b[cut]]).all(axis=1)
+    first, second = inos[a[equal]], inos[b[equal]]
+    for x, y in zip(first[:MAX_PER_CHECK].tolist(), second[:MAX_PER_CHECK].tolist()):
+        yield Finding("dentry.duplicate", ctx.dentry_off(y, "name"),
+                      f"inodes {x} and {y} are both named {_name(ctx, y)} in directory {int(ctx.dentries['parent'][y])}")
+    if first.size > MAX_PER_CHECK:
+        yield Finding("dentry.duplicate", ctx.dentry_off(int(second[MAX_PER_CHECK]), "name"),
+                      f"... and {first.size - MAX_PER_CHECK} more duplicate names")
 
 
 def check_dentry_tree(ctx: FsckContext) -> Iterator[Finding]:
