@@ -837,7 +837,9 @@ class Iommu:
             contents.append(tables[levels[3].tables].copy())
             if old.size:
                 tables[new] = np.concatenate(contents[1:])  # unreachable until the SL-PML4 below
-            tables[dst.pml4_page] = contents[0][0]
+            pml4 = contents[0][0]
+            used = np.flatnonzero(pml4)  # dst may be attached: one 8-byte store per entry
+            self.store.image_u64[dst.pml4_page * 512 + used] = pml4[used]
             for ino, n in src.pins.items():
                 dst.pins[ino] = dst.pins.get(ino, 0) + n
 
