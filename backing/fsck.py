@@ -707,15 +707,17 @@ def used_runs(ctx: FsckContext) -> tuple[np.ndarray, np.ndarray]:
     return np.append(0, starts), np.append(ctx.geometry.data_page, ends)
 
 
-def expected_bitmap(ctx: FsckContext, lo: int = 0, hi: int | None = None) -> np.ndarray:
+def expected_bitmap(ctx: FsckContext, lo: int = 0, hi: int | None = None,
+                    runs: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The bitmap bytes ``lo // 8 .. hi // 8`` that metadata and extents imply.
 
     ``lo`` and ``hi`` (pages, multiples of 8; default the whole bitmap) pick
-    a window. Built with ``np.repeat`` over the runs in the window (one byte
-    per page, no Python loop) and packed little-endian.
+    a window; ``runs`` is ``used_runs(ctx)`` if the caller already has it.
+    Built with ``np.repeat`` over the runs in the window (one byte per page,
+    no Python loop) and packed little-endian.
     """
     hi = ctx.geometry.bitmap_bytes * 8 if hi is None else hi
-    starts, ends = used_runs(ctx)
+    starts, ends = used_runs(ctx) if runs is None else runs
     a = int(np.searchsorted(ends, lo, side="right"))
     b = int(np.searchsorted(starts, hi, side="left"))
     edges = np.empty(2 * (b - a) + 2, np.int64)
@@ -736,10 +738,11 @@ def check_bitmap_agrees(ctx: FsckContext) -> Iterator[Finding]:
     nbits = g.bitmap_bytes * 8
     found: list[np.ndarray] = []
     nfound = extra = 0
+    runs = used_runs(ctx)  # once, not per window
     for lo in range(0, nbits, BITMAP_WINDOW):
         hi = min(lo + BITMAP_WINDOW, nbits)
         have = ctx.image[base + lo // 8 : base + hi // 8]
-        diff = np.bitwise_xor(expected_bitmap(ctx, lo, hi), have)
+        diff = np.bitwise_xor(expected_bitmap(ctx, lo, hi, runs), have)
         bad_bytes = np.flatnonzero(diff)
         if not bad_bytes.size:
             continue
