@@ -1,6 +1,6 @@
 """``pkfuse bench``: the project's speed and memory numbers, measured in one run.
 
-Each area module (``store``, ``mount``, ``iommu``, ...) has ``run(report, quick)``
+Each area module (``store``, ``mount``, ``iommu``, ...) has ``run(report, args)``
 and adds results to the ``Report``. Where the issue gives a baseline (reading
 the image directly, say) the baseline is measured in the same run and the
 result is reported as a ratio, because machines are shared and noisy; a
