@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from iommu_helpers import io, store  # noqa: F401  (fixtures)
 
 from backing import format as fmt
 from backing import iommu as iommu_mod
@@ -70,24 +71,8 @@ def leaf_levels(dom: Domain) -> dict[int, int]:
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    p = tmp_path / "pk.img"
-    mkfs(p, 128 * MiB)
-    return p
-
-
-@pytest.fixture
-def store(image: Path) -> Iterator[Store]:
-    s = Store.open(image)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def io(store: Store, image: Path) -> Iterator[Iommu]:
-    i = Iommu.open(store, str(image) + ".regs")
-    yield i
-    i.close()
+def image(make_image: Callable[..., Path]) -> Path:
+    return make_image(128 * MiB)
 
 
 @pytest.fixture

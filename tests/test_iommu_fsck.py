@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from iommu_helpers import entry_where
 
 from backing import format as fmt
 from backing.errors import Finding
@@ -56,13 +57,7 @@ def corrupt(image: Path, change: Callable[[Store, Iommu], None]) -> list[Finding
 
 def entry(s: Store, io: Iommu, iova: int, level: int, did: int = 1) -> int:
     """u64 index of the entry translating ``iova`` at ``level`` in domain ``did``."""
-    table = io.domain(did).pml4_page
-    for lvl in range(level + 1):
-        where = table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[lvl]) % 512
-        if lvl == level:
-            return where
-        table = s.geometry.page_of(int(s.image_u64[where]) & fmt.SL_ADDR_MASK)
-    raise AssertionError
+    return entry_where(s, io.domain(did), iova, level)
 
 
 def only(findings: list[Finding], structure: str, words: str) -> None:

@@ -8,20 +8,20 @@ import multiprocessing
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from iommu_helpers import entry_where, io, store  # noqa: F401  (fixtures)
 
 from backing import format as fmt
 from backing import regs as regs_mod
 from backing import walker
 from backing.errors import FormatError
 from backing.iommu import Domain, Iommu
-from backing.mkfs import mkfs
 from backing.regs import Regs
 from backing.store import Store
 
@@ -33,24 +33,8 @@ SID = fmt.requester_id(BUS, DEV, FN)
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    p = tmp_path / "pk.img"
-    mkfs(p, 96 * MiB)
-    return p
-
-
-@pytest.fixture
-def store(image: Path) -> Iterator[Store]:
-    s = Store.open(image)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def io(store: Store, image: Path) -> Iterator[Iommu]:
-    i = Iommu.open(store, str(image) + ".regs")
-    yield i
-    i.close()
+def image(make_image: Callable[..., Path]) -> Path:
+    return make_image(96 * MiB)
 
 
 @pytest.fixture
@@ -78,17 +62,6 @@ def xlate(io: Iommu, iovas: list[int], write: bool = False, sid: tuple[int, int,
           ) -> tuple[list[int], list[int]]:
     p, f = io.translate(*sid, np.array(iovas, np.uint64), write)
     return [int(x) for x in p], [int(x) for x in f]
-
-
-def entry_where(store: Store, d: Domain, iova: int, level: int) -> int:
-    """u64 index of the entry that translates ``iova`` at ``level``."""
-    table = d.pml4_page
-    for lvl in range(level + 1):
-        where = table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[lvl]) % 512
-        if lvl == level:
-            return where
-        table = store.geometry.page_of(int(store.image_u64[where]) & fmt.SL_ADDR_MASK)
-    raise AssertionError
 
 
 # ---------------------------------------------------------------- translation
