@@ -686,8 +686,9 @@ def test_random_metadata_corruption_gives_findings_never_an_exception(
         assert status in (0, 1, 2)
         assert status == fsck.status_of(findings)
         assert all(isinstance(f, Finding) and FINDING_LINE.match(str(f)) for f in findings)
-        # what fsck passes the store can open; what it refuses the store refuses
-        if status == 0:
+        # what fsck passes the store can open; what it refuses the store refuses (Store.open
+        # runs the metadata checks, not the deep checks of the IOMMU tables)
+        if fsck.check_image(path, deep=False)[0] == 0:
             Store.open(path, read_only=True).close()
         else:
             with pytest.raises(FormatError):
@@ -727,9 +728,10 @@ def test_image_that_fsck_passes_after_field_edits_opens_and_stays_clean(
                 dtype = table.dtype.fields[field][0]
                 table[field][rec] = value % (1 << (8 * dtype.itemsize))
         status, _ = fsck.check_image(path)
-        if status == 0:
+        if fsck.check_image(path, deep=False)[0] == 0:  # the checks Store.open runs
             Store.open(path).close()  # read-write: frees orphans, bumps the generation
-            assert fsck.check_image(path) == (0, [])
+            after = fsck.check_image(path)
+            assert after[0] == status, after  # a clean image stays clean; deep findings stay
         else:
             with pytest.raises(FormatError):
                 Store.open(path).close()
