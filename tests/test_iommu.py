@@ -712,6 +712,8 @@ def test_save_restore_switches_a_requester_to_a_copy_without_changing_translatio
     io.enable()
     iovas = np.concatenate([np.arange(0, 7 * MiB, 0x1F00), (1 << 40) + np.arange(0, 2 * MiB, 0x3300)]).astype(np.uint64)
     before = [io.translate(0, 7, 0, iovas, w) for w in (False, True)]
+    mapped = (iovas < 6 * MiB + 3 * PS) | (iovas >= 1 << 40)
+    assert not before[0][1][mapped].any() and before[0][1][~mapped].all()  # a switch to all-faults fails
     saved = io.copy_domain(live)
     saved.attach(0, 7, 0, replace=True)  # the atomic switch of the save/restore flow
     after = [io.translate(0, 7, 0, iovas, w) for w in (False, True)]
