@@ -97,7 +97,8 @@ assert SUPERBLOCK_DTYPE.fields["generation"][1] % 8 == 0
 # --------------------------------------------------------------------------
 # Page journal_page holds the header; records start at the next page. A
 # record is JREC_DTYPE followed by ``length`` bytes of new contents, padded
-# to 8 bytes. Records may only target metadata pages (page < data_page).
+# to 8 bytes. Records may only target metadata outside the journal: pages
+# before journal_page or from bitmap_page up to data_page.
 
 JOURNAL_MAGIC = b"PKJOURNL"
 JOURNAL_HEADER_DTYPE = np.dtype(
@@ -298,6 +299,7 @@ REGS_DTYPE = np.dtype(
         ("faults", FAULT_RECORD_DTYPE, (FAULT_LOG_ENTRIES,)),
     ]
 )
+assert REGS_DTYPE.itemsize == 32 + FAULT_LOG_ENTRIES * FAULT_RECORD_DTYPE.itemsize
 GSTS_TES = 1 << 31  #: Translation Enable Status
 # Fault reasons (VT-d spec appendix A, legacy mode; the Linux driver's
 # dma_remap_fault_reasons strings). An untranslated request that meets a
