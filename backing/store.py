@@ -272,7 +272,7 @@ class Store:
     def close(self) -> None:
         """Mark the image clean and release it; the store is unusable afterwards."""
         with self.lock:
-            if self._mm.closed:
+            if self._fd < 0:  # closed already (the mapping itself may outlive a close, see _release)
                 return
             if not self.read_only:
                 clean_word = fmt.SUPERBLOCK_DTYPE.fields["clean"][1] // 8
@@ -289,6 +289,7 @@ class Store:
         except BufferError:
             log.warning("image mapping still exported; it is released at exit")
         os.close(self._fd)
+        self._fd = -1
 
     def __enter__(self) -> Store:
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -731,6 +732,19 @@ def test_generation_increments_per_read_write_open(path: Path) -> None:
         ro = s.generation
     assert gens == [gens[0], gens[0] + 1, gens[0] + 2] and gens[0] >= 1
     assert ro == gens[-1]
+
+
+def test_close_twice_is_harmless_even_while_the_mapping_is_still_exported(path: Path) -> None:
+    s = Store.open(path)
+    view = memoryview(s._mm)  # a reply buffer still alive at close: the mapping cannot close
+    s.close()
+    other = os.open(path, os.O_RDONLY)  # may reuse the store's descriptor number
+    try:
+        s.close()
+        os.fstat(other)  # the second close closed nothing of anyone else's
+    finally:
+        os.close(other)
+        view.release()
 
 
 def test_clean_flag_is_set_on_close_and_cleared_while_open(path: Path) -> None:
