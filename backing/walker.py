@@ -19,6 +19,9 @@ pkfuse's physical memory is the image: a pointer outside it faults
 (root table FR_ROOT_TABLE_INVALID, context table FR_CONTEXT_TABLE_INVALID,
 next table or leaf FR_NEXT_PT_INVALID) -- never an IndexError.
 
+Every bit is decoded by ``backing.vtd`` (the module the domain code and
+fsck use), so the walker and fsck cannot disagree on an entry.
+
 Faults are appended to the register block's fault log (unless the context
 entry has FPD set), not raised. A batch is translated level by level with
 numpy gathers; the work per level shrinks as IOVAs fault or reach a leaf.
@@ -31,18 +34,16 @@ import os
 import numpy as np
 
 from . import format as fmt
+from . import vtd
 from .errors import FormatError
 from .regs import Regs
 
 U64 = np.uint64
-_RW = U64(fmt.SL_R | fmt.SL_W)
+_RW = U64(vtd.RW)
 _R = U64(fmt.SL_R)
 _W = U64(fmt.SL_W)
-_PS = U64(fmt.SL_PS)
 _ADDR = U64(fmt.SL_ADDR_MASK)
-_RSVD_NONLEAF = U64(fmt.SL_RSVD_NONLEAF)
-_LEAF_RSVD = (None, U64(fmt.SL_RSVD_LEAF_1G), U64(fmt.SL_RSVD_LEAF_2M), U64(fmt.SL_RSVD_LEAF_4K))
-_LEAF_ADDR = (None, U64(fmt.SL_ADDR_MASK_1G), U64(fmt.SL_ADDR_MASK_2M), U64(fmt.SL_ADDR_MASK))
+_LEAF_ADDR = tuple(None if m is None else U64(m) for m in vtd.LEAF_ADDR)
 _SHIFTS = tuple(U64(s) for s in fmt.VTD_LEVEL_SHIFT)
 _PAGE_SHIFT = U64(fmt.PAGE_SHIFT)
 _IDX = U64(fmt.VTD_PT_ENTRIES - 1)
@@ -104,26 +105,23 @@ def _context(image_u64: np.ndarray, base_pfn: int, npages: int, regs: Regs, sour
     if rt is None or regs.rtaddr % fmt.PAGE_SIZE:
         return fmt.FR_ROOT_TABLE_INVALID, False, 0
     bus, devfn = (source_id >> 8) & 0xFF, source_id & 0xFF
-    re_lo = int(image_u64[rt * 512 + bus * 2])
-    re_hi = int(image_u64[rt * 512 + bus * 2 + 1])
-    if not re_lo & fmt.RE_LO_P:
+    re = vtd.root_entry_fields(int(image_u64[rt * 512 + bus * 2]), int(image_u64[rt * 512 + bus * 2 + 1]))
+    if not re["P"]:
         return fmt.FR_ROOT_NOT_PRESENT, False, 0
-    if re_lo & (fmt.RE_LO_RSVD | 0xFFF0_0000_0000_0000) or re_hi & fmt.RE_HI_RSVD:
+    if re["rsvd_lo"] or re["rsvd_hi"]:
         return fmt.FR_ROOT_RSVD, False, 0
-    ct = _page(re_lo & fmt.RE_LO_CTP_MASK, base_pfn, npages)
+    ct = _page(re["CTP"], base_pfn, npages)
     if ct is None:
         return fmt.FR_CONTEXT_TABLE_INVALID, False, 0
-    ce_lo = int(image_u64[ct * 512 + devfn * 2])
-    ce_hi = int(image_u64[ct * 512 + devfn * 2 + 1])
-    if not ce_lo & fmt.CE_LO_P:
+    ce = vtd.context_entry_fields(int(image_u64[ct * 512 + devfn * 2]), int(image_u64[ct * 512 + devfn * 2 + 1]))
+    if not ce["P"]:
         return fmt.FR_CONTEXT_NOT_PRESENT, False, 0
-    fpd = bool(ce_lo & fmt.CE_LO_FPD)
-    if ce_lo & (fmt.CE_LO_RSVD | 0xFFF0_0000_0000_0000) or ce_hi & fmt.CE_HI_RSVD:
+    fpd = bool(ce["FPD"])
+    if ce["rsvd_lo"] or ce["rsvd_hi"]:
         return fmt.FR_CONTEXT_RSVD, fpd, 0
-    tt = (ce_lo & fmt.CE_LO_TT_MASK) >> fmt.CE_LO_TT_SHIFT
-    if tt != fmt.CE_TT_UNTRANSLATED or (ce_hi & fmt.CE_HI_AW_MASK) != fmt.CE_AW_48:
+    if ce["TT"] != fmt.CE_TT_UNTRANSLATED or ce["AW"] != fmt.CE_AW_48:
         return fmt.FR_CONTEXT_INVALID, fpd, 0
-    slpt = _page(ce_lo & fmt.CE_LO_SLPTPTR_MASK, base_pfn, npages)
+    slpt = _page(ce["SLPTPTR"], base_pfn, npages)
     if slpt is None:
         return fmt.FR_NEXT_PT_INVALID, fpd, 0
     return 0, fpd, slpt
@@ -147,13 +145,8 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
         e = image_u64[tbl + ((iv >> _SHIFTS[level]) & _IDX).astype(np.int64)]
         allow &= (e & need) != 0
         present = (e & _RW) != 0
-        if level == 3:
-            leaf = present
-        elif level == 0:
-            leaf = np.zeros(e.size, bool)
-        else:
-            leaf = present & ((e & _PS) != 0)
-        rsvd = np.where(leaf, e & _LEAF_RSVD[level] if level else U64(0), e & _RSVD_NONLEAF) != 0
+        leaf = present & vtd.is_leaf(level, e)
+        rsvd = vtd.reserved_bits(level, e) != 0  # by entry kind; meaningful where present
         ok = present & ~rsvd
         if ok.all():  # the common case: no fault can arise at this level but at leaves
             fr = None
