@@ -246,7 +246,4 @@ def coalesce(iova: np.ndarray, pfn: np.ndarray, npages: np.ndarray, write: np.nd
         return iova, pfn, npages, write
     cont = (iova[1:] == iova[:-1] + npages[:-1]) & (pfn[1:] == pfn[:-1] + npages[:-1]) & (write[1:] == write[:-1])
     starts = np.flatnonzero(np.concatenate(([True], ~cont)))
-    ends = np.concatenate((starts[1:], [iova.size]))
-    total = np.add.reduceat(npages, starts)
-    del ends
-    return iova[starts], pfn[starts], total, write[starts]
+    return iova[starts], pfn[starts], np.add.reduceat(npages, starts), write[starts]
