@@ -473,17 +473,21 @@ class Domain:
             return out
 
     def translate_soft(self, iova: int) -> int | None:
-        """Software lookup of one IOVA in this domain (no context, no fault log)."""
+        """Software lookup of one IOVA in this domain (no context, no fault log): the
+        physical address, or None where nothing is mapped (or the IOVA is beyond 48 bits)."""
+        if not 0 <= iova < vtd.IOVA_LIMIT:
+            return None
         with self.store.lock:
             table = self.pml4_page
             for level in range(fmt.VTD_LEVELS):
-                e = int(self._u64[table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[level]) % 512])
+                where = table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[level]) % 512
+                e = int(self._u64[where])
                 if not e & vtd.RW:
                     return None
                 if level == 3 or (level and e & fmt.SL_PS):
                     mask = vtd.LEAF_ADDR[level]
                     return (e & mask) | (iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
-                table = (e & fmt.SL_ADDR_MASK) // PS - (self.store.geometry.base_phys >> fmt.PAGE_SHIFT)
+                table = int(self._child_pages(np.array([e], U64), np.array([where]))[0])
             return None
 
     # ----------------------------------------------------------- requesters

@@ -148,6 +148,7 @@ def test_1g_aligned_range_uses_a_1g_leaf(tmp_path: Path) -> None:
             d.map(GiB, first_1g, GiB)
             assert leaf_levels(d) == {0: 0, 1: 1, 2: 0, 3: 0}
             assert d.translate_soft(GiB + 0x1234) == first_1g + 0x1234
+            assert d.translate_soft((1 << 48) + GiB) is None  # not the 48-bit IOVA's translation
             # unmapping one page in its middle splits it: 1 GiB -> 2 MiB leaves -> 4 KiB leaves
             assert d.unmap(GiB + 300 * MiB + PS, PS) == PS
             assert leaf_levels(d) == {0: 0, 1: 0, 2: 511, 3: 511}
