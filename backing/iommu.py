@@ -790,7 +790,8 @@ class Iommu:
             return dom
 
     def destroy_domain(self, domain: Domain) -> None:
-        """Unmap everything and free every page of ``domain`` (EBUSY while attached)."""
+        """Free every page of ``domain`` by unlinking its file, once no walk can be inside
+        (EBUSY while attached); its pins go with it."""
         with self.store.lock:
             self._writable(domain)
             if domain.attached:
@@ -857,7 +858,8 @@ class Iommu:
         return sid, ct_page, ct_page * 512 + (sid & 0xFF) * 2
 
     def attach(self, domain: Domain, bus: int, dev: int, fn: int, *, replace: bool = False) -> None:
-        """Point requester bus:dev.fn at ``domain``: its context entry, then the bus's root entry.
+        """Point requester bus:dev.fn at ``domain``: the bus's root entry (if not yet
+        present), then the context entry, hi word before lo.
 
         EBUSY if the requester is attached to another domain, unless
         ``replace`` (then the old entry is made not-present first: requests
