@@ -2,8 +2,9 @@
 
 Every mount made here is unmounted and its daemon reaped at teardown, also
 when the test failed or the daemon died; a session-scoped guard sweeps up
-anything a crashed fixture left behind. A daemon that logged a traceback
-fails the test that used it.
+anything a crashed fixture left behind. A daemon that logged a traceback or
+an ERROR line (unless the test listed it in ``Mount.expected_errors``) fails
+the test that used it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Mount:
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.expected_errors: tuple[str, ...] = ()  #: substrings of ERROR log lines the test provokes
 
     @property
     def pid(self) -> int:
@@ -142,6 +144,14 @@ class Mount:
             _LIVE.pop(self.proc.pid, None)
         force_unmount(self.path)
 
+    def unexpected_errors(self) -> list[str]:
+        """Log lines of a traceback or of an ERROR the test did not expect."""
+        lines = self.log_text().splitlines()
+        if any(line.startswith("Traceback (most recent call last)") for line in lines):
+            return lines
+        return [line for line in lines if (" ERROR " in line or " CRITICAL " in line)
+                and not any(e in line for e in self.expected_errors)]
+
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")
@@ -187,9 +197,9 @@ def mount_image(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         m.cleanup()
     for m in made:
         assert not is_mounted(m.path), f"stale mount {m.path}"
-        text = m.log_text()
-        if "Traceback (most recent call last)" in text:
-            pytest.fail(f"daemon for {m.path} logged a traceback:\n{text}")
+        bad = m.unexpected_errors()
+        if bad:
+            pytest.fail(f"daemon for {m.path} logged a traceback or an error:\n" + "\n".join(bad))
 
 
 @pytest.fixture
