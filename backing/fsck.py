@@ -52,7 +52,6 @@ from .journal import Journal
 PS = fmt.PAGE_SIZE
 MAX_PER_CHECK = 8  #: findings reported per check before "and N more"
 _HOLDS_PAGES = (fmt.KIND_GUEST, fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  #: Linux; private copy needs no swap reservation
 _MODE_BITS = stat.S_IFMT(0xFFFFFFFF) | 0o7777  #: every bit an inode mode may have
 
 # field offsets inside records, for finding offsets
@@ -177,6 +176,17 @@ class FsckContext:
 
     def extent_off(self, rec: int, field: str = "ino") -> int:
         return self.geometry.extent_page * PS + int(rec) * fmt.EXTENT_DTYPE.itemsize + _EX[field][1]
+
+
+def map_private(fd: int, size: int) -> mmap.mmap:
+    """A copy-on-write mapping of ``size`` bytes of ``fd``: stores stay in this process.
+
+    MAP_NORESERVE: the kernel would otherwise reserve memory for a private
+    copy of every page, and refuse (ENOMEM) an image larger than RAM + swap.
+    Only the pages journal recovery actually writes are ever copied.
+    """
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0x4000),
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _table(image: np.ndarray, page: int, count: int, dtype: np.dtype) -> np.ndarray:
@@ -858,8 +868,7 @@ def check_image(path: str | os.PathLike[str], *, deep: bool = True) -> tuple[int
         if geometry is None:
             return 2, findings
         try:
-            mm = mmap.mmap(fd, geometry.size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = map_private(fd, geometry.size)
         except OSError as exc:
             return 2, [Finding("image", 0, f"cannot map {geometry.size} bytes: {exc.strerror or exc}", True)]
         try:

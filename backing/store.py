@@ -184,8 +184,7 @@ class Store:
             size = os.fstat(fd).st_size
             if size < fmt.PAGE_SIZE:
                 raise FormatError("superblock", 0, f"image is {size} bytes, smaller than one page")
-            access = mmap.ACCESS_COPY if read_only else mmap.ACCESS_WRITE
-            mm = mmap.mmap(fd, size, access=access)
+            mm = fsck.map_private(fd, size) if read_only else mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
         except BaseException:
             os.close(fd)
             raise

@@ -333,6 +333,19 @@ def test_read_only_open_never_writes_the_file(path: Path) -> None:
     assert hashlib.sha256(path.read_bytes()).digest() == digest
 
 
+def test_read_only_open_maps_an_image_larger_than_ram_and_swap(tmp_path: Path) -> None:
+    """The private mapping reserves no memory for copies (a real guest image outgrows RAM)."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    kib = sum(int(meminfo[k].split()[0]) for k in ("MemTotal", "SwapTotal"))
+    size = -(-(kib << 10) * 2 // HUGE) * HUGE
+    if size > 1 << 40:
+        pytest.skip("a sparse image twice RAM + swap would exceed 1 TiB")
+    p = tmp_path / "big.img"
+    mkfs(p, size)  # sparse: only metadata is written
+    with Store.open(p, read_only=True) as s:
+        assert s.statfs().total_pages == size // PS
+
+
 def test_second_read_write_open_is_image_busy(path: Path) -> None:
     with Store.open(path):
         with pytest.raises(ImageBusy):
