@@ -199,6 +199,8 @@ def cmd_map(args: argparse.Namespace) -> int:
                 raise StoreError(errno.EINVAL, f"{args.file} is not a guest-RAM file")
             if args.offset % fmt.PAGE_SIZE:
                 raise StoreError(errno.EINVAL, f"offset {args.offset:#x} is not 4 KiB aligned")
+            if args.length <= 0:  # else no piece below, and nothing mapped would pass for success
+                raise StoreError(errno.EINVAL, f"length {args.length:#x} maps nothing")
             if args.offset + args.length > store.getattr(ino).npages * fmt.PAGE_SIZE:
                 raise StoreError(errno.EINVAL, f"{args.file} has no bytes {args.offset:#x}..{args.offset + args.length:#x}")
             # the range may span extents: map each physically contiguous piece
@@ -254,9 +256,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_translate(args: argparse.Namespace) -> int:
     bus, dev, fn = parse_bdf(args.bdf)
+    wide = [i for i in args.iovas if i >> 64]
+    if wide:
+        raise UsageError(f"IOVA {wide[0]:#x} does not fit 64 bits")
+    iovas = np.array(args.iovas, dtype=np.uint64)
     u64, base_phys, npages = walker.open_image(args.image)
     with _existing_regs(args) as regs:
-        iovas = np.array(args.iovas, dtype=np.uint64)
         phys, fault = walker.translate(u64, base_phys, npages, regs, fmt.requester_id(bus, dev, fn),
                                        iovas, args.write)
     for i, p, f in zip(iovas.tolist(), phys.tolist(), fault.tolist()):

@@ -678,8 +678,12 @@ def test_cli_programs_a_domain_that_the_walker_then_translates(image: Path) -> N
 
 
 def test_cli_refusals_are_one_line_without_traceback(image: Path) -> None:
-    assert pk("create", image).returncode == 0
+    with Store.open(image) as s:
+        guest(s, b"vm0", MiB)
+    assert pk("create", image).returncode == 0 and pk("enable", image).returncode == 0
     for args in (("map", image, 1, "--iova", "0", "--length", "4K", "--phys", "0x100000000"),
+                 ("map", image, 1, "--iova", "0", "--length", "0", "--file", "guest_mem/vm0"),
+                 ("translate", image, "00:03.0", hex(1 << 64)),
                  ("destroy", image, 9), ("attach", image, 1, "1:2:3")):
         r = pk(*args)
         assert r.returncode in (1, 2) and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r
