@@ -13,27 +13,23 @@ import os
 import sys
 from collections.abc import Sequence
 
-from backing.errors import FormatError, ImageBusy, PkfuseError
+from backing.errors import FormatError, PkfuseError
 
 from . import mount as mountmod
 
 PROG = "pkfuse"
 
 
-class UsageError(PkfuseError):
-    """Bad arguments: exit status 2."""
-
-
 # ------------------------------------------------------------------- mkfs
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
+    from backing import format as fmt
     from backing.mkfs import mkfs, parse_addr, parse_size
 
     size = parse_size(args.size)
-    base = parse_addr(args.base) if args.base is not None else None
-    kwargs = {"force": args.force}
-    g = mkfs(args.image, size, base, **kwargs) if base is not None else mkfs(args.image, size, **kwargs)
+    base = parse_addr(args.base) if args.base is not None else fmt.DEFAULT_BASE_PHYS
+    g = mkfs(args.image, size, base, force=args.force)
     print(f"{args.image}: {g.size} bytes, {g.npages} pages of 4096, base_phys {g.base_phys:#x}, "
           f"{g.inode_count} inodes, {g.extent_count} extent records, pool from page {g.data_page}")
     return 0
@@ -276,15 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader went away (`pkfuse info | head`): not an error worth a line
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except mountmod.MountError as exc:
+    except mountmod.MountError as exc:  # serve turns ImageBusy into one, with its own status
         _error(str(exc))
         return exc.status
-    except ImageBusy as exc:
-        _error(str(exc))
-        return mountmod.EXIT_IMAGE_BUSY if args.command == "mount" else 1
-    except UsageError as exc:
-        _error(str(exc))
-        return 2
     except (PkfuseError, OSError, ValueError) as exc:
         _error(_one_line(exc))
         return 1
