@@ -440,9 +440,10 @@ def _run_child(image: str, ops: list[Op], delay: float, stop_at: int = -1,
             code = 1
         os._exit(code)
     os.close(wfd)
+    reaped = False
     try:
         if os.read(rfd, 1) != b"R":  # wait until the child holds the image
-            raise CrashCheckFailed("child failed to open the image")
+            raise CrashCheckFailed("child failed to open the image (traceback on stderr)")
         if stop_at >= 0:
             _, status = os.waitpid(pid, os.WUNTRACED)  # stopped at the step, or exited
             if os.WIFSTOPPED(status):
@@ -452,6 +453,7 @@ def _run_child(image: str, ops: list[Op], delay: float, stop_at: int = -1,
             time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
+        reaped = True
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
             raise CrashCheckFailed(f"writer child failed with status {os.WEXITSTATUS(status)} (traceback on stderr)")
         buf = b""
@@ -459,6 +461,9 @@ def _run_child(image: str, ops: list[Op], delay: float, stop_at: int = -1,
             buf += chunk
     finally:
         os.close(rfd)
+        if not reaped:  # never leave a writer running (or a zombie) behind a failure
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     for off in range(0, len(buf) - len(buf) % 4, 4):
         idx, result = struct.unpack_from("<HH", buf, off)
         if idx == _STEP_MARK:
