@@ -28,7 +28,7 @@ from backing import format as fmt
 from backing import regs as regs_mod
 from backing import walker
 from backing.errors import FormatError, ImageBusy, PkfuseError, StoreError
-from backing.iommu import Domain, Iommu
+from backing.iommu import Iommu
 from backing.mkfs import parse_addr
 from backing.store import Store
 
@@ -154,10 +154,6 @@ def _opened(args: argparse.Namespace, *, write: bool, regs: bool = False) -> Ite
         store.close()
 
 
-def _domain(io: Iommu, did: int) -> Domain:
-    return io.domain(did)
-
-
 def _lookup(store: Store, path: str) -> int:
     ino = fmt.ROOT_INO
     for part in path.strip("/").split("/"):
@@ -178,20 +174,20 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     with _opened(args, write=True) as io:
-        io.destroy_domain(_domain(io, args.did))
+        io.destroy_domain(io.domain(args.did))
     return 0
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
     with _opened(args, write=True) as io:
-        d = io.copy_domain(_domain(io, args.did), args.new_did)
+        d = io.copy_domain(io.domain(args.did), args.new_did)
         print(f"{d.path}: DID {d.domain_id}, a copy of dom-{args.did}")
     return 0
 
 
 def cmd_map(args: argparse.Namespace) -> int:
     with _opened(args, write=True) as io:
-        d = _domain(io, args.did)
+        d = io.domain(args.did)
         store = io.store
         if args.file is not None:
             ino = _lookup(store, args.file)
@@ -204,12 +200,11 @@ def cmd_map(args: argparse.Namespace) -> int:
             if args.offset + args.length > store.getattr(ino).npages * fmt.PAGE_SIZE:
                 raise StoreError(errno.EINVAL, f"{args.file} has no bytes {args.offset:#x}..{args.offset + args.length:#x}")
             # the range may span extents: map each physically contiguous piece
-            pos, iova = args.offset, args.iova
             pieces = []
             for e in store.extents(ino):
-                lo, hi = max(pos, e.file_offset), min(args.offset + args.length, e.file_offset + e.length)
+                lo, hi = max(args.offset, e.file_offset), min(args.offset + args.length, e.file_offset + e.length)
                 if lo < hi:
-                    pieces.append((iova + lo - args.offset, e.phys_addr + lo - e.file_offset, hi - lo))
+                    pieces.append((args.iova + lo - args.offset, e.phys_addr + lo - e.file_offset, hi - lo))
             done = []
             try:
                 for iova_p, phys_p, n in pieces:
@@ -229,7 +224,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_unmap(args: argparse.Namespace) -> int:
     with _opened(args, write=True) as io:
-        n = _domain(io, args.did).unmap(args.iova, args.length)
+        n = io.domain(args.did).unmap(args.iova, args.length)
         print(f"unmapped {n:#x} bytes")
     return 0
 
@@ -237,14 +232,14 @@ def cmd_unmap(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     bus, dev, fn = parse_bdf(args.bdf)
     with _opened(args, write=True) as io:
-        _domain(io, args.did).attach(bus, dev, fn, replace=args.replace)
+        io.domain(args.did).attach(bus, dev, fn, replace=args.replace)
     return 0
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
     bus, dev, fn = parse_bdf(args.bdf)
     with _opened(args, write=True) as io:
-        _domain(io, args.did).detach(bus, dev, fn)
+        io.domain(args.did).detach(bus, dev, fn)
     return 0
 
 
