@@ -45,8 +45,8 @@ Concurrency
     Handlers run as trio tasks on one thread. Store calls are short and take
     the store's lock. Reads of one extent return a view of the image mapping
     (no copy in Python); writes inside a file are one bounded ``pwrite`` into
-    the image; work that allocates or zeroes pages (truncate, writes that
-    extend a file, ``THREAD_MIN`` bytes or more) and multi-extent reads run in
+    the image. Truncates, and writes or multi-extent reads that carry or
+    add to the file ``THREAD_MIN`` bytes or more, run in
     ``trio.to_thread.run_sync``, so one large request does not stall the
     others. The daemon never touches its own mountpoint.
 
@@ -89,7 +89,8 @@ VIEW_FILES = {b"status": VIEW_INO_BASE + 1, b"memmap": VIEW_INO_BASE + 2, b"iomm
 VIEW_NAMES = {ino: name for name, ino in VIEW_FILES.items()}
 
 ATTR_TIMEOUT = 1.0  #: seconds the kernel may cache entries and attributes of image inodes
-THREAD_MIN = 64 << 10  #: bytes from which a Store.write (allocating) or a multi-extent read runs in a thread
+#: bytes (written, or added to the file) from which a Store.write, or a multi-extent read, runs in a thread
+THREAD_MIN = 64 << 10
 #: in-place writes move mtime (one journaled commit) at most this often: the
 #: granularity of the kernel's coarse clock that local filesystems stamp with
 MTIME_GRANULARITY_NS = 4_000_000
@@ -559,7 +560,9 @@ class Operations(pyfuse3.Operations):
         done = self._write_in_place(h.ino, off, buf)
         if done is not None:
             return done
-        if len(buf) >= THREAD_MIN:
+        # the pages a write allocates and zeroes are its cost: a small write far past the end is large
+        grows = off + len(buf) - int(self.store.inodes["size"][h.ino])
+        if max(len(buf), grows) >= THREAD_MIN:
             return await _in_thread(self.store.write, h.ino, off, buf)
         return self.store.write(h.ino, off, buf)
 
