@@ -151,13 +151,7 @@ class FsckContext:
         its own) one of the owners is returned; an extent whose ino is outside
         the inode table (an ``extent.owner`` finding) is owned by ino 0.
         """
-        pages = np.asarray(pages, dtype=np.int64)
-        owner = np.zeros(pages.shape, np.uint32)
-        if self.owner_start.size:
-            idx = np.searchsorted(self.owner_start, pages, side="right") - 1
-            safe = np.maximum(idx, 0)
-            hit = (idx >= 0) & (pages < self.owner_end[safe])
-            owner = np.where(hit, self.owner_ino[safe], 0).astype(np.uint32)
+        owner = owner_of(self.owner_start, self.owner_end, self.owner_ino, pages)
         return owner, self.kind[owner]
 
     def file_map(self, ino: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,6 +170,21 @@ class FsckContext:
 
     def extent_off(self, rec: int, field: str = "ino") -> int:
         return self.geometry.extent_page * PS + int(rec) * fmt.EXTENT_DTYPE.itemsize + _EX[field][1]
+
+
+def owner_of(starts: np.ndarray, ends: np.ndarray, inos: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """uint32 owner ino of each of ``pages``: that of the extent [start, end) holding it, else 0.
+
+    ``starts`` ascend (extents sorted by first page); one ``searchsorted``,
+    no Python loop. Shared by ``FsckContext.page_owner`` and ``Store.page_owner``.
+    """
+    pages = np.asarray(pages, dtype=np.int64)
+    if not starts.size:
+        return np.zeros(pages.shape, np.uint32)
+    idx = np.searchsorted(starts, pages, side="right") - 1
+    safe = np.maximum(idx, 0)
+    hit = (idx >= 0) & (pages < ends[safe])
+    return np.where(hit, inos[safe], 0).astype(np.uint32)
 
 
 def map_private(fd: int, size: int) -> mmap.mmap:

@@ -385,15 +385,7 @@ class Store:
                 rec = self.extents_table[live[order]]
                 self._owner_index = (rec["page"].astype(np.int64), (rec["page"] + rec["npages"]).astype(np.int64),
                                      rec["ino"].astype(np.uint32))
-            starts, ends, inos = self._owner_index
-            pages = np.asarray(pages, dtype=np.int64)
-            if not starts.size:
-                owner = np.zeros(pages.shape, np.uint32)
-                return owner, self.inodes["kind"][owner]
-            idx = np.searchsorted(starts, pages, side="right") - 1
-            safe = np.maximum(idx, 0)
-            hit = (idx >= 0) & (pages < ends[safe])
-            owner = np.where(hit, inos[safe], 0).astype(np.uint32)
+            owner = fsck.owner_of(*self._owner_index, pages)
             return owner, self.inodes["kind"][owner]
 
     # ---------------------------------------------------------- namespace
