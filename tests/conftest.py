@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from backing.mkfs import mkfs, parse_size
+from pkfuse.mount import mounted_paths
 
 FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
 MOUNT_TIMEOUT = 20.0  #: seconds until a daemon's mount must answer
@@ -29,17 +30,6 @@ EXIT_TIMEOUT = 10.0  #: seconds for a daemon to exit after unmount
 
 # every daemon and mountpoint the session started, for the session guard
 _LIVE: dict[int, tuple[subprocess.Popen[bytes], Path]] = {}
-
-
-def mounted_paths() -> set[str]:
-    """Mountpoints of FUSE filesystems in this mount namespace (dead ones too)."""
-    out = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.startswith("fuse"):
-                out.add(left.split()[4].replace("\\040", " "))
-    return out
 
 
 def is_mounted(path: Path) -> bool:
