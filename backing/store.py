@@ -488,8 +488,6 @@ class Store:
                     p = int(self.dentries["parent"][p])
             keep = False
             if target is not None:
-                if noreplace:
-                    raise StoreError(errno.EEXIST, f"{new_name!r} exists")
                 target_dir = self.inodes["kind"][target] == fmt.KIND_DIR
                 if is_dir and not target_dir:
                     raise StoreError(errno.ENOTDIR, f"{new_name!r} is not a directory")
