@@ -230,8 +230,8 @@ class Journal:
         hdr = np.zeros(1, fmt.JREC_DTYPE)
         for offset, payload in txn.records:
             hdr["offset"], hdr["length"] = offset, len(payload)
-            self._body[pos : pos + 16] = hdr.view(np.uint8)
-            pos += 16
+            self._body[pos : pos + hdr.itemsize] = hdr.view(np.uint8)
+            pos += hdr.itemsize
             self._body[pos : pos + len(payload)] = np.frombuffer(payload, np.uint8)
             padded = _pad8(len(payload))
             self._body[pos + len(payload) : pos + padded] = 0
