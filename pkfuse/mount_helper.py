@@ -1,6 +1,6 @@
 """``mount.fuse.pkfuse``: the helper mount(8) runs for ``-t fuse.pkfuse``.
 
-mount(8) calls ``/sbin/mount.fuse.pkfuse IMAGE MOUNTPOINT [-sfnv] -o OPTIONS``
+mount(8) calls ``/sbin/mount.fuse.pkfuse IMAGE MOUNTPOINT [-sfnv] [-N NS] -o OPTIONS [-t TYPE]``
 for ``mount -t fuse.pkfuse IMAGE MOUNTPOINT`` and for an /etc/fstab line
 such as::
 
@@ -36,10 +36,11 @@ def translate(argv: Sequence[str]) -> tuple[list[str], bool]:
     i = 0
     while i < len(args):
         a = args[i]
-        if a == "-o":
+        if a in ("-o", "-t", "-N"):  # options; the type and the namespace (libmount may pass them): ignored
             if i + 1 >= len(args):
-                raise ValueError("-o needs an option list")
-            options += args[i + 1].split(",")
+                raise ValueError(f"{a} needs a value")
+            if a == "-o":
+                options += args[i + 1].split(",")
             i += 2
             continue
         if a.startswith("-o") and len(a) > 2:

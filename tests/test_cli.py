@@ -159,6 +159,8 @@ def test_helper_translates_mount8_arguments() -> None:
     args, fake = translate(["/img", "/mnt", "-o", "rw,noauto,user,_netdev,x-systemd.automount,allow_other,log=/l"])
     assert args == ["mount", "-o", "rw,allow_other,log=/l", "/img", "/mnt"] and not fake
     assert translate(["-f", "/img", "/mnt"])[1]
+    typed = translate(["/img", "/mnt", "-o", "ro", "-t", "fuse.pkfuse"])  # libmount may add the type
+    assert typed == (["mount", "-o", "ro", "/img", "/mnt"], False)
     with pytest.raises(ValueError):
         translate(["/img"])
 
