@@ -67,6 +67,14 @@ async def new_file(ops: Operations, name: bytes, data: bytes = b"") -> tuple[int
     return attr.st_ino, fi.fh
 
 
+async def closed_files(ops: Operations, *names: bytes) -> int:
+    """Create empty ``guest_mem/<name>`` files and close them; returns guest_mem's inode."""
+    for name in names:
+        _, fh = await new_file(ops, name)
+        await ops.release(fh)
+    return await guest_dir(ops)
+
+
 async def read(ops: Operations, fh: int, off: int, size: int) -> bytes:
     """A read as the kernel sees it (the handler may return a view of the image)."""
     return bytes(await ops.read(fh, off, size))
@@ -118,10 +126,7 @@ async def test_view_open_for_writing_is_eacces(ops: Operations) -> None:
 
 
 async def test_readdir_offsets_survive_creates_and_unlinks(ops: Operations) -> None:
-    g = await guest_dir(ops)
-    for i in range(10):
-        _, fh = await new_file(ops, f"f{i}".encode())
-        await ops.release(fh)
+    g = await closed_files(ops, *(b"f%d" % i for i in range(10)))
     first = list(ops.dir_entries(g, 0))[:4]
     resume = first[-1][2]
     await ops.unlink(g, b"f1", CTX)  # before the resume point
@@ -284,18 +289,12 @@ async def test_forget_all_frees_every_orphan(ops: Operations, store: Store) -> N
 
 
 async def test_rename_exchange_is_einval(ops: Operations) -> None:
-    g = await guest_dir(ops)
-    for name in (b"a", b"b"):
-        _, fh = await new_file(ops, name)
-        await ops.release(fh)
+    g = await closed_files(ops, b"a", b"b")
     assert await errno_of(ops.rename(g, b"a", g, b"b", pyfuse3.RENAME_EXCHANGE, CTX)) == errno.EINVAL
 
 
 async def test_rename_noreplace_is_eexist(ops: Operations) -> None:
-    g = await guest_dir(ops)
-    for name in (b"a", b"b"):
-        _, fh = await new_file(ops, name)
-        await ops.release(fh)
+    g = await closed_files(ops, b"a", b"b")
     assert await errno_of(ops.rename(g, b"a", g, b"b", pyfuse3.RENAME_NOREPLACE, CTX)) == errno.EEXIST
 
 
