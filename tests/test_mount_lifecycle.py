@@ -61,6 +61,15 @@ def test_mount_on_a_busy_mountpoint_is_refused(mounted: Mount, make_image) -> No
     assert "busy" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_mount_on_the_dead_mount_of_a_killed_daemon_says_busy(mounted: Mount, make_image) -> None:
+    assert mounted.proc is not None
+    os.kill(mounted.pid, signal.SIGKILL)
+    mounted.proc.wait()
+    r = pkfuse("mount", str(make_image(name="second.img")), str(mounted.path))
+    assert r.returncode == 3
+    assert "busy" in r.stderr and "does not exist" not in r.stderr
+
+
 def test_mount_on_a_file_is_refused(image: Path, tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("")
