@@ -1,9 +1,10 @@
-"""mkfs: the empty image's geometry and tree, refusals, and the size/address parsers."""
+"""mkfs: the empty image's geometry and tree, refusals, the size/address parsers; FORMAT.md mirrors format.py."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,47 @@ def test_parse_addr_accepts_hex_decimal_and_units(text: str, value: int) -> None
 def test_parse_addr_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         parse_addr(text)
+
+
+# ------------------------------------------------------- FORMAT.md mirrors format.py
+
+FORMAT_MD = Path(fmt.__file__).with_name("FORMAT.md")
+
+
+def documented_field_tables(text: str) -> dict[str, list[tuple[int, int, str]]]:
+    """(offset, size, field) rows of each ``| offset | size | field |`` table in FORMAT.md, keyed by
+    the last ``*_DTYPE`` named before the table."""
+    tables: dict[str, list[tuple[int, int, str]]] = {}
+    dtype, rows = "", None
+    for line in text.splitlines():
+        if line.startswith("| offset | size | field |"):
+            rows = tables.setdefault(dtype, [])
+        elif rows is not None and line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not cells[0].startswith("---"):
+                size = 1
+                for factor in cells[1].split("×"):
+                    size *= int(factor)
+                rows.append((int(cells[0]), size, cells[2]))
+        else:
+            rows = None
+            names = [w for w in line.replace("`", " ").replace(",", " ").split() if w.endswith("_DTYPE")]
+            dtype = names[-1] if names else dtype
+    return tables
+
+
+def test_format_md_field_tables_match_every_dtype() -> None:
+    tables = documented_field_tables(FORMAT_MD.read_text())
+    dtypes = {name for name in dir(fmt) if name.endswith("_DTYPE")}
+    assert tables.keys() == dtypes
+    for name in dtypes:
+        dtype = getattr(fmt, name)
+        want = [(off, ft.itemsize, field) for field, (ft, off) in dtype.fields.items()]
+        assert tables[name] == want, name
+
+
+def test_format_md_constants_have_format_py_values() -> None:
+    stated = re.findall(r"`([A-Z][A-Z0-9_]+) = (0x[0-9A-Fa-f_]+|\d+)`", FORMAT_MD.read_text())
+    assert len(stated) >= 8  # the VT-d masks and ADDR_MASK
+    for name, value in stated:
+        assert getattr(fmt, name) == int(value, 0), name
