@@ -79,7 +79,8 @@ class Allocator:
     def __init__(self, bitmap: np.ndarray, geometry: fmt.Geometry) -> None:
         self.geometry = geometry
         self.bitmap = bitmap
-        self.used = np.unpackbits(bitmap, count=geometry.npages, bitorder="little").astype(bool)
+        # unpackbits gives 0/1 bytes: a bool view, not a second npages-byte copy (this runs at every open)
+        self.used = np.unpackbits(bitmap, count=geometry.npages, bitorder="little").view(bool)
         self.free_pages = int(geometry.npages - np.count_nonzero(self.used))
 
     def find(self, npages: int, file_page: int = 0) -> list[Run] | None:
