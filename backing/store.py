@@ -174,14 +174,18 @@ class Store:
         the same image gets ``ImageBusy``.
         """
         path = os.fspath(path)
-        fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        # O_NONBLOCK: a read-only open of a FIFO must not wait for a writer (no effect on files)
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NONBLOCK)
         try:
             if lock:
                 try:
                     fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 except BlockingIOError:
                     raise ImageBusy(f"{path} is in use by another pkfuse process") from None
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError("image", 0, "not a regular file")
+            size = st.st_size
             if size < fmt.PAGE_SIZE:
                 raise FormatError("superblock", 0, f"image is {size} bytes, smaller than one page")
             mm = fsck.map_private(fd, size) if read_only else mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from backing import format as fmt
-from backing.errors import ImageBusy, StoreError
+from backing.errors import FormatError, ImageBusy, StoreError
 from backing.fsck import check_image
 from backing.iommu import Iommu
 from backing.mkfs import mkfs
@@ -344,6 +344,16 @@ def test_read_only_open_maps_an_image_larger_than_ram_and_swap(tmp_path: Path) -
     mkfs(p, size)  # sparse: only metadata is written
     with Store.open(p, read_only=True) as s:
         assert s.statfs().total_pages == size // PS
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("read_only", [True, False])
+def test_open_of_a_fifo_is_a_format_error_without_waiting(tmp_path: Path, read_only: bool) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError) as e:
+        Store.open(fifo, read_only=read_only)
+    assert e.value.structure == "image"
 
 
 def test_second_read_write_open_is_image_busy(path: Path) -> None:
