@@ -73,6 +73,7 @@ def check_tables(ctx: FsckContext) -> list[Finding]:
         if pages.size == fmt.ROOT_PGTABLES_PAGES:
             root_pages = pages
     domains = []
+    reach: tuple[np.ndarray, np.ndarray] | None = None  # built once, for the first domain with leaves to check
     for ino in np.flatnonzero(ctx.live & (ctx.kind == fmt.KIND_IOMMU_DOMAIN)).tolist():
         d = ctx.dentries[ino]
         name = bytes(d["name"])[: min(int(d["name_len"]), fmt.NAME_MAX)]
@@ -80,7 +81,8 @@ def check_tables(ctx: FsckContext) -> list[Finding]:
         findings += _capped(check_domain_header(ctx, dom, iommu_dir))
         if dom.domain_id is not None:
             findings += _capped(check_domain_tree(ctx, dom))
-            findings += _capped(check_domain_leaves(ctx, dom))
+            reach = reach if reach is not None else _guest_reach(ctx)
+            findings += _capped(check_domain_leaves(ctx, dom, reach))
         domains.append(dom)
     if root_pages is not None:
         findings += _capped(check_root_entries(ctx, root_pages))
@@ -273,7 +275,9 @@ def check_domain_tree(ctx: FsckContext, dom: _Domain) -> Iterator[Finding]:
         yield Finding(f"{dom.path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
 
 
-def check_domain_leaves(ctx: FsckContext, dom: _Domain) -> Iterator[Finding]:
+def check_domain_leaves(ctx: FsckContext, dom: _Domain, reach: tuple[np.ndarray, np.ndarray],
+                        ) -> Iterator[Finding]:
+    """``reach`` is ``_guest_reach(ctx)``: the guest-RAM runs a leaf may map."""
     levels, _ = _walk(ctx, dom)
     where, pfn, npages = [], [], []
     for level, lv in enumerate(levels):
@@ -287,7 +291,6 @@ def check_domain_leaves(ctx: FsckContext, dom: _Domain) -> Iterator[Finding]:
     for i in np.flatnonzero(~inside).tolist():
         yield Finding(f"{dom.path} leaf", int(w[i]) * 8,
                       f"maps {n[i]} pages at {int(p[i]) << 12:#x}, outside the image")
-    reach = _guest_reach(ctx)
     starts, ends_reach = reach
     idx = np.searchsorted(starts, page, side="right") - 1
     safe = np.maximum(idx, 0)
