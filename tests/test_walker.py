@@ -256,6 +256,35 @@ def test_garbage_tables_give_faults_or_addresses_in_memory_never_exceptions(
             store.image_u64[where] = np.uint64(value)
 
 
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(re_word=st.integers(0, (1 << 64) - 1), ce_lo=st.integers(0, (1 << 64) - 1), ce_hi=st.integers(0, (1 << 64) - 1),
+       rtaddr=st.sampled_from([None, 0, 0x1000, (1 << 52) - 0x1000]),
+       iovas=st.lists(st.integers(0, 1 << 49), min_size=1))
+def test_garbage_root_and_context_entries_give_faults_never_exceptions(
+        io: Iommu, store: Store, dom: Domain, re_word: int, ce_lo: int, ce_hi: int, rtaddr: int | None,
+        iovas: list[int]) -> None:
+    assert io.regs is not None
+    re_lo = int(io.root_pages[0]) * 512 + BUS * 2
+    words = {re_lo: re_word | fmt.RE_LO_P, context_where(io): ce_lo | fmt.CE_LO_P, context_where(io) + 1: ce_hi}
+    saved = {w: int(store.image_u64[w]) for w in words}
+    old_rtaddr = io.regs.rtaddr
+    try:
+        for w, value in words.items():
+            store.image_u64[w] = np.uint64(value)
+        if rtaddr is not None:
+            io.regs.set_root_table(rtaddr)
+        phys, fault = io.translate(BUS, DEV, FN, np.array(iovas, np.uint64))
+        g = store.geometry
+        ok = fault == 0
+        assert ((phys[ok] >= g.base_phys) & (phys[ok] < g.base_phys + g.size)).all()
+        assert (phys[~ok] == 0).all() and set(fault[~ok].tolist()) <= set(fmt.FR_NAMES)
+    finally:
+        io.regs.set_root_table(old_rtaddr)
+        for w, value in saved.items():
+            store.image_u64[w] = np.uint64(value)
+
+
 # ------------------------------------------------------ concurrent walker, load
 
 REGIONS = 12
