@@ -468,14 +468,9 @@ def check_dentry_cleared(ctx: FsckContext) -> Iterator[Finding]:
         " has a dentry"), "stray dentries", "dentry.unnamed", ctx.dentry_off)
 
 
-def _named_view(ctx: FsckContext) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(inos, parent, name_len, name bytes as an (n, 248) uint8 matrix) of named inodes."""
-    return ctx.named_view
-
-
 def check_dentry_name(ctx: FsckContext) -> Iterator[Finding]:
     """1..NAME_MAX bytes, no '/' or NUL, not '.' or '..', zero padding after the name."""
-    inos, _, nlen, names = _named_view(ctx)
+    inos, _, nlen, names = ctx.named_view
     width = names.shape[1]
     inside = np.arange(width)[None, :] < np.minimum(nlen, width)[:, None]
     # with zero padding the non-zero bytes are exactly the name: a NUL inside or a
@@ -500,7 +495,7 @@ def check_dentry_name(ctx: FsckContext) -> Iterator[Finding]:
 
 def check_dentry_parent(ctx: FsckContext) -> Iterator[Finding]:
     """The parent of a named inode is a live, non-orphan directory."""
-    inos, parent, _, _ = _named_view(ctx)
+    inos, parent, _, _ = ctx.named_view
     ic = ctx.geometry.inode_count
     safe = np.where(parent < ic, parent, 0)
     ok = (parent > 0) & (parent < ic) & (ctx.kind[safe] == fmt.KIND_DIR) & ~ctx.orphan[safe]
@@ -517,7 +512,7 @@ _COMPARE_BATCH = 1 << 16  #: candidate name pairs compared per pass (bounds the 
 
 def check_dentry_unique(ctx: FsckContext) -> Iterator[Finding]:
     """No two dentries of one directory carry the same name (hash, sort, then compare bytes)."""
-    inos, parent, nlen, names = _named_view(ctx)
+    inos, parent, nlen, names = ctx.named_view
     if inos.size < 2:
         return
     words = names.view("<u8")  # 248 bytes = 31 words
@@ -548,7 +543,7 @@ def check_dentry_tree(ctx: FsckContext) -> Iterator[Finding]:
     ``check_dentry_parent``).
     """
     ic = ctx.geometry.inode_count
-    inos, parent, _, _ = _named_view(ctx)
+    inos, parent, _, _ = ctx.named_view
     safe = np.where(parent < ic, parent, 0)
     valid = (parent > 0) & (parent < ic) & (ctx.kind[safe] == fmt.KIND_DIR) & ~ctx.orphan[safe]
     up = np.zeros(ic, np.int64)
@@ -567,7 +562,7 @@ def check_dentry_tree(ctx: FsckContext) -> Iterator[Finding]:
 
 
 def _child(ctx: FsckContext, parent: int, name: bytes) -> int | None:
-    inos, par, nlen, names = _named_view(ctx)
+    inos, par, nlen, names = ctx.named_view
     n = len(name)
     hit = (par == parent) & (nlen == n)
     if n and hit.any():
