@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 PS = fmt.PAGE_SIZE
 _HOLDS_PAGES = (fmt.KIND_GUEST, fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 _IOMMU_KINDS = (fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
+# the superblock's dynamic words, each changed by one aligned 8-byte store
+_SB_GENERATION_WORD = fmt.SUPERBLOCK_DTYPE.fields["generation"][1] // 8
+_SB_CLEAN_WORD = fmt.SUPERBLOCK_DTYPE.fields["clean"][1] // 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,12 +224,10 @@ class Store:
         if not self.read_only:
             self._free_orphans()
             words = self._sb.view("<u8")
-            gen_word = fmt.SUPERBLOCK_DTYPE.fields["generation"][1] // 8
-            clean_word = fmt.SUPERBLOCK_DTYPE.fields["clean"][1] // 8
-            if not words[clean_word]:
+            if not words[_SB_CLEAN_WORD]:
                 log.info("%s: was not closed cleanly (a restart); state recovered", self.path)
-            words[gen_word] = int(words[gen_word]) + 1
-            words[clean_word] = 0
+            words[_SB_GENERATION_WORD] = int(words[_SB_GENERATION_WORD]) + 1
+            words[_SB_CLEAN_WORD] = 0
 
     def _build_indexes(self) -> None:
         kinds = self.inodes["kind"]
@@ -278,8 +279,7 @@ class Store:
             if self._fd < 0:  # closed already (the mapping itself may outlive a close, see _release)
                 return
             if not self.read_only:
-                clean_word = fmt.SUPERBLOCK_DTYPE.fields["clean"][1] // 8
-                self._sb.view("<u8")[clean_word] = 1
+                self._sb.view("<u8")[_SB_CLEAN_WORD] = 1
             self._release()
 
     def _release(self) -> None:
