@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,6 +339,9 @@ def daemonize(image: str, mnt: str, argv_tail: list[str], log_file: str) -> int:
             break
         if time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
+            if os.path.realpath(mnt) in mounted_paths():  # mounted just now: leave no dead mount behind
+                subprocess.run([shutil.which("fusermount3") or "fusermount3", "-u", "-z", mnt], capture_output=True)
             raise MountError(f"the daemon did not mount {mnt} within {READY_TIMEOUT:g}s; see {log_file}")
         time.sleep(0.005)
     os.stat(mnt)  # answers: the root's getattr went through the daemon
@@ -382,8 +386,6 @@ def daemon_pid(mnt: str) -> int | None:
 
 def unmount(mnt: str, timeout: float = 10.0) -> int:
     """``fusermount3 -u MNT`` and wait for the daemon to exit."""
-    import shutil
-
     mnt = os.path.abspath(mnt)
     if os.path.realpath(mnt) not in mounted_paths():
         raise MountError(f"{mnt} is not mounted", EXIT_MOUNTPOINT)
