@@ -28,7 +28,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], status: int | tup
     assert r.returncode in statuses, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("pkfuse: error: ") or "error" in r.stderr
+    assert r.stderr.startswith("pkfuse: error: "), r.stderr
 
 
 # ---------------------------------------------------------------- help
