@@ -40,5 +40,6 @@ def test_both_commands_share_one_setup_script() -> None:
 
 
 def test_console_script_is_installed() -> None:
-    out = subprocess.run([sys.executable, "-m", "pkfuse", "--help"], capture_output=True, text=True, timeout=60)
+    script = Path(sys.executable).with_name("pkfuse")  # the venv's bin, where setup installs it
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "mkfs" in out.stdout
