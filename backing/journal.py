@@ -95,7 +95,6 @@ class Journal:
         self.image = image
         self.geometry = geometry
         start = geometry.journal_page * fmt.PAGE_SIZE
-        self._header_off = start
         self._words = image[start : start + fmt.JOURNAL_HEADER_DTYPE.itemsize].view("<u8")
         self._header = image[start : start + fmt.JOURNAL_HEADER_DTYPE.itemsize].view(
             fmt.JOURNAL_HEADER_DTYPE
@@ -180,10 +179,6 @@ class Journal:
         return commit, records
 
     # -- the writer -------------------------------------------------------------
-
-    def check_clean(self) -> None:
-        if self._words[_W_COMMIT_SEQ] != self._words[_W_APPLIED_SEQ]:
-            raise FormatError("journal", self._header_off, "a committed transaction is not applied")
 
     #: Test hook, None in production: called with the name of each protocol
     #: step just completed ("body", "commit", "apply:<i>" after record i is
