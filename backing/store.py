@@ -148,7 +148,8 @@ class Store:
         self.pin_hook = None
         self._fd = fd
         self._mm = mm
-        self.image = np.frombuffer(mm, dtype=np.uint8)
+        # the image is npages pages; bytes a longer file holds past them are no part of it
+        self.image = np.frombuffer(mm, dtype=np.uint8, count=geometry.size)
         self.image_u64 = self.image.view("<u8")
         self._sb = self.image[: fmt.SUPERBLOCK_DTYPE.itemsize].view(fmt.SUPERBLOCK_DTYPE)
         self.geometry = geometry

@@ -356,6 +356,16 @@ def test_open_of_a_fifo_is_a_format_error_without_waiting(tmp_path: Path, read_o
     assert e.value.structure == "image"
 
 
+@pytest.mark.parametrize("read_only", [True, False])
+def test_bytes_past_the_last_page_do_not_stop_an_open(path: Path, read_only: bool) -> None:
+    """fsck accepts a file longer than npages pages (a stray append); so must the store."""
+    with path.open("ab") as f:
+        f.write(b"xyz")
+    assert check_image(path)[0] == 0
+    with Store.open(path, read_only=read_only) as s:
+        assert s.image.size == s.geometry.size
+
+
 def test_second_read_write_open_is_image_busy(path: Path) -> None:
     with Store.open(path):
         with pytest.raises(ImageBusy):
