@@ -191,7 +191,7 @@ class Store:
                 raise FormatError("image", 0, "not a regular file")
             size = st.st_size
             if size < fmt.PAGE_SIZE:
-                raise FormatError("superblock", 0, f"image is {size} bytes, smaller than one page")
+                raise FormatError("image", 0, f"{size} bytes: too small for a superblock page")  # as fsck says
             mm = fsck.map_private(fd, size) if read_only else mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
         except BaseException:
             os.close(fd)

@@ -356,6 +356,14 @@ def test_open_of_a_fifo_is_a_format_error_without_waiting(tmp_path: Path, read_o
     assert e.value.structure == "image"
 
 
+def test_open_of_an_empty_file_is_a_format_error_naming_the_image(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    with pytest.raises(FormatError) as e:
+        Store.open(empty)
+    assert e.value.structure == "image" and check_image(empty)[1][0].structure == "image"
+
+
 @pytest.mark.parametrize("read_only", [True, False])
 def test_bytes_past_the_last_page_do_not_stop_an_open(path: Path, read_only: bool) -> None:
     """fsck accepts a file longer than npages pages (a stray append); so must the store."""
