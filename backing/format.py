@@ -242,10 +242,16 @@ SL_SNP = 1 << 11  #: Snoop behaviour (leaf only)
 SL_ADDR_MASK = ADDR_MASK  #: next-level table or 4 KiB page, bits 51:12
 SL_ADDR_MASK_2M = 0x000F_FFFF_FFE0_0000  #: bits 51:21 for a 2 MiB leaf
 SL_ADDR_MASK_1G = 0x000F_FFFF_C000_0000  #: bits 51:30 for a 1 GiB leaf
-#: reserved bits per entry kind (beyond the host address width, 52..63 are
-#: ignored by hardware and must be zero in pkfuse's tables)
-SL_RSVD_NONLEAF = (SL_X | (0b1111 << 3) | SL_PS | SL_SNP) | 0xFFF0_0000_0000_0000
-SL_RSVD_LEAF_4K = SL_X | 0xFFF0_0000_0000_0000  #: EMT/IPAT (bits 6:3) allowed
+#: bits 63, 60:52 and 10: "Ignored" in every second-level entry (Linux keeps
+#: its software bits there). Hardware translates whatever they hold, so the
+#: walker does not fault on them; pkfuse never sets them and fsck (and
+#: Iommu.open) report them as garbage.
+SL_IGNORED = (1 << 63) | (0x1FF << 52) | (1 << 10)
+#: bits the walker faults on (FR_PT_RSVD), by entry kind; bits 62:61 are
+#: treated as reserved too (pkfuse's conservative reading of the spec)
+SL_RSVD_HIGH = 0x6000_0000_0000_0000
+SL_RSVD_NONLEAF = (SL_X | (0b1111 << 3) | SL_PS | SL_SNP) | SL_RSVD_HIGH
+SL_RSVD_LEAF_4K = SL_X | SL_RSVD_HIGH  #: EMT/IPAT (bits 6:3) allowed
 SL_RSVD_LEAF_2M = SL_RSVD_LEAF_4K | 0x001F_F000  #: bits 20:12 must be 0
 SL_RSVD_LEAF_1G = SL_RSVD_LEAF_4K | 0x3FFF_F000  #: bits 29:12 must be 0
 VTD_LEVELS = 4  #: SL-PML4 -> SL-PDPT -> SL-PD -> SL-PT

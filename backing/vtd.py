@@ -106,6 +106,11 @@ def is_leaf(level: int, entries: np.ndarray) -> np.ndarray:
     return (entries & U64(fmt.SL_PS)) != 0
 
 
+def ignored_bits(entries: np.ndarray) -> np.ndarray:
+    """Bits hardware ignores (``SL_IGNORED``) set in ``entries``: garbage to fsck, not a fault."""
+    return entries & U64(fmt.SL_IGNORED)
+
+
 def reserved_bits(level: int, entries: np.ndarray) -> np.ndarray:
     """Reserved bits set in present entries at ``level``, by entry kind."""
     leaf = is_leaf(level, entries)
@@ -173,7 +178,13 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         if bad.any():
             _report(problems, level, where[bad], rsvd[bad], limit,
                     lambda v, level=level: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
-        ok = ~bad
+        ign = ignored_bits(entries)
+        junk = ign != 0
+        if junk.any():
+            _report(problems, level, where[junk], ign[junk], limit,
+                    lambda v, level=level: f"{LEVEL_NAMES[level]} has bits {v:#x} set that hardware ignores "
+                    "and pkfuse never writes")
+        ok = ~bad & ~junk
         levels.append(Level(tables, slots[ok], where[ok], entries[ok], leaf[ok]))
         if level == fmt.VTD_LEVELS - 1:
             break

@@ -77,6 +77,13 @@ def test_reserved_bit_in_a_pte(image: Path) -> None:
     only(f, "iommu/dom-1 SL-PTE", "reserved bits 0x4")
 
 
+def test_a_bit_hardware_ignores_in_a_pte_is_still_a_finding(image: Path) -> None:
+    def change(s: Store, io: Iommu) -> None:
+        s.image_u64[entry(s, io, 64 * MiB, 3)] |= np.uint64(1 << 63)
+
+    only(corrupt(image, change), "iommu/dom-1 SL-PTE", "hardware ignores")
+
+
 def test_ps_in_a_pml4e(image: Path) -> None:
     f = corrupt(image, lambda s, io: s.image_u64.__setitem__(entry(s, io, 0, 0),
                                                              s.image_u64[entry(s, io, 0, 0)] | np.uint64(fmt.SL_PS)))

@@ -143,9 +143,13 @@ def test_reserved_bits_per_entry_kind() -> None:
     # a 1 GiB leaf must have bits 29:12 clear, a 2 MiB leaf bits 20:12
     assert vtd.reserved_bits(1, e([0x4000_0000 | bit(12) | 3 | bit(7)], np.uint64))[0] == bit(12)
     assert vtd.reserved_bits(2, e([0x20_0000 | bit(20) | 3 | bit(7)], np.uint64))[0] == bit(20)
-    # X is reserved everywhere; bits 63:52 must be zero in pkfuse's tables
+    # X is reserved everywhere, and pkfuse reads 62:61 as reserved
     assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(2)], np.uint64))[0] == bit(2)
-    assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(60)], np.uint64))[0] == bit(60)
+    assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(61)], np.uint64))[0] == bit(61)
+    # 63, 60:52 and 10 are Ignored by hardware: not reserved, but reported as garbage
+    for b in (63, 60, 52, 10):
+        assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(b)], np.uint64))[0] == 0
+        assert vtd.ignored_bits(e([0x1000 | 3 | bit(b)], np.uint64))[0] == bit(b)
     # a non-leaf entry keeps bits 11 and 6:3 clear
     assert vtd.reserved_bits(2, e([0x1000 | 3 | bit(11)], np.uint64))[0] == bit(11)
 

@@ -148,7 +148,7 @@ def test_fault_processing_disable_blocks_without_logging(io: Iommu, store: Store
 
 @pytest.mark.parametrize("iova, level, bits", [
     (8 * MiB, 3, 1 << 2),  # X in a PTE
-    (8 * MiB, 3, 1 << 55),  # above the address width
+    (8 * MiB, 3, 1 << 62),  # read as reserved by pkfuse
     (0, 2, 1 << 12),  # inside a 2 MiB leaf's address
     (8 * MiB, 2, 1 << 11),  # SNP in a non-leaf PDE
     (0, 0, fmt.SL_PS),  # PS in a PML4E
@@ -157,6 +157,14 @@ def test_reserved_bits_in_second_level_entries(io: Iommu, store: Store, dom: Dom
                                                bits: int) -> None:
     store.image_u64[entry_where(store, dom, iova, level)] |= np.uint64(bits)
     assert xlate(io, [iova])[1] == [fmt.FR_PT_RSVD]
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+@pytest.mark.parametrize("bits", [1 << 63, 1 << 55, 1 << 10])
+def test_bits_hardware_ignores_do_not_fault(io: Iommu, store: Store, dom: Domain, level: int, bits: int) -> None:
+    before = xlate(io, [8 * MiB + 0x123])
+    store.image_u64[entry_where(store, dom, 8 * MiB, level)] |= np.uint64(bits)
+    assert xlate(io, [8 * MiB + 0x123]) == before and before[1] == [0]
 
 
 def test_write_needs_w_at_every_level(io: Iommu, store: Store, dom: Domain) -> None:
