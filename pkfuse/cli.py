@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from backing.errors import FormatError, PkfuseError
 
@@ -47,18 +47,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     log_file = args.log or opts["log"]
     if args.foreground:
         mountmod.setup_logging(log_file, level=_level(args))
-        return mountmod.serve(args.image, args.mountpoint, opts, daemonized=args.daemonized)
+        return mountmod.serve(args.image, args.mountpoint, opts)
     log_file = os.path.abspath(log_file or mountmod.default_log(args.image))
-    tail = []
-    if args.read_only:
-        tail.append("--read-only")
-    if args.regs:
-        tail += ["--regs", os.path.abspath(args.regs)]
-    if args.debug:
-        tail.append("--debug")
-    for group in args.options or []:
-        tail += ["-o", group]
-    return mountmod.daemonize(args.image, args.mountpoint, tail, log_file)
+
+    def daemon() -> int:
+        mountmod.setup_logging(log_file, level=_level(args))
+        return _reported(lambda: mountmod.serve(args.image, args.mountpoint, opts, daemonized=True))
+
+    return mountmod.daemonize(args.image, args.mountpoint, log_file, daemon)
 
 
 def _level(args: argparse.Namespace) -> int:
@@ -229,7 +225,6 @@ def build_parser(load_iommu: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     p.add_argument("--regs", metavar="FILE", help="IOMMU register file (default IMAGE.regs)")
     p.add_argument("--debug", action="store_true", help="debug logging: every refused request with its reason")
-    p.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit",
@@ -266,8 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(load_iommu="iommu" in argv)
     args = parser.parse_args(argv)
+    return _reported(lambda: int(args.func(args) or 0))
+
+
+def _reported(fn: Callable[[], int]) -> int:
+    """``fn()``, with every user error as one ``pkfuse: error:`` line and its exit status."""
     try:
-        return int(args.func(args) or 0)
+        return fn()
     except BrokenPipeError:
         # the reader went away (`pkfuse info | head`): not an error worth a line
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

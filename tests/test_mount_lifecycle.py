@@ -126,6 +126,27 @@ def test_daemon_mode_returns_once_mounted_and_umount_waits_for_it(image: Path, t
             subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
 
 
+def test_daemon_mode_detaches_the_daemon_from_the_caller(image: Path, tmp_path: Path) -> None:
+    """Its own session (no controlling terminal, no SIGHUP from ours), stdio off the caller's.
+
+    That ``pkfuse mount`` returned at all under ``capture_output`` shows the
+    daemon holds no end of the caller's stdout/stderr pipes.
+    """
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt))
+        assert r.returncode == 0, r.stderr
+        status = (mnt / ".pkernfs" / "status").read_text()
+        pid = int(next(line for line in status.splitlines() if line.startswith("daemon_pid:")).split()[1])
+        assert os.getsid(pid) == pid
+        fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert fds[0] == os.devnull and fds[1] == fds[2] == str(tmp_path / "log")
+        assert pkfuse("umount", str(mnt)).returncode == 0
+    finally:
+        force_unmount(mnt)
+
+
 def test_daemon_mode_logs_next_to_the_image_by_default(image: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
