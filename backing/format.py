@@ -165,6 +165,8 @@ INODE_DTYPE = np.dtype(
     ]
 )
 assert INODE_DTYPE.itemsize == 64
+# a data write stamps these in place, one aligned 8-byte store each (Store.stamp_write)
+assert INODE_DTYPE.fields["mtime_ns"][1] % 8 == 0 and INODE_DTYPE.fields["ctime_ns"][1] % 8 == 0
 
 # --------------------------------------------------------------------------
 # Dentry table, indexed by ino: the one name of each inode

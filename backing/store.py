@@ -590,10 +590,53 @@ class Store:
                 return 0
             if end <= size:
                 self._copy_in(self._file_map(ino), offset, data)
-                self._touch(None, ino, _now())
+                self.stamp_write(ino, _now())
             else:
                 self._resize(ino, end, max(-(-end // PS), int(rec["npages"])), _now(), data, offset)
             return len(data)
+
+    def stamp_write(self, ino: int, now_ns: int) -> None:
+        """Set mtime and ctime of ``ino`` for a data write inside its size: two 8-byte stores, no journal.
+
+        Each field is one aligned 8-byte word, so a kill leaves it old or
+        new, never torn; and under ``lock`` no transaction sits between its
+        commit and applied stores, so no replay can bring back an older
+        copy of the record. ctime goes first: a kill between the stores
+        leaves ctime >= mtime. A journal transaction here would cost a
+        commit per ``write()`` on the FUSE hot path.
+        """
+        with self.lock:
+            self._writable()
+            self._inode(ino)
+            self.inodes["ctime_ns"][ino] = now_ns
+            self.inodes["mtime_ns"][ino] = now_ns
+
+    def image_span(self, ino: int, offset: int, length: int) -> tuple[int, int] | None:
+        """``(image offset, nbytes)`` of file bytes [offset, min(offset + length, size)) if one extent holds them.
+
+        None if that range is empty or crosses an extent boundary, or if
+        ``ino`` is not a page-holding inode: the caller then takes the
+        general path (``read``/``write``). For zero-copy reads and
+        single-``pwrite`` writes; hold ``lock`` while the span is used, since
+        a truncate could free its pages.
+        """
+        with self.lock:
+            if offset < 0 or not 0 < ino < self.geometry.inode_count:
+                return None
+            rec = self.inodes[ino]
+            if int(rec["kind"]) not in _HOLDS_PAGES:
+                return None
+            end = min(offset + length, int(rec["size"]))
+            if end <= offset:
+                return None
+            fm = self._file_map(ino)
+            i = int(np.searchsorted(fm.file_pages, offset // PS, side="right")) - 1
+            if i < 0:
+                return None
+            ext_start = int(fm.file_pages[i]) * PS
+            if end > ext_start + int(fm.counts[i]) * PS:
+                return None
+            return int(fm.pages[i]) * PS + offset - ext_start, end - offset
 
     def read(self, ino: int, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``, clipped at the end of the file."""

@@ -180,8 +180,6 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.orphans: set[int] = set()  #: unlinked inodes still held by the kernel or a handle
-        #: ino -> ((igen, npages, ctime_ns), file offsets, image offsets, lengths) for zero-copy reads
-        self._layouts: dict[int, tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]] = {}
         self._truncating = 0  #: truncates running in worker threads
         #: our own descriptor of the image for in-place writes (no flock: the store holds it)
         self._image_fd: int | None = None if store.read_only else os.open(store.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -307,7 +305,6 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = left
             else:
                 self.lookups.pop(ino, None)
-                self._layouts.pop(ino, None)  # bounds the cache to inodes the kernel knows
                 try:
                     self._maybe_free(ino)
                 except Exception:  # forget must never raise
@@ -494,36 +491,15 @@ class Operations(pyfuse3.Operations):
             return st.image[a : a + n]
 
     def _image_span(self, ino: int, off: int, size: int) -> tuple[int, int] | None:
-        """``(image offset, bytes)`` of file bytes [off, min(off+size, file size)) if one extent holds them.
+        """``Store.image_span`` for guest files only; call with ``store.lock`` held.
 
-        Call with ``store.lock`` held. The layout of a guest file is cached
-        per inode, keyed by (igen, npages, ctime): every resize stamps ctime,
-        which no user can set (mtime can be set back, as ``cp -p`` does after
-        its O_TRUNC), and a file's pages never move while it exists. IOMMU
-        files (grown by the daemon's IOMMU code) are not cached.
+        IOMMU files take the general path: their pages can be freed by the
+        IOMMU code, which the ``_truncating`` guard of the zero-copy read does not see.
         """
         st = self.store
-        if off < 0 or not 0 < ino < st.geometry.inode_count:
+        if not 0 < ino < st.geometry.inode_count or int(st.inodes["kind"][ino]) != fmt.KIND_GUEST:
             return None
-        rec = st.inodes[ino]
-        if int(rec["kind"]) != fmt.KIND_GUEST:
-            return None
-        end = min(off + size, int(rec["size"]))
-        if end <= off:
-            return None
-        key = (int(rec["igen"]), int(rec["npages"]), int(rec["ctime_ns"]))
-        layout = self._layouts.get(ino)
-        if layout is None or layout[0] != key:
-            exts = st.extents(ino)
-            layout = (key, np.array([e.file_offset for e in exts], np.int64),
-                      np.array([e.page * fmt.PAGE_SIZE for e in exts], np.int64),
-                      np.array([e.length for e in exts], np.int64))
-            self._layouts[ino] = layout
-        _, starts, image_offs, lengths = layout
-        i = int(np.searchsorted(starts, off, side="right")) - 1
-        if i < 0 or end > int(starts[i]) + int(lengths[i]):
-            return None
-        return int(image_offs[i]) + off - int(starts[i]), end - off
+        return st.image_span(ino, off, size)
 
     def _write_in_place(self, ino: int, off: int, buf: bytes) -> int | None:
         """A write inside the file's size and one extent: ``pwrite`` into the image, then mtime.
@@ -549,7 +525,7 @@ class Operations(pyfuse3.Operations):
             done = os.pwrite(self._image_fd, buf, span[0])  # type: ignore[arg-type]
             now = time.time_ns()
             if not 0 <= now - int(st.inodes["mtime_ns"][ino]) < MTIME_GRANULARITY_NS:  # also if set ahead
-                st.setattr(ino, mtime_ns=now)
+                st.stamp_write(ino, now)
             return done
 
     @_errors

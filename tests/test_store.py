@@ -686,6 +686,64 @@ def test_negative_offsets_are_einval(store: Store) -> None:
     assert errno_of(lambda: store.read(ino, -1, 1)) == errno.EINVAL
 
 
+def test_write_inside_the_size_stamps_mtime_and_ctime_without_a_journal_commit(store: Store) -> None:
+    ino = new_file(store, size=PS)
+    store.setattr(ino, mtime_ns=1)
+    commits = store.journal.commits
+    store.write(ino, 10, b"x")
+    a = store.getattr(ino)
+    assert store.journal.commits == commits
+    assert a.mtime_ns == a.ctime_ns > 1
+
+
+def test_stamped_times_survive_reopen(path: Path) -> None:
+    with Store.open(path) as s:
+        ino = new_file(s, size=PS)
+        s.stamp_write(ino, 123_456_789)
+    with Store.open(path) as s:
+        a = s.getattr(ino)
+        assert (a.mtime_ns, a.ctime_ns) == (123_456_789, 123_456_789)
+
+
+def test_stamp_write_is_refused_on_a_read_only_store(path: Path) -> None:
+    with Store.open(path) as s:
+        ino = new_file(s, size=PS)
+    with Store.open(path, read_only=True) as s:
+        assert errno_of(lambda: s.stamp_write(ino, 1)) == errno.EROFS
+
+
+def test_image_span_is_the_image_range_of_bytes_inside_one_extent(store: Store) -> None:
+    ino = new_file(store, size=HUGE)
+    page = store.extents(ino)[0].page
+    assert store.image_span(ino, 100, 5000) == (page * PS + 100, 5000)
+    assert store.image_span(ino, HUGE - 10, 100) == (page * PS + HUGE - 10, 10)  # clipped at the size
+
+
+def test_image_span_is_none_past_the_end_or_across_extents(tmp_path: Path) -> None:
+    p = tmp_path / "i"
+    mkfs(p, 16 * MiB)
+    with Store.open(p) as s:
+        a = new_file(s, b"a", size=2 * PS)
+        new_file(s, b"b", size=PS)
+        s.truncate(a, 4 * PS)
+        assert len(s.extents(a)) == 2
+        assert s.image_span(a, 2 * PS - 1, 2) is None
+        assert s.image_span(a, 4 * PS, 1) is None
+        assert s.image_span(a, -1, 1) is None
+        assert s.image_span(gm(s), 0, 1) is None  # a directory holds no pages
+
+
+def test_image_span_follows_a_file_truncated_and_grown_back_to_the_same_size(store: Store) -> None:
+    ino = new_file(store, size=PS)
+    new_file(store, b"other", size=PS)
+    store.truncate(ino, 0)
+    squatter = new_file(store, b"squatter", size=PS)  # takes the freed page
+    store.truncate(ino, PS)
+    span = store.image_span(ino, 0, PS)
+    assert span is not None and span[0] == store.extents(ino)[0].page * PS
+    assert span[0] != store.extents(squatter)[0].page * PS
+
+
 # ---------------------------------------------------------------------- statfs
 
 
