@@ -58,6 +58,7 @@ EXIT_DOC = """exit status:
 
 DEV_FUSE = "/dev/fuse"
 READY_TIMEOUT = 30.0  #: seconds a daemonizing `pkfuse mount` waits for the mount to answer
+STATUS_TIMEOUT = 2.0  #: seconds `pkfuse umount` waits for a daemon to tell its pid
 
 #: -o options passed through to libfuse/the kernel as given
 PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions", "dev", "nodev", "suid",
@@ -130,7 +131,7 @@ def mounted_paths() -> set[str]:
         for line in f:
             left = line.partition(b" - ")[0].split()
             if len(left) > 4:
-                out.add(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), left[4])))
+                out.add(os.fsdecode(_unescape(left[4])))
     return out
 
 
@@ -412,20 +413,72 @@ def _read_until_eof(fd: int, deadline: float) -> bytes:
 
 
 def daemon_pid(mnt: str) -> int | None:
-    """The daemon's pid from ``MNT/.pkernfs/status``, or None if it cannot be read."""
+    """The pid of the daemon serving ``mnt``, found without sending it a request.
+
+    A hung or stopped daemon would never answer a read under its mount, and
+    ``pkfuse umount`` exists for exactly that case. The mount's source is the
+    image (pkfuse's default fsname), and the daemon holds the image's flock,
+    which ``/proc/locks`` lists with its pid. When the source does not name
+    the image (a user's ``fsname=``, a non-ASCII path libfuse could not
+    pass), the daemon's ``.pkernfs/status`` is asked, for at most
+    ``STATUS_TIMEOUT`` seconds. None if neither names exactly one daemon.
+    """
+    source = _mount_source(mnt)
     try:
-        with open(os.path.join(mnt, ".pkernfs", "status")) as f:
+        st = os.stat(source) if source is not None else None
+    except OSError:
+        st = None
+    if st is None:
+        return _status_pid(mnt)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"; waiters have "->" after the id
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
+                holders.add(int(fields[4]))
+    return holders.pop() if len(holders) == 1 else None
+
+
+def _status_pid(mnt: str) -> int | None:
+    """``daemon_pid`` from ``MNT/.pkernfs/status``, read in a thread we stop waiting for after a timeout."""
+    import threading
+
+    found: list[int] = []
+
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(mnt, ".pkernfs", "status")) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "daemon_pid":
-                    return int(value)
-    except (OSError, ValueError):
-        return None
+                    found.append(int(value))
+
+    reader = threading.Thread(target=read, daemon=True)  # a hung daemon never answers it
+    reader.start()
+    reader.join(STATUS_TIMEOUT)
+    return found[0] if found else None
+
+
+def _mount_source(mnt: str) -> str | None:
+    """The source (fsname) of the fuse.pkfuse mount at ``mnt``, from mountinfo."""
+    target = os.fsencode(os.path.realpath(mnt))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 1 and _unescape(fields[4]) == target and tail[0] == b"fuse.pkfuse":
+                return os.fsdecode(_unescape(tail[1]))
     return None
 
 
+def _unescape(field: bytes) -> bytes:
+    """A mountinfo field as the kernel had it (it escapes space, tab, newline and ``\\`` as octal)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
 def unmount(mnt: str, timeout: float = 10.0) -> int:
-    """``fusermount3 -u MNT`` and wait for the daemon to exit."""
+    """``fusermount3 -u MNT`` and wait for the daemon to exit; never waits on a request to the daemon."""
     mnt = os.path.abspath(mnt)
     if os.path.realpath(mnt) not in mounted_paths():
         raise MountError(f"{mnt} is not mounted", EXIT_MOUNTPOINT)
@@ -437,7 +490,8 @@ def unmount(mnt: str, timeout: float = 10.0) -> int:
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"status {res.returncode}"
         if "busy" in msg.lower():
-            raise MountError(f"{mnt} is busy (a process has a file or its cwd there): {msg}", EXIT_MOUNTPOINT)
+            hint = "" if pid is not None else "; if its daemon hangs, `fusermount3 -u -z` detaches it"
+            raise MountError(f"{mnt} is busy (a process has a file or its cwd there): {msg}{hint}", EXIT_MOUNTPOINT)
         raise MountError(f"could not unmount {mnt}: {msg}", EXIT_ERROR)
     if pid is not None:
         deadline = time.monotonic() + timeout

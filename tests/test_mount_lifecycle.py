@@ -12,6 +12,7 @@ import pytest
 
 from backing.store import Store
 from conftest import FUSERMOUNT, Mount, force_unmount, is_mounted, mounted_paths
+from pkfuse.mount import daemon_pid
 
 pytestmark = pytest.mark.mount
 
@@ -256,6 +257,45 @@ def test_umount_clears_the_mount_of_a_killed_daemon(image: Path, tmp_path: Path)
     finally:
         if is_mounted(mnt):
             subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
+
+
+def test_umount_of_a_stopped_daemon_unmounts_and_says_it_did_not_exit(mounted: Mount) -> None:
+    """A hung daemon answers nothing: umount must not ask it anything, and must not hang."""
+    os.kill(mounted.pid, signal.SIGSTOP)
+    try:
+        r = pkfuse("umount", "--timeout", "1", str(mounted.path), timeout=30)
+        assert r.returncode == 1
+        assert f"daemon {mounted.pid} did not exit" in r.stderr and "Traceback" not in r.stderr
+        assert not is_mounted(mounted.path)
+    finally:
+        os.kill(mounted.pid, signal.SIGCONT)
+    assert mounted.proc is not None and mounted.proc.wait(10) == 0  # resumed, it sees the unmount and exits
+
+
+def test_umount_finds_the_daemon_of_a_read_only_mount(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert pkfuse("mount", "--read-only", "--log", str(tmp_path / "log"), str(image), str(mnt)).returncode == 0
+        assert daemon_pid(str(mnt)) == int(next(line for line in (mnt / ".pkernfs" / "status").read_text().splitlines()
+                                               if line.startswith("daemon_pid:")).split()[1])
+        assert pkfuse("umount", str(mnt)).returncode == 0
+    finally:
+        force_unmount(mnt)
+
+
+def test_umount_of_a_mount_with_its_own_fsname_asks_the_daemon_for_its_pid(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert pkfuse("mount", "-o", "fsname=guestpool", "--log", str(tmp_path / "log"), str(image),
+                      str(mnt)).returncode == 0
+        pid = daemon_pid(str(mnt))
+        assert pid is not None and pid != os.getpid()
+        assert pkfuse("umount", str(mnt)).returncode == 0
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    finally:
+        force_unmount(mnt)
 
 
 def test_umount_of_a_busy_mount_says_so_and_leaves_it_mounted(mounted: Mount) -> None:
