@@ -47,7 +47,8 @@ the IOVA slot is wholly inside the request and IOVA and physical address
 are aligned alike. ``unmap`` of part of a superpage splits it first (the
 rest stays mapped), so unmap works on any 4 KiB-aligned range.
 
-All state changes hold ``store.lock``.
+All state changes hold ``store.lock``; none sleeps while holding it
+(``destroy_domain`` waits out its grace period with the lock released).
 """
 
 from __future__ import annotations
@@ -791,7 +792,24 @@ class Iommu:
 
     def destroy_domain(self, domain: Domain) -> None:
         """Free every page of ``domain`` by unlinking its file, once no walk can be inside
-        (EBUSY while attached); its pins go with it."""
+        (EBUSY while attached); its pins go with it.
+
+        Waits out the grace period after the last detach (up to
+        ``FREE_GRACE_S``) *without* holding ``store.lock``: other store and
+        IOMMU calls go on meanwhile, and each wake-up re-checks the domain
+        (EBUSY if attached again, ENOENT if destroyed by someone else). A
+        caller that holds the lock itself keeps it across the wait.
+        """
+        while True:
+            wait = self.try_destroy_domain(domain)
+            if wait <= 0:
+                return
+            time.sleep(wait)
+
+    def try_destroy_domain(self, domain: Domain) -> float:
+        """``destroy_domain`` without the wait: destroys and returns 0.0 if the grace
+        period since the last detach has passed, else changes nothing and returns the
+        seconds left (a trio caller sleeps them with ``trio.sleep`` and calls again)."""
         with self.store.lock:
             self._writable(domain)
             if domain.attached:
@@ -799,10 +817,11 @@ class Iommu:
                 raise _errno(errno.EBUSY, f"{domain.path} is attached to {rids}")
             wait = domain._quiet_after - time.monotonic()
             if wait > 0:  # a walk that read its context entry before the detach
-                time.sleep(wait)
+                return wait
             self.store.unlink(self.iommu_dir, domain.name.encode(), managed=True)
             del self.domains[domain.domain_id]
             domain.pins.clear()
+            return 0.0
 
     def copy_domain(self, src: Domain, domain_id: int | None = None) -> Domain:
         """A new domain (flag DOMF_SAVED) with the same translations as ``src``."""

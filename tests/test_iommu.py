@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -478,6 +479,109 @@ def test_a_destroyed_domain_object_refuses_every_change_with_enoent(io: Iommu, s
     assert errno_of(lambda: d.copy_to(again)) == errno.ENOENT
     assert errno_of(lambda: io.destroy_domain(d)) == errno.ENOENT
     assert again.domain_id == d.domain_id and again.attached == [] and again.mappings() == []
+
+
+class VirtualClock:
+    """``time`` as backing.iommu sees it: ``sleep`` advances ``monotonic`` at once, after
+    running ``on_sleep`` in the sleeping thread (where a test observes or interferes)."""
+
+    def __init__(self, on_sleep: Callable[[float], None] = lambda s: None) -> None:
+        self.on_sleep = on_sleep
+        self.offset = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.on_sleep(seconds)
+        self.offset += seconds
+
+
+def detached_domain(io: Iommu) -> Domain:
+    """A domain just detached: destroying it must wait out the grace period."""
+    d = io.create_domain()
+    d.attach(0, 3, 0)
+    d.detach(0, 3, 0)
+    return d
+
+
+def test_destroy_waits_out_the_grace_period_without_holding_the_store_lock(
+        io: Iommu, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeping, other_done, destroyed = threading.Event(), threading.Event(), threading.Event()
+
+    def on_sleep(_s: float) -> None:
+        sleeping.set()
+        other_done.wait(timeout=5)  # bounded only so that a lock-holding sleep fails, not hangs
+
+    monkeypatch.setattr(iommu_mod, "time", VirtualClock(on_sleep))
+    d = detached_domain(io)
+    errors: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            io.destroy_domain(d)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            destroyed.set()
+
+    t = threading.Thread(target=destroy)
+    t.start()
+    assert sleeping.wait(timeout=10)
+    store.create(ROOT, b"meanwhile", 0o644, 0, 0)  # another request, during the wait
+    store.getattr(ROOT)
+    destroy_had_returned = destroyed.is_set()
+    other_done.set()
+    t.join()
+    assert not destroy_had_returned
+    assert not errors and d.domain_id not in io.domains
+
+
+def test_destroy_unlinks_only_once_the_grace_period_has_passed(io: Iommu, store: Store,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    still_there: list[bool] = []
+    clock = VirtualClock(lambda s: still_there.append(store.lookup(io.iommu_dir, b"dom-1") > 0))
+    monkeypatch.setattr(iommu_mod, "time", clock)
+    d = detached_domain(io)
+    io.destroy_domain(d)
+    assert still_there and all(still_there)
+    assert clock.monotonic() >= d._quiet_after
+    assert errno_of(lambda: store.lookup(io.iommu_dir, b"dom-1")) == errno.ENOENT
+
+
+def test_destroy_is_ebusy_if_the_domain_is_attached_again_during_its_wait(io: Iommu,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    d = detached_domain(io)
+    monkeypatch.setattr(iommu_mod, "time", VirtualClock(lambda s: d.attach(0, 4, 0) if not d.attached else None))
+    assert errno_of(lambda: io.destroy_domain(d)) == errno.EBUSY
+    assert io.domain(d.domain_id) is d and d.attached == [fmt.requester_id(0, 4, 0)]
+
+
+def test_try_destroy_returns_the_seconds_left_and_changes_nothing_until_they_pass(
+        io: Iommu, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = VirtualClock()
+    monkeypatch.setattr(iommu_mod, "time", clock)
+    d = detached_domain(io)
+    left = io.try_destroy_domain(d)
+    assert 0 < left <= iommu_mod.FREE_GRACE_S
+    assert io.domain(d.domain_id) is d
+    clock.sleep(left)
+    assert io.try_destroy_domain(d) == 0.0
+    assert d.domain_id not in io.domains
+
+
+def test_a_failed_copy_removes_its_half_made_copy_even_under_the_callers_lock(io: Iommu, store: Store,
+                                                                              vm0: int) -> None:
+    src = io.create_domain()
+    src.map(0, phys(store, vm0), PS)
+    store.image_u64[src.pml4_page * 512] = (1 << 40) | vtd.RW  # a table outside the pool
+    with store.lock:  # re-entrant: copy_domain's cleanup destroys with the lock held
+        with pytest.raises(FormatError):
+            io.copy_domain(src)
+    assert sorted(io.domains) == [src.domain_id]
+    assert [n for n, _ in store.children(io.iommu_dir) if n.startswith(b"dom-")] == [b"dom-1"]
 
 
 def test_copy_domain_translates_identically_with_its_own_tables(io: Iommu, store: Store, vm0: int) -> None:
