@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +188,54 @@ def test_helper_mounts_like_mount8_would(image: Path, tmp_path: Path) -> None:
         if is_mounted(mnt):
             subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
     assert "Traceback" not in log.read_text()
+
+
+# In a private mount namespace, /usr/sbin gets an overlay holding the one-time
+# symlink the helper's docstring asks for, and /etc/fstab a bind-mounted line:
+# mount(8) itself then finds the helper, as on a machine where it is installed.
+# The host's /usr/sbin and /etc/fstab are never written.
+MOUNT8_SCRIPT = r"""
+set -eu
+mount -t overlay overlay -o "lowerdir=/usr/sbin,upperdir=$SCRATCH/upper,workdir=$SCRATCH/work" /usr/sbin
+ln -s "$HELPER" /usr/sbin/mount.fuse.pkfuse
+echo "$IMAGE $MNT2 fuse.pkfuse defaults,noauto,log=$SCRATCH/fstab.log 0 0" > "$SCRATCH/fstab"
+mount --bind "$SCRATCH/fstab" /etc/fstab
+trap 'for m in "$MNT" "$MNT2"; do mountpoint -q "$m" && fusermount3 -u -z "$m"; done' EXIT
+mount -t fuse.pkfuse -o "ro,log=$SCRATCH/typed.log" "$IMAGE" "$MNT"
+echo "typed: $(findmnt -n -o FSTYPE,OPTIONS "$MNT")"
+echo "pid: $(sed -n 's/^daemon_pid: *//p' "$MNT/.pkernfs/status")"
+ls "$MNT"
+pkfuse umount "$MNT"
+mount "$MNT2"
+echo "fstab: $(findmnt -n -o FSTYPE "$MNT2")"
+echo "pid: $(sed -n 's/^daemon_pid: *//p' "$MNT2/.pkernfs/status")"
+pkfuse umount "$MNT2"
+echo done
+"""
+
+
+def test_mount8_runs_the_helper_for_the_type_and_for_an_fstab_line(image: Path, tmp_path: Path) -> None:
+    helper = Path(sys.executable).with_name("mount.fuse.pkfuse")
+    if not helper.exists() or not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs root, unshare(1) and the installed mount.fuse.pkfuse")
+    for d in ("upper", "work", "mnt", "mnt2"):
+        (tmp_path / d).mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SCRATCH": str(tmp_path),
+           "HELPER": str(helper), "IMAGE": str(image), "MNT": str(tmp_path / "mnt"), "MNT2": str(tmp_path / "mnt2")}
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", MOUNT8_SCRIPT],
+                       capture_output=True, text=True, env=env, timeout=120)
+    pids = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("pid: ") and line.split()[1:]]
+    for pid in pids:  # daemons live in the namespace: never leave one behind
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("typed: fuse.pkfuse ro,")
+    assert "guest_mem" in lines and "iommu" in lines
+    assert "fstab: fuse.pkfuse" in lines and lines[-1] == "done"
+    assert len(pids) == 2
+    for log in ("typed.log", "fstab.log"):
+        assert "closed cleanly" in (tmp_path / log).read_text()
 
 
 # ----------------------------------------------------------------- demo
