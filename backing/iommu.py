@@ -58,7 +58,7 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -544,6 +544,7 @@ class Iommu:
         self.iommu_dir = 0
         self.root_ino = 0
         self.root_pages = np.zeros(0, np.int64)
+        self._prev_pin_hook: Callable[[int], bool] | None = None  #: store.pin_hook before open
 
     # ------------------------------------------------------------ lifecycle
 
@@ -559,6 +560,7 @@ class Iommu:
         io = cls(store, None)
         with store.lock:
             io._load()
+            io._prev_pin_hook = store.pin_hook
             store.pin_hook = io.pinned
             store.free_orphans()  # deferred by Store.open until the pins are known
         if regs_path:
@@ -570,9 +572,12 @@ class Iommu:
         return io
 
     def close(self) -> None:
+        """Put back the pin hook that ``open`` replaced (only if ours is still the one
+        installed: a hook installed after ours is left alone) and close the registers."""
         with self.store.lock:
             if self.store.pin_hook == self.pinned:
-                self.store.pin_hook = None
+                self.store.pin_hook = self._prev_pin_hook
+            self._prev_pin_hook = None
         if self.regs is not None:
             self.regs.close()
             self.regs = None

@@ -398,6 +398,30 @@ def test_pins_come_back_when_the_image_is_reopened(image: Path) -> None:
         assert errno_of(lambda: s.truncate(g, 0)) == errno.EBUSY
 
 
+def test_close_puts_back_the_pin_hook_installed_before_open(store: Store, vm0: int) -> None:
+    store.pin_hook = lambda ino: ino == vm0  # another holder of pins, installed first
+    Iommu.open(store).close()
+    assert errno_of(lambda: store.unlink(store.lookup(ROOT, b"guest_mem"), b"vm0")) == errno.EBUSY
+
+
+def test_close_leaves_a_pin_hook_installed_after_open_alone(store: Store, vm0: int) -> None:
+    io = Iommu.open(store)
+    store.pin_hook = lambda ino: ino == vm0
+    io.close()
+    assert errno_of(lambda: store.unlink(store.lookup(ROOT, b"guest_mem"), b"vm0")) == errno.EBUSY
+
+
+def test_closing_nested_iommus_in_reverse_order_restores_each_hook(store: Store, vm0: int) -> None:
+    outer = Iommu.open(store)
+    outer.create_domain().map(0, phys(store, vm0), PS)
+    inner = Iommu.open(store)  # loads the same domain; outer's hook is the one before it
+    inner.close()
+    assert store.pin_hook == outer.pinned
+    outer.close()
+    assert store.pin_hook is None
+    store.unlink(store.lookup(ROOT, b"guest_mem"), b"vm0")  # no pins left installed
+
+
 # ---------------------------------------------------------- attach / detach
 
 
