@@ -244,15 +244,33 @@ SL_SNP = 1 << 11  #: Snoop behaviour (leaf only)
 SL_ADDR_MASK = ADDR_MASK  #: next-level table or 4 KiB page, bits 51:12
 SL_ADDR_MASK_2M = 0x000F_FFFF_FFE0_0000  #: bits 51:21 for a 2 MiB leaf
 SL_ADDR_MASK_1G = 0x000F_FFFF_C000_0000  #: bits 51:30 for a 1 GiB leaf
-#: bits 63, 60:52 and 10: "Ignored" in every second-level entry (Linux keeps
-#: its software bits there). Hardware translates whatever they hold, so the
+#: bits 63, 61:52 and 10: "Ignored" in every second-level entry (software may
+#: keep its own bits there). Hardware translates whatever they hold, so the
 #: walker does not fault on them; pkfuse never sets them and fsck (and
-#: Iommu.open) report them as garbage.
-SL_IGNORED = (1 << 63) | (0x1FF << 52) | (1 << 10)
-#: bits the walker faults on (FR_PT_RSVD), by entry kind; bits 62:61 are
-#: treated as reserved too (pkfuse's conservative reading of the spec)
-SL_RSVD_HIGH = 0x6000_0000_0000_0000
-SL_RSVD_NONLEAF = (SL_X | (0b1111 << 3) | SL_PS | SL_SNP) | SL_RSVD_HIGH
+#: Iommu.open) report them as garbage. Bit 61 is Ignored, not reserved, per
+#: qemu/qemu hw/i386/intel_iommu_internal.h (VTD_SL_IGN_COM =
+#: 0xbff0000000000000: bits 63, 61:52), mirror/vbox include/VBox/iommu-intel.h
+#: (VTD_BF_SL_*_IGN_61_52 for every SL entry kind) and Xen
+#: xen/drivers/passthrough/vtd/iommu.h (struct dma_pte: "52-61: available").
+SL_IGNORED = (1 << 63) | (0x3FF << 52) | (1 << 10)
+#: a non-leaf entry (SL-PML4E; SL-PDPE/SL-PDE with PS 0) also has bits 6:3
+#: Ignored (in a leaf they are EMT/IPAT): mirror/vbox include/VBox/iommu-intel.h
+#: (VTD_BF_SL_PML4E/PDPE/PDE_IGN_6_3), and qemu/qemu
+#: hw/i386/intel_iommu_internal.h, whose non-leaf reserved masks
+#: (VTD_SPTE_PAGE_L2..L4_RSVD_MASK = 0x800/0x880 | bits above HAW) leave them out
+SL_IGNORED_NONLEAF = SL_IGNORED | (0b1111 << 3)
+#: bits the walker faults on (FR_PT_RSVD), by entry kind. Bit 62 is reserved
+#: in every entry: TM (transient mapping) of a leaf exists only with
+#: Device-TLB support (ECAP.DT), which pkfuse does not model -- qemu/qemu
+#: hw/i386/intel_iommu_internal.h (VTD_SL_TM excluded from the reserved masks
+#: only when dt_supported), mirror/vbox include/VBox/iommu-intel.h
+#: (VTD_BF_SL_*_RSVD_62), Xen xen/drivers/passthrough/vtd/iommu.h ("62: reserved").
+SL_RSVD_HIGH = 1 << 62
+#: non-leaf: X (pkfuse's choice, unchanged), PS in an SL-PML4E, and bit 11,
+#: reserved in non-leaf entries (SNP exists only in leaves): mirror/vbox
+#: include/VBox/iommu-intel.h (VTD_BF_SL_PML4E/PDPE/PDE_RSVD_11), qemu/qemu
+#: hw/i386/intel_iommu_internal.h (0x800 in every VTD_SPTE_PAGE_*_RSVD_MASK)
+SL_RSVD_NONLEAF = SL_X | SL_PS | SL_SNP | SL_RSVD_HIGH
 SL_RSVD_LEAF_4K = SL_X | SL_RSVD_HIGH  #: EMT/IPAT (bits 6:3) allowed
 SL_RSVD_LEAF_2M = SL_RSVD_LEAF_4K | 0x001F_F000  #: bits 20:12 must be 0
 SL_RSVD_LEAF_1G = SL_RSVD_LEAF_4K | 0x3FFF_F000  #: bits 29:12 must be 0

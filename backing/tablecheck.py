@@ -21,7 +21,8 @@ Checks, one function each:
   address width, SL-PML4 at file page 1.
 * ``check_domain_tree``: tree shape (pointers only to the domain's own pool
   pages, no page shared or referenced twice, PS only at PDPE/PDE),
-  reserved bits clear, non-present entries zero.
+  reserved bits clear, no bits set that hardware ignores (pkfuse never
+  writes them), non-present entries zero.
 * ``check_domain_leaves``: every leaf maps only pages of guest-RAM files.
 """
 

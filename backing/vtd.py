@@ -106,9 +106,14 @@ def is_leaf(level: int, entries: np.ndarray) -> np.ndarray:
     return (entries & U64(fmt.SL_PS)) != 0
 
 
-def ignored_bits(entries: np.ndarray) -> np.ndarray:
-    """Bits hardware ignores (``SL_IGNORED``) set in ``entries``: garbage to fsck, not a fault."""
-    return entries & U64(fmt.SL_IGNORED)
+def ignored_bits(level: int, entries: np.ndarray) -> np.ndarray:
+    """Bits hardware ignores set in present entries at ``level``, by entry kind
+    (``SL_IGNORED`` in a leaf, ``SL_IGNORED_NONLEAF`` in a pointer to a table):
+    garbage to fsck, not a fault."""
+    nonleaf = entries & U64(fmt.SL_IGNORED_NONLEAF)
+    if level == 0:
+        return nonleaf
+    return np.where(is_leaf(level, entries), entries & U64(fmt.SL_IGNORED), nonleaf)
 
 
 def reserved_bits(level: int, entries: np.ndarray) -> np.ndarray:
@@ -178,7 +183,7 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         if bad.any():
             _report(problems, level, where[bad], rsvd[bad], limit,
                     lambda v, level=level: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
-        ign = ignored_bits(entries)
+        ign = ignored_bits(level, entries)
         junk = ign != 0
         if junk.any():
             _report(problems, level, where[junk], ign[junk], limit,

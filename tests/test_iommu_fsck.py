@@ -84,6 +84,35 @@ def test_a_bit_hardware_ignores_in_a_pte_is_still_a_finding(image: Path) -> None
     only(corrupt(image, change), "iommu/dom-1 SL-PTE", "hardware ignores")
 
 
+@pytest.mark.parametrize("iova, level, bits, structure", [
+    (64 * MiB, 3, 1 << 61, "SL-PTE"),  # bit 61: Ignored in every entry
+    (0, 2, 1 << 61, "SL-PDE"),  # ... also in a 2 MiB leaf
+    (64 * MiB, 2, 0b1111 << 3, "SL-PDE"),  # bits 6:3 of a non-leaf entry: Ignored
+    (64 * MiB, 0, 1 << 3, "SL-PML4E"),
+])
+def test_bits_hardware_ignores_are_findings_not_reserved(image: Path, iova: int, level: int, bits: int,
+                                                         structure: str) -> None:
+    def change(s: Store, io: Iommu) -> None:
+        s.image_u64[entry(s, io, iova, level)] |= np.uint64(bits)
+
+    only(corrupt(image, change), f"iommu/dom-1 {structure}", f"bits {bits:#x} set that hardware ignores")
+
+
+@pytest.mark.parametrize("iova, level, structure", [(64 * MiB, 3, "SL-PTE"), (64 * MiB, 1, "SL-PDPE")])
+def test_bit_62_is_a_reserved_bit_finding(image: Path, iova: int, level: int, structure: str) -> None:
+    def change(s: Store, io: Iommu) -> None:
+        s.image_u64[entry(s, io, iova, level)] |= np.uint64(1 << 62)
+
+    only(corrupt(image, change), f"iommu/dom-1 {structure}", f"reserved bits {1 << 62:#x}")
+
+
+def test_emt_bits_in_a_leaf_are_not_a_finding(image: Path) -> None:
+    def change(s: Store, io: Iommu) -> None:
+        s.image_u64[entry(s, io, 64 * MiB, 3)] |= np.uint64(0b1111 << 3)
+
+    assert corrupt(image, change) == []
+
+
 def test_ps_in_a_pml4e(image: Path) -> None:
     f = corrupt(image, lambda s, io: s.image_u64.__setitem__(entry(s, io, 0, 0),
                                                              s.image_u64[entry(s, io, 0, 0)] | np.uint64(fmt.SL_PS)))

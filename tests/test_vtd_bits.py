@@ -143,15 +143,41 @@ def test_reserved_bits_per_entry_kind() -> None:
     # a 1 GiB leaf must have bits 29:12 clear, a 2 MiB leaf bits 20:12
     assert vtd.reserved_bits(1, e([0x4000_0000 | bit(12) | 3 | bit(7)], np.uint64))[0] == bit(12)
     assert vtd.reserved_bits(2, e([0x20_0000 | bit(20) | 3 | bit(7)], np.uint64))[0] == bit(20)
-    # X is reserved everywhere, and pkfuse reads 62:61 as reserved
+    # X is reserved everywhere (pkfuse's choice)
     assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(2)], np.uint64))[0] == bit(2)
-    assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(61)], np.uint64))[0] == bit(61)
-    # 63, 60:52 and 10 are Ignored by hardware: not reserved, but reported as garbage
-    for b in (63, 60, 52, 10):
-        assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(b)], np.uint64))[0] == 0
-        assert vtd.ignored_bits(e([0x1000 | 3 | bit(b)], np.uint64))[0] == bit(b)
-    # a non-leaf entry keeps bits 11 and 6:3 clear
-    assert vtd.reserved_bits(2, e([0x1000 | 3 | bit(11)], np.uint64))[0] == bit(11)
+    # 63, 61:52 and 10 are Ignored by hardware: not reserved, but reported as garbage
+    for level, entry in ((3, 0x1000 | 3), (2, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (0, 0x1000 | 3)):
+        for b in (63, 61, 60, 52, 10):
+            assert vtd.reserved_bits(level, e([entry | bit(b)], np.uint64))[0] == 0
+            assert vtd.ignored_bits(level, e([entry | bit(b)], np.uint64))[0] == bit(b)
+
+
+def test_bit_62_is_reserved_in_every_entry_kind() -> None:
+    e = np.array
+    for level, entry in ((0, 0x1000 | 3), (1, 0x1000 | 3), (1, 0x4000_0000 | 3 | bit(7)),
+                         (2, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (3, 0x1000 | 3)):
+        assert vtd.reserved_bits(level, e([entry | bit(62)], np.uint64))[0] == bit(62)
+        assert vtd.ignored_bits(level, e([entry | bit(62)], np.uint64))[0] == 0
+
+
+def test_bit_11_is_reserved_in_a_non_leaf_entry_and_snp_in_a_leaf() -> None:
+    e = np.array
+    for level in (0, 1, 2):
+        assert vtd.reserved_bits(level, e([0x1000 | 3 | bit(11)], np.uint64))[0] == bit(11)
+    assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(11)], np.uint64))[0] == 0
+    assert vtd.reserved_bits(2, e([0x20_0000 | 3 | bit(7) | bit(11)], np.uint64))[0] == 0
+
+
+def test_bits_6_3_are_ignored_in_a_non_leaf_entry_and_emt_ipat_in_a_leaf() -> None:
+    e = np.array
+    for level in (0, 1, 2):
+        got = e([0x1000 | 3 | (0b1111 << 3)], np.uint64)
+        assert vtd.reserved_bits(level, got)[0] == 0
+        assert vtd.ignored_bits(level, got)[0] == 0b1111 << 3
+    for level, entry in ((3, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (1, 0x4000_0000 | 3 | bit(7))):
+        got = e([entry | (0b1111 << 3)], np.uint64)
+        assert vtd.reserved_bits(level, got)[0] == 0
+        assert vtd.ignored_bits(level, got)[0] == 0  # EMT/IPAT: meaningful, not garbage
 
 
 def test_iova_levels_are_9_bits_each_from_bit_39_down_to_12() -> None:
