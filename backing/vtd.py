@@ -147,6 +147,16 @@ class Problem:
     what: str
 
 
+#: per level, every bit that is reserved or ignored in some kind of entry there:
+#: an entry with none of them needs no per-kind check
+_SUSPECT = (
+    fmt.SL_RSVD_NONLEAF | fmt.SL_IGNORED_NONLEAF,
+    fmt.SL_RSVD_NONLEAF | fmt.SL_IGNORED_NONLEAF | fmt.SL_RSVD_LEAF_1G | fmt.SL_IGNORED,
+    fmt.SL_RSVD_NONLEAF | fmt.SL_IGNORED_NONLEAF | fmt.SL_RSVD_LEAF_2M | fmt.SL_IGNORED,
+    fmt.SL_RSVD_LEAF_4K | fmt.SL_IGNORED,
+)
+
+
 def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.ndarray,
               limit: int = 100) -> tuple[list[Level], list[Problem]]:
     """Collect every present entry of the tree rooted at image page ``pml4_page``.
@@ -166,34 +176,38 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
     bases = np.zeros(1, np.int64)  # IOVA slot of entry 0 of each table, at this level
     seen = tables.copy()
     for level in range(fmt.VTD_LEVELS):
-        block = tables_u64[tables]  # (k, 512)
+        block = tables_u64[tables].ravel()  # k tables * 512 entries, in table order
         present = (block & U64(RW)) != 0
-        stray = ~present & (block != 0)
-        if stray.any():
-            r, c = np.nonzero(stray)
-            _report(problems, level, tables[r] * 512 + c, block[r, c], limit,
-                    lambda v, level=level: f"{LEVEL_NAMES[level]} not present but has bits {v:#x}")
-        rows, cols = np.nonzero(present)
-        entries = block[rows, cols]
+        idx = np.flatnonzero(present)  # 1-D: cheaper than a 2-D nonzero and gather
+        if idx.size != block.size:
+            stray = np.flatnonzero(~present & (block != 0))
+            if stray.size:
+                _report(problems, level, tables[stray >> 9] * 512 + (stray & 511), block[stray], limit,
+                        lambda v, level=level: f"{LEVEL_NAMES[level]} not present but has bits {v:#x}")
+        entries = block[idx]
+        rows, cols = idx >> 9, idx & 511
         where = tables[rows] * 512 + cols
         slots = bases[rows] * 512 + cols
         leaf = is_leaf(level, entries)
-        rsvd = reserved_bits(level, entries)
-        bad = rsvd != 0
-        if bad.any():
-            _report(problems, level, where[bad], rsvd[bad], limit,
-                    lambda v, level=level: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
-        ign = ignored_bits(level, entries)
-        junk = ign != 0
-        if junk.any():
-            _report(problems, level, where[junk], ign[junk], limit,
-                    lambda v, level=level: f"{LEVEL_NAMES[level]} has bits {v:#x} set that hardware ignores "
-                    "and pkfuse never writes")
-        ok = ~bad & ~junk
-        levels.append(Level(tables, slots[ok], where[ok], entries[ok], leaf[ok]))
+        if (entries & U64(_SUSPECT[level])).any():  # else no reserved or ignored bit anywhere (common)
+            rsvd = reserved_bits(level, entries)
+            bad = rsvd != 0
+            if bad.any():
+                _report(problems, level, where[bad], rsvd[bad], limit,
+                        lambda v, level=level: f"{LEVEL_NAMES[level]} has reserved bits {v:#x} set")
+            ign = ignored_bits(level, entries)
+            junk = ign != 0
+            if junk.any():
+                _report(problems, level, where[junk], ign[junk], limit,
+                        lambda v, level=level: f"{LEVEL_NAMES[level]} has bits {v:#x} set that hardware ignores "
+                        "and pkfuse never writes")
+            ok = ~bad & ~junk
+            if not ok.all():
+                slots, where, entries, leaf = slots[ok], where[ok], entries[ok], leaf[ok]
+        levels.append(Level(tables, slots, where, entries, leaf))
         if level == fmt.VTD_LEVELS - 1:
             break
-        desc = ok & ~leaf
+        desc = ~leaf  # of the entries kept (ok ones)
         child = ((entries[desc] & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
         pos = np.searchsorted(allowed, child)
         inside = (pos < allowed.size) & (allowed[np.minimum(pos, max(allowed.size - 1, 0))] == child) \
@@ -230,7 +244,7 @@ def leaf_frames(levels: list[Level]) -> tuple[np.ndarray, np.ndarray]:
     pfn, npages = [], []
     for level, lv in enumerate(levels):
         e = lv.entries if level == 3 else lv.entries[lv.leaf]
-        pfn.append((e >> U64(fmt.PAGE_SHIFT)).astype(np.int64) & (fmt.SL_ADDR_MASK >> fmt.PAGE_SHIFT))
+        pfn.append(((e & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).view(np.int64))  # < 2**40: no copy
         npages.append(np.full(e.size, LEVEL_PAGES[level], np.int64))
     return np.concatenate(pfn), np.concatenate(npages)
 

@@ -422,6 +422,26 @@ def test_closing_nested_iommus_in_reverse_order_restores_each_hook(store: Store,
     store.unlink(store.lookup(ROOT, b"guest_mem"), b"vm0")  # no pins left installed
 
 
+@pytest.mark.parametrize("per_run", [True, False], ids=["lookups per run", "lookups per page"])
+def test_pins_counted_at_open_equal_those_counted_while_mapping(image: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                per_run: bool) -> None:
+    monkeypatch.setattr(iommu_mod, "_RUN_LOOKUP_PAGES", 1 if per_run else 1 << 40)
+    with Store.open(image) as s:
+        a, b = guest(s, b"a", 4 * MiB), guest(s, b"b", 4 * MiB)
+        assert phys(s, b) == phys(s, a, 4 * MiB - PS) + PS  # a run of frames can cross from a into b
+        with Iommu.open(s) as io:
+            d = io.create_domain()
+            d.map(PS, phys(s, a), 3 * MiB)  # 4 KiB leaves: IOVA and phys aligned differently
+            d.map(64 * MiB + PS, phys(s, a, 4 * MiB - 3 * PS), 5 * PS)  # a's last 3 pages, b's first 2
+            for i in range(6):  # single pages of a and b, alternating
+                d.map(128 * MiB + i * PS, phys(s, (a, b)[i % 2], 2 * MiB + i * PS), PS)
+            d.map(1 << 30, phys(s, b, 2 * MiB), 2 * MiB)  # and a 2 MiB leaf
+            expected = (io.pinned_pages(a), io.pinned_pages(b))
+    assert expected == (3 * 256 + 3 + 3, 2 + 3 + 512)
+    with Store.open(image) as s, Iommu.open(s) as io:
+        assert (io.pinned_pages(a), io.pinned_pages(b)) == expected
+
+
 # ---------------------------------------------------------- attach / detach
 
 
