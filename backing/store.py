@@ -869,16 +869,11 @@ class Store:
         except OSError:
             return False
 
-    def _touch(self, txn: Transaction | None, ino: int, now: int) -> None:
-        """Set mtime and ctime of ``ino`` in ``txn``, or in a transaction of its own if None."""
+    def _touch(self, txn: Transaction, ino: int, now: int) -> None:
+        """Stage mtime and ctime of ``ino`` in ``txn`` (a directory whose entries change)."""
         rec = self.inodes[ino : ino + 1].copy()
         rec["mtime_ns"] = rec["ctime_ns"] = now
-        if txn is None:
-            t = Transaction()
-            t.put(self._inode_off(ino), rec)
-            self.journal.commit(t)
-        else:
-            txn.put(self._inode_off(ino), rec)
+        txn.put(self._inode_off(ino), rec)
 
     def _index_extents(self) -> None:
         """Sort the extent table once; per-file maps are cut from it on first use.

@@ -55,9 +55,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return mountmod.serve(args.image, args.mountpoint, opts)
     log_file = os.path.abspath(log_file or mountmod.default_log(args.image))
 
+    def serve() -> int:
+        mountmod.setup_logging(log_file, level=_level(args))  # a log that cannot be opened: one line
+        return mountmod.serve(args.image, args.mountpoint, opts, daemonized=True)
+
     def daemon() -> int:
-        mountmod.setup_logging(log_file, level=_level(args))
-        return _reported(lambda: mountmod.serve(args.image, args.mountpoint, opts, daemonized=True))
+        return _reported(serve)
 
     status = mountmod.daemonize(args.image, args.mountpoint, log_file, daemon)
     global exit_without_teardown
@@ -309,8 +312,9 @@ def run() -> None:
 def exit_now(status: int) -> NoReturn:
     """``sys.exit(status)``, or ``os._exit`` after flushing stdio when ``exit_without_teardown``."""
     if exit_without_teardown:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         os._exit(status)
     sys.exit(status)
 

@@ -57,6 +57,8 @@ EXIT_DOC = """exit status:
   6  the image is not a valid pkfuse image (fsck it)"""
 
 DEV_FUSE = "/dev/fuse"
+#: what a terminal or the caller sends to ``pkfuse mount`` while it waits for its daemon
+_CALLER_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 READY_TIMEOUT = 30.0  #: seconds a daemonizing `pkfuse mount` waits for the mount to answer
 STATUS_TIMEOUT = 2.0  #: seconds `pkfuse umount` waits for a daemon to tell its pid
 
@@ -328,58 +330,103 @@ def daemonize(image: str, mnt: str, log_file: str, child: Callable[[], int]) -> 
     check_image(image)
     check_mountpoint(mnt)
     check_fuse()
-    sys.stdout.flush()  # the child must not write our buffered output a second time
-    sys.stderr.flush()
+    _ensure_stdio()
+    for stream in (sys.stdout, sys.stderr):  # the child must not write our buffered output a second time
+        if stream is not None:
+            stream.flush()
     rfd, wfd = os.pipe()
+    # a Ctrl-C during fork() would restart it and could be lost; blocked, it waits for the try below
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CALLER_SIGNALS)
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _run_daemon(wfd, child)
+        _run_daemon(wfd, child, mask)
     os.close(wfd)
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return _wait_ready(pid, rfd, mnt, log_file)
+    except BaseException:  # interrupted (Ctrl-C) or timed out: leave neither a daemon nor a mount
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if os.path.realpath(mnt) in mounted_paths():
+            subprocess.run([shutil.which("fusermount3") or "fusermount3", "-u", "-z", mnt], capture_output=True)
+        raise
+    finally:
+        os.close(rfd)
+
+
+def _wait_ready(pid: int, rfd: int, mnt: str, log_file: str) -> int:
+    """Wait until daemon ``pid`` has mounted ``mnt`` and answers; its status if it exits first."""
     deadline = time.monotonic() + READY_TIMEOUT
     # the daemon closes its stderr once mounted (or exits): EOF either way
     err = _read_until_eof(rfd, deadline).decode(errors="replace")
-    os.close(rfd)
     while True:
         rc = _exit_status(pid)
         if rc is not None:
-            sys.stderr.write(err if err.strip() else f"pkfuse: error: daemon exited with status {rc}; see {log_file}\n")
+            _say(err if err.strip() else f"pkfuse: error: daemon exited with status {rc}; see {log_file}\n")
             return rc or EXIT_ERROR
         if os.path.realpath(mnt) in mounted_paths():
             break
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            if os.path.realpath(mnt) in mounted_paths():  # mounted just now: leave no dead mount behind
-                subprocess.run([shutil.which("fusermount3") or "fusermount3", "-u", "-z", mnt], capture_output=True)
             raise MountError(f"the daemon did not mount {mnt} within {READY_TIMEOUT:g}s; see {log_file}")
         time.sleep(0.002)
     os.stat(mnt)  # answers: the root's getattr went through the daemon
+    rc = _exit_status(pid)
+    if rc is not None or os.path.realpath(mnt) not in mounted_paths():  # it failed right after mounting
+        _say(err if err.strip() else f"pkfuse: error: the daemon ended once mounted (status {rc}); see {log_file}\n")
+        return rc or EXIT_ERROR
     if err.strip():
-        sys.stderr.write(err)
+        _say(err)
     return EXIT_OK
 
 
-def _run_daemon(err_fd: int, child: Callable[[], int]) -> NoReturn:
-    """The forked child: new session, stdin/stdout on /dev/null, stderr on ``err_fd``; never returns."""
+def _run_daemon(err_fd: int, child: Callable[[], int], mask: set[signal.Signals]) -> NoReturn:
+    """The forked child: new session, stdin/stdout on /dev/null, stderr on ``err_fd``, no other
+    descriptor of the caller's; never returns.
+
+    A fork keeps every descriptor the caller had, close-on-exec or not: a
+    lock file or a pipe the caller's caller waits on would stay open for the
+    life of the mount.
+    """
     status = EXIT_ERROR
     try:
-        os.setsid()
+        os.setsid()  # out of the caller's session: its terminal's signals no longer reach us
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.dup2(err_fd, 2)
-        os.close(null)
-        os.close(err_fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        if sys.stderr is None:  # fd 2 was closed when the interpreter started
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
         status = child()
     except BaseException:  # a bug: its traceback goes to the caller, never past this frame
         with contextlib.suppress(BaseException):
             traceback.print_exc()
     finally:
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                if stream is not None:
+                    stream.flush()
         os._exit(status)
+
+
+def _ensure_stdio() -> None:
+    """Open /dev/null on any of descriptors 0-2 that is closed, so that no pipe of ours lands there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: ``fd`` itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _say(text: str) -> None:
+    """Write ``text`` to stderr, if there is one (a caller may have closed it)."""
+    if sys.stderr is not None:
+        sys.stderr.write(text)
 
 
 def _exit_status(pid: int) -> int | None:

@@ -2,12 +2,13 @@
 # Set up everything pkfuse needs on a Debian machine, idempotently:
 # apt packages for FUSE, a virtual environment in .venv, the package with
 # its test extra. A second run only checks stamps and returns in well under
-# a second. Source it or run it; it prints nothing when already set up.
+# a second; it prints nothing when already set up. Run it, do not source it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PKFUSE_VENV:-$ROOT/.venv}"
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr)
+# gcc and libc6-dev: pyfuse3 is compiled at install (PyPI has no wheel of it)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr gcc libc6-dev)
 
 # The interpreter: the daemon's start-up and its cost per FUSE request are
 # interpreter-bound, and Debian's python3 (built with PGO and LTO) starts in
@@ -17,13 +18,21 @@ PYTHON="${PKFUSE_PYTHON:-}"
 if [ -z "$PYTHON" ]; then
     if [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
 fi
+interp="$(command -v "$PYTHON" || true)"
+if [ -z "$interp" ]; then
+    echo "setup: error: no Python interpreter '$PYTHON' (set PKFUSE_PYTHON to one, 3.11 or newer)" >&2
+    exit 1
+fi
+interp="$(readlink -f "$interp")"
 # Debian's python3 ships venv's ensurepip and the C headers (pyfuse3 compiles
 # against them) in separate packages
-if [ "$PYTHON" = /usr/bin/python3 ]; then
-    "$PYTHON" -c "import ensurepip" 2>/dev/null || APT_PACKAGES+=(python3-venv)
-    "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
-        2>/dev/null || APT_PACKAGES+=(python3-dev)
-fi
+case "$interp" in
+    /usr/bin/python3*)
+        "$interp" -c "import ensurepip" 2>/dev/null || APT_PACKAGES+=(python3-venv)
+        "$interp" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
+            2>/dev/null || APT_PACKAGES+=(python3-dev)
+        ;;
+esac
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -39,14 +48,15 @@ fi
 # the stamp names the inputs of the install: a changed pyproject or another
 # interpreter reinstalls
 stamp="$VENV/.pkfuse-installed"
-interp="$(readlink -f "$(command -v "$PYTHON")")"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $interp"
-if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cut -d' ' -f2- "$stamp")" != "$interp" ]; then
+# the interpreter a venv was made from, as pyvenv.cfg records it
+venv_interp="$(sed -n 's/^executable *= *//p' "$VENV/pyvenv.cfg" 2>/dev/null || true)"
+if [ -x "$VENV/bin/python" ] && [ "$(readlink -f "${venv_interp:-/nonexistent}" || true)" != "$interp" ]; then
     echo "setup: recreating $VENV for $interp" >&2
-    "$PYTHON" -m venv --clear "$VENV" >&2
+    "$interp" -m venv --clear "$VENV" >&2
 elif [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating virtual environment $VENV with $interp" >&2
-    "$PYTHON" -m venv "$VENV" >&2
+    "$interp" -m venv "$VENV" >&2
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing pkfuse and its test extra into $VENV" >&2

@@ -148,6 +148,77 @@ def test_daemon_mode_detaches_the_daemon_from_the_caller(image: Path, tmp_path: 
         force_unmount(mnt)
 
 
+def test_daemon_mode_keeps_none_of_the_callers_other_descriptors(image: Path, tmp_path: Path) -> None:
+    """A fork keeps every descriptor; a lock file the caller holds must not stay locked for the mount's life."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    held = tmp_path / "held.lock"
+    fd = os.open(held, os.O_CREAT | os.O_WRONLY)
+    try:
+        r = subprocess.run([*PKFUSE, "mount", "--log", str(tmp_path / "log"), str(image), str(mnt)],
+                           pass_fds=(fd,), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        pid = daemon_pid(str(mnt))
+        assert pid is not None
+        targets = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        assert str(held) not in targets
+        assert pkfuse("umount", str(mnt)).returncode == 0
+    finally:
+        os.close(fd)
+        force_unmount(mnt)
+
+
+def test_daemon_mode_with_a_log_it_cannot_open_is_one_line(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = pkfuse("mount", "--log", str(tmp_path / "missing" / "x.log"), str(image), str(mnt))
+    assert r.returncode == 1 and not is_mounted(mnt)
+    assert r.stderr.startswith("pkfuse: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_daemon_mode_with_stdout_and_stderr_closed_mounts(image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["sh", "-c", f'exec "$@" >&- 2>&-', "sh", *PKFUSE, "mount", "--log", str(tmp_path / "log"),
+                            str(image), str(mnt)], timeout=60)
+        assert r.returncode == 0 and is_mounted(mnt)
+        assert pkfuse("umount", str(mnt)).returncode == 0
+    finally:
+        force_unmount(mnt)
+    assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+def test_interrupting_daemon_mode_leaves_no_daemon_behind(image: Path, tmp_path: Path) -> None:
+    """Ctrl-C while ``pkfuse mount`` waits for its daemon ends the daemon too.
+
+    The log is a FIFO nobody reads, so the daemon blocks opening it and is
+    surely still starting when the interrupt comes.
+    """
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "log"
+    os.mkfifo(log)
+    parent = subprocess.Popen([*PKFUSE, "mount", "--log", str(log), str(image), str(mnt)],
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+        child = ""
+        while not child and parent.poll() is None:
+            child = children.read_text().strip()
+        parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=30)
+        assert parent.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert not Path(f"/proc/{child}").exists()
+        assert not is_mounted(mnt)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        force_unmount(mnt)
+
+
 def test_daemon_mode_logs_next_to_the_image_by_default(image: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()

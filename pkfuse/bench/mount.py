@@ -50,7 +50,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = MiB  #: bytes per read/write request on both sides
 MOUNT_RUNS = 5  #: mounts timed; the best is the measure (a shared 2-CPU machine is noisy), the median is shown
-PKFUSE = [sys.executable, "-m", "pkfuse"]
+#: the installed ``pkfuse`` command, the one users run (``python -m pkfuse`` where it is not installed)
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "pkfuse")
+PKFUSE = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "pkfuse"]
 
 
 def _mounted(mnt: str) -> bool:
