@@ -13,9 +13,9 @@ per transaction; ``applied_seq == commit_seq`` between transactions):
 1. Records are written to the journal body: for each metadata range an
    ``JREC_DTYPE`` header (image offset, length) and the range's *new*
    bytes, padded to 8 bytes. Then the header's ``txn_seq = s``,
-   ``body_bytes``, ``nrecords`` and ``body_crc`` (CRC-32 of the body
-   seeded with ``s``). None of this is trusted yet: ``commit_seq`` still
-   equals ``applied_seq``.
+   ``nrecords = 0``, ``body_bytes``, ``nrecords`` and ``body_crc`` (CRC-32
+   of the body seeded with ``s``). None of this is trusted yet:
+   ``commit_seq`` still equals ``applied_seq``.
 2. **Commit point**: one aligned 8-byte store ``commit_seq = s``.
 3. The records are copied to their places in the metadata regions.
 4. One aligned 8-byte store ``applied_seq = s``.
@@ -233,6 +233,11 @@ class Journal:
             pos += padded
         h = self._header[0:1]
         h["txn_seq"] = seq
+        # nrecords drops to 0 before body_bytes changes: a kill between any two
+        # of these stores leaves a header whose records fit its body, which
+        # fsck checks (the fields are not trusted before the commit, but they
+        # are never nonsense either)
+        h["nrecords"] = 0
         h["body_bytes"] = pos
         h["nrecords"] = len(txn.records)
         h["body_crc"] = zlib.crc32(self._body[:pos], seq & 0xFFFFFFFF)

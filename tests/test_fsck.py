@@ -283,6 +283,26 @@ def test_journal_body_bytes_beyond_the_body_is_unusable(image: Path) -> None:
     assert_refused(image, 2, "journal.body_bytes")
 
 
+def test_uncommitted_body_whose_fields_disagree_is_ignored(image: Path) -> None:
+    """A writer killed between the body's field stores (txn_seq already the next) is a crash, not garbage."""
+    with raw(image) as r:
+        r.journal["txn_seq"] = r.journal["commit_seq"] + 1
+        r.journal["body_bytes"] = 80
+        r.journal["nrecords"] = 8
+    assert fsck.check_image(image) == (0, [])
+    with Store.open(image) as s:
+        assert not s.journal_recovered
+
+
+def test_committed_body_whose_records_cannot_fit_it_is_unusable(image: Path) -> None:
+    with Store.open(image) as s:
+        s.mkdir(s.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), b"d", 0o755, 0, 0)  # one transaction: the body is the committed one
+    with raw(image) as r:
+        assert int(r.journal["txn_seq"][0]) == int(r.journal["commit_seq"][0])
+        r.journal["nrecords"] = 1000
+    assert_refused(image, 2, "journal.nrecords")
+
+
 def test_replayed_transaction_that_rewrites_the_geometry_is_unusable(image: Path) -> None:
     def build(r: Raw) -> Transaction:
         sb = r.sb.copy()
