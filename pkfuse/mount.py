@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import logging
 import os
 import re
@@ -126,6 +127,17 @@ def fuse_options(image: str, opts: dict[str, Any]) -> set[str]:
     return out
 
 
+def mount_path(mnt: str) -> str:
+    """``mnt`` as mountinfo names it, resolving only its parent directory.
+
+    ``realpath(mnt)`` would ``lstat`` the mountpoint itself: on a FUSE
+    mount whose daemon is hung or stopped that waits forever (only SIGKILL
+    ends it), as soon as the cached attributes of its root expire.
+    """
+    mnt = os.path.abspath(mnt)
+    return os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
+
+
 def mounted_paths() -> set[str]:
     """Mountpoints in this mount namespace (the kernel escapes space, tab, newline and ``\\`` as octal)."""
     out = set()
@@ -139,7 +151,7 @@ def mounted_paths() -> set[str]:
 
 def check_mountpoint(mnt: str) -> None:
     # the mount check first: a dead FUSE mount (daemon killed) fails stat, so exists() says False
-    if os.path.realpath(mnt) in mounted_paths():
+    if mount_path(mnt) in mounted_paths():
         raise MountError(f"mountpoint {mnt} is busy: something is already mounted there", EXIT_MOUNTPOINT)
     if not os.path.exists(mnt):
         raise MountError(f"mountpoint {mnt} does not exist", EXIT_MOUNTPOINT)
@@ -334,45 +346,80 @@ def daemonize(image: str, mnt: str, log_file: str, child: Callable[[], int]) -> 
     for stream in (sys.stdout, sys.stderr):  # the child must not write our buffered output a second time
         if stream is not None:
             stream.flush()
-    rfd, wfd = os.pipe()
     # a Ctrl-C during fork() would restart it and could be lost; blocked, it waits for the try below
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CALLER_SIGNALS)
-    pid = os.fork()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    rfd, wfd = os.pipe()
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CALLER_SIGNALS)
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(rfd)
+        os.close(wfd)
+        raise
     if pid == 0:
         os.close(rfd)
         _run_daemon(wfd, child, mask)
     os.close(wfd)
+    daemon = _Child(pid)
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return _wait_ready(pid, rfd, mnt, log_file)
+        return _wait_ready(daemon, rfd, mnt, log_file)
     except BaseException:  # interrupted (Ctrl-C) or timed out: leave neither a daemon nor a mount
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        if os.path.realpath(mnt) in mounted_paths():
-            subprocess.run([shutil.which("fusermount3") or "fusermount3", "-u", "-z", mnt], capture_output=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CALLER_SIGNALS)  # a second Ctrl-C must not cut this short
+        try:
+            daemon.kill()
+            if mount_path(mnt) in mounted_paths():
+                subprocess.run([shutil.which("fusermount3") or "fusermount3", "-u", "-z", mnt],
+                               capture_output=True, start_new_session=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     finally:
         os.close(rfd)
 
 
-def _wait_ready(pid: int, rfd: int, mnt: str, log_file: str) -> int:
-    """Wait until daemon ``pid`` has mounted ``mnt`` and answers; its status if it exits first."""
+class _Child:
+    """The forked daemon, reaped at most once (its pid may be reused after that)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.status: int | None = None
+
+    def exit_status(self) -> int | None:
+        """Its exit status if it has ended (reaping it), else None."""
+        if self.status is None:
+            done, wstatus = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(wstatus)
+                self.status = code if code >= 0 else 128 - code  # killed by signal -code, as a shell says
+        return self.status
+
+    def kill(self) -> None:
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.status = 128 + signal.SIGKILL
+
+
+def _wait_ready(daemon: _Child, rfd: int, mnt: str, log_file: str) -> int:
+    """Wait until ``daemon`` has mounted ``mnt`` and answers; its status if it exits first."""
     deadline = time.monotonic() + READY_TIMEOUT
     # the daemon closes its stderr once mounted (or exits): EOF either way
     err = _read_until_eof(rfd, deadline).decode(errors="replace")
     while True:
-        rc = _exit_status(pid)
+        rc = daemon.exit_status()
         if rc is not None:
             _say(err if err.strip() else f"pkfuse: error: daemon exited with status {rc}; see {log_file}\n")
             return rc or EXIT_ERROR
-        if os.path.realpath(mnt) in mounted_paths():
+        if mount_path(mnt) in mounted_paths():
             break
         if time.monotonic() > deadline:
             raise MountError(f"the daemon did not mount {mnt} within {READY_TIMEOUT:g}s; see {log_file}")
         time.sleep(0.002)
     os.stat(mnt)  # answers: the root's getattr went through the daemon
-    rc = _exit_status(pid)
-    if rc is not None or os.path.realpath(mnt) not in mounted_paths():  # it failed right after mounting
+    rc = daemon.exit_status()
+    if rc is not None or mount_path(mnt) not in mounted_paths():  # it failed right after mounting
         _say(err if err.strip() else f"pkfuse: error: the daemon ended once mounted (status {rc}); see {log_file}\n")
         return rc or EXIT_ERROR
     if err.strip():
@@ -391,14 +438,18 @@ def _run_daemon(err_fd: int, child: Callable[[], int], mask: set[signal.Signals]
     status = EXIT_ERROR
     try:
         os.setsid()  # out of the caller's session: its terminal's signals no longer reach us
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.dup2(err_fd, 2)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        if sys.stderr is None:  # fd 2 was closed when the interpreter started
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
+        # the streams may have wrapped other descriptors (an in-process caller's
+        # capture files): now closed, their numbers will be the image's
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        if faulthandler.is_enabled():
+            faulthandler.enable(sys.stderr)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         status = child()
     except BaseException:  # a bug: its traceback goes to the caller, never past this frame
         with contextlib.suppress(BaseException):
@@ -429,15 +480,6 @@ def _say(text: str) -> None:
         sys.stderr.write(text)
 
 
-def _exit_status(pid: int) -> int | None:
-    """The exit status of child ``pid`` if it has ended (reaped), else None."""
-    done, wstatus = os.waitpid(pid, os.WNOHANG)
-    if not done:
-        return None
-    code = os.waitstatus_to_exitcode(wstatus)
-    return code if code >= 0 else 128 - code  # killed by signal -code, as a shell reports it
-
-
 def _read_until_eof(fd: int, deadline: float) -> bytes:
     import select
 
@@ -460,32 +502,48 @@ def _read_until_eof(fd: int, deadline: float) -> bytes:
 
 
 def daemon_pid(mnt: str) -> int | None:
-    """The pid of the daemon serving ``mnt``, found without sending it a request.
+    """The pid of the daemon serving ``mnt``, found without sending it a request if possible.
 
     A hung or stopped daemon would never answer a read under its mount, and
     ``pkfuse umount`` exists for exactly that case. The mount's source is the
     image (pkfuse's default fsname), and the daemon holds the image's flock,
-    which ``/proc/locks`` lists with its pid. When the source does not name
-    the image (a user's ``fsname=``, a non-ASCII path libfuse could not
-    pass), the daemon's ``.pkernfs/status`` is asked, for at most
-    ``STATUS_TIMEOUT`` seconds. None if neither names exactly one daemon.
+    which ``/proc/locks`` lists with its pid. Only the inode number is
+    compared there (on btrfs or overlayfs the lock's device is not the one
+    ``stat`` gives), so a holder counts only if it has the image itself open.
+    When that does not name exactly one process (a user's ``fsname=``, a
+    non-ASCII path libfuse could not pass, two read-only daemons), the
+    daemon's ``.pkernfs/status`` is asked, for at most ``STATUS_TIMEOUT``.
     """
     source = _mount_source(mnt)
     try:
         st = os.stat(source) if source is not None else None
     except OSError:
         st = None
-    if st is None:
-        return _status_pid(mnt)
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders = set()
+    holders = _flock_holders(st) if st is not None else set()
+    return holders.pop() if len(holders) == 1 else _status_pid(mnt)
+
+
+def _flock_holders(st: os.stat_result) -> set[int]:
+    """Pids holding an flock on the file ``st`` describes, and having it open."""
+    candidates = set()
     with open("/proc/locks") as f:
         for line in f:
             fields = line.split()
-            # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"; waiters have "->" after the id
-            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
-                holders.add(int(fields[4]))
-    return holders.pop() if len(holders) == 1 else None
+            # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"; waiters have "->" after the id;
+            # a holder in another pid namespace shows as pid 0 (or -1)
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rpartition(":")[2] == str(st.st_ino):
+                with contextlib.suppress(ValueError):
+                    if int(fields[4]) > 0:
+                        candidates.add(int(fields[4]))
+    out = set()
+    for pid in candidates:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), st):
+                        out.add(pid)
+                        break
+    return out
 
 
 def _status_pid(mnt: str) -> int | None:
@@ -509,7 +567,7 @@ def _status_pid(mnt: str) -> int | None:
 
 def _mount_source(mnt: str) -> str | None:
     """The source (fsname) of the fuse.pkfuse mount at ``mnt``, from mountinfo."""
-    target = os.fsencode(os.path.realpath(mnt))
+    target = os.fsencode(mount_path(mnt))
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             left, _, right = line.partition(b" - ")
@@ -527,7 +585,7 @@ def _unescape(field: bytes) -> bytes:
 def unmount(mnt: str, timeout: float = 10.0) -> int:
     """``fusermount3 -u MNT`` and wait for the daemon to exit; never waits on a request to the daemon."""
     mnt = os.path.abspath(mnt)
-    if os.path.realpath(mnt) not in mounted_paths():
+    if mount_path(mnt) not in mounted_paths():
         raise MountError(f"{mnt} is not mounted", EXIT_MOUNTPOINT)
     pid = daemon_pid(mnt)
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")

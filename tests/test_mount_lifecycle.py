@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from backing.store import Store
 from conftest import FUSERMOUNT, Mount, force_unmount, is_mounted, mounted_paths
+from pkfuse.fs import ATTR_TIMEOUT
 from pkfuse.mount import daemon_pid
 
 pytestmark = pytest.mark.mount
@@ -216,6 +218,8 @@ def test_interrupting_daemon_mode_leaves_no_daemon_behind(image: Path, tmp_path:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+        if child and Path(f"/proc/{child}").exists():  # a failed run must not leave the daemon behind
+            os.kill(int(child), signal.SIGKILL)
         force_unmount(mnt)
 
 
@@ -334,6 +338,7 @@ def test_umount_of_a_stopped_daemon_unmounts_and_says_it_did_not_exit(mounted: M
     """A hung daemon answers nothing: umount must not ask it anything, and must not hang."""
     os.kill(mounted.pid, signal.SIGSTOP)
     try:
+        time.sleep(ATTR_TIMEOUT + 0.5)  # the kernel's cached attributes of the root expire: a stat would hang
         r = pkfuse("umount", "--timeout", "1", str(mounted.path), timeout=30)
         assert r.returncode == 1
         assert f"daemon {mounted.pid} did not exit" in r.stderr and "Traceback" not in r.stderr
@@ -353,6 +358,26 @@ def test_umount_finds_the_daemon_of_a_read_only_mount(image: Path, tmp_path: Pat
         assert pkfuse("umount", str(mnt)).returncode == 0
     finally:
         force_unmount(mnt)
+
+
+def test_umount_tells_apart_two_read_only_daemons_of_one_image(image: Path, tmp_path: Path) -> None:
+    mnts = [tmp_path / "a", tmp_path / "b"]
+    try:
+        pids = []
+        for mnt in mnts:
+            mnt.mkdir()
+            r = pkfuse("mount", "--read-only", "--log", str(tmp_path / "log"), str(image), str(mnt))
+            assert r.returncode == 0, r.stderr
+            status = (mnt / ".pkernfs" / "status").read_text()
+            pids.append(int(next(x for x in status.splitlines() if x.startswith("daemon_pid:")).split()[1]))
+        assert pids[0] != pids[1]
+        assert [daemon_pid(str(m)) for m in mnts] == pids
+        for mnt, pid in zip(mnts, pids):
+            assert pkfuse("umount", str(mnt)).returncode == 0
+            assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    finally:
+        for mnt in mnts:
+            force_unmount(mnt)
 
 
 def test_umount_of_a_mount_with_its_own_fsname_asks_the_daemon_for_its_pid(image: Path, tmp_path: Path) -> None:
