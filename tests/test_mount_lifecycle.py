@@ -21,6 +21,12 @@ pytestmark = pytest.mark.mount
 PKFUSE = [sys.executable, "-m", "pkfuse"]
 
 
+def status_pid(mnt: Path) -> int:
+    """The daemon's pid as its ``.pkernfs/status`` view tells it."""
+    status = (mnt / ".pkernfs" / "status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("daemon_pid:")).split()[1])
+
+
 def pkfuse(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PKFUSE, *args], capture_output=True, text=True, timeout=timeout)
 
@@ -116,8 +122,7 @@ def test_daemon_mode_returns_once_mounted_and_umount_waits_for_it(image: Path, t
         r = pkfuse("mount", "--log", str(log), str(image), str(mnt))
         assert r.returncode == 0, r.stderr
         assert is_mounted(mnt)
-        status = (mnt / ".pkernfs" / "status").read_text()
-        pid = int(next(line for line in status.splitlines() if line.startswith("daemon_pid:")).split()[1])
+        pid = status_pid(mnt)
         assert pid != os.getpid()
         r = pkfuse("umount", str(mnt))
         assert r.returncode == 0, r.stderr
@@ -140,8 +145,7 @@ def test_daemon_mode_detaches_the_daemon_from_the_caller(image: Path, tmp_path: 
     try:
         r = pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt))
         assert r.returncode == 0, r.stderr
-        status = (mnt / ".pkernfs" / "status").read_text()
-        pid = int(next(line for line in status.splitlines() if line.startswith("daemon_pid:")).split()[1])
+        pid = status_pid(mnt)
         assert os.getsid(pid) == pid
         fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert fds[0] == os.devnull and fds[1] == fds[2] == str(tmp_path / "log")
@@ -323,8 +327,7 @@ def test_umount_clears_the_mount_of_a_killed_daemon(image: Path, tmp_path: Path)
     mnt.mkdir()
     try:
         assert pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt)).returncode == 0
-        status = (mnt / ".pkernfs" / "status").read_text()
-        pid = int(next(x for x in status.splitlines() if x.startswith("daemon_pid:")).split()[1])
+        pid = status_pid(mnt)
         os.kill(pid, signal.SIGKILL)
         r = pkfuse("umount", str(mnt))
         assert r.returncode == 0, r.stderr
@@ -353,8 +356,7 @@ def test_umount_finds_the_daemon_of_a_read_only_mount(image: Path, tmp_path: Pat
     mnt.mkdir()
     try:
         assert pkfuse("mount", "--read-only", "--log", str(tmp_path / "log"), str(image), str(mnt)).returncode == 0
-        assert daemon_pid(str(mnt)) == int(next(line for line in (mnt / ".pkernfs" / "status").read_text().splitlines()
-                                               if line.startswith("daemon_pid:")).split()[1])
+        assert daemon_pid(str(mnt)) == status_pid(mnt)
         assert pkfuse("umount", str(mnt)).returncode == 0
     finally:
         force_unmount(mnt)
@@ -368,8 +370,7 @@ def test_umount_tells_apart_two_read_only_daemons_of_one_image(image: Path, tmp_
             mnt.mkdir()
             r = pkfuse("mount", "--read-only", "--log", str(tmp_path / "log"), str(image), str(mnt))
             assert r.returncode == 0, r.stderr
-            status = (mnt / ".pkernfs" / "status").read_text()
-            pids.append(int(next(x for x in status.splitlines() if x.startswith("daemon_pid:")).split()[1]))
+            pids.append(status_pid(mnt))
         assert pids[0] != pids[1]
         assert [daemon_pid(str(m)) for m in mnts] == pids
         for mnt, pid in zip(mnts, pids):

@@ -50,6 +50,15 @@ def new_file(s: Store, name: bytes = b"vm0", size: int = 0, parent: int | None =
     return ino
 
 
+def two_extent_file(s: Store) -> int:
+    """A 4-page file in two extents: pages 0-1, then 2-3 placed after another file's page."""
+    a = new_file(s, b"a", size=2 * PS)
+    new_file(s, b"b", size=PS)
+    s.truncate(a, 4 * PS)  # the new pages cannot follow a's first extent
+    assert len(s.extents(a)) == 2
+    return a
+
+
 def errno_of(fn: Callable[[], object]) -> int:
     with pytest.raises(StoreError) as e:
         fn()
@@ -612,10 +621,7 @@ def test_write_and_read_across_extents(tmp_path: Path) -> None:
     p = tmp_path / "i"
     mkfs(p, 16 * MiB)
     with Store.open(p) as s:
-        a = new_file(s, b"a", size=2 * PS)
-        new_file(s, b"b", size=PS)
-        s.truncate(a, 4 * PS)  # the new pages cannot follow a's first extent
-        assert len(s.extents(a)) == 2
+        a = two_extent_file(s)
         data = np.random.default_rng(2).bytes(3 * PS)
         s.write(a, PS // 2, data)
         assert s.read(a, PS // 2, len(data)) == data
@@ -723,10 +729,7 @@ def test_image_span_is_none_past_the_end_or_across_extents(tmp_path: Path) -> No
     p = tmp_path / "i"
     mkfs(p, 16 * MiB)
     with Store.open(p) as s:
-        a = new_file(s, b"a", size=2 * PS)
-        new_file(s, b"b", size=PS)
-        s.truncate(a, 4 * PS)
-        assert len(s.extents(a)) == 2
+        a = two_extent_file(s)
         assert s.image_span(a, 2 * PS - 1, 2) is None
         assert s.image_span(a, 4 * PS, 1) is None
         assert s.image_span(a, -1, 1) is None
