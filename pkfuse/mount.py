@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -362,10 +363,14 @@ def daemonize(image: str, mnt: str, log_file: str, child: Callable[[], int]) -> 
         _run_daemon(wfd, child, mask)
     os.close(wfd)
     daemon = _Child(pid)
+    handlers: dict[int, Any] = {}
     try:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: the mount is abandoned, not left half-made
+                handlers[sig] = signal.signal(sig, _abandon)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return _wait_ready(daemon, rfd, mnt, log_file)
-    except BaseException:  # interrupted (Ctrl-C) or timed out: leave neither a daemon nor a mount
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM, SIGHUP) or timed out: leave neither a daemon nor a mount
         signal.pthread_sigmask(signal.SIG_BLOCK, _CALLER_SIGNALS)  # a second Ctrl-C must not cut this short
         try:
             daemon.kill()
@@ -376,7 +381,14 @@ def daemonize(image: str, mnt: str, log_file: str, child: Callable[[], int]) -> 
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         os.close(rfd)
+
+
+def _abandon(signum: int, frame: object) -> NoReturn:
+    raise MountError(f"{signal.Signals(signum).name} while waiting for the mount: the daemon was stopped",
+                     128 + signum)
 
 
 class _Child:
@@ -548,8 +560,6 @@ def _flock_holders(st: os.stat_result) -> set[int]:
 
 def _status_pid(mnt: str) -> int | None:
     """``daemon_pid`` from ``MNT/.pkernfs/status``, read in a thread we stop waiting for after a timeout."""
-    import threading
-
     found: list[int] = []
 
     def read() -> None:

@@ -195,8 +195,12 @@ def test_daemon_mode_with_stdout_and_stderr_closed_mounts(image: Path, tmp_path:
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
-def test_interrupting_daemon_mode_leaves_no_daemon_behind(image: Path, tmp_path: Path) -> None:
-    """Ctrl-C while ``pkfuse mount`` waits for its daemon ends the daemon too.
+@pytest.mark.parametrize(("sig", "status", "says"), [(signal.SIGINT, 130, "interrupted"),
+                                                     (signal.SIGTERM, 143, "SIGTERM while waiting"),
+                                                     (signal.SIGHUP, 129, "SIGHUP while waiting")])
+def test_interrupting_daemon_mode_leaves_no_daemon_behind(image: Path, tmp_path: Path, sig: signal.Signals,
+                                                          status: int, says: str) -> None:
+    """Ctrl-C (or SIGTERM, SIGHUP) while ``pkfuse mount`` waits for its daemon ends the daemon too.
 
     The log is a FIFO nobody reads, so the daemon blocks opening it and is
     surely still starting when the interrupt comes.
@@ -213,9 +217,9 @@ def test_interrupting_daemon_mode_leaves_no_daemon_behind(image: Path, tmp_path:
         child = ""
         while not child and parent.poll() is None:
             child = children.read_text().strip()
-        parent.send_signal(signal.SIGINT)
+        parent.send_signal(sig)
         _, err = parent.communicate(timeout=30)
-        assert parent.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert parent.returncode == status and says in err and "Traceback" not in err, err
         assert not Path(f"/proc/{child}").exists()
         assert not is_mounted(mnt)
     finally:
