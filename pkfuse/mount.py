@@ -56,7 +56,8 @@ EXIT_DOC = """exit status:
   3  mountpoint missing, not a directory, or busy (already mounted)
   4  image in use by another pkfuse daemon (flock)
   5  /dev/fuse missing or the mount refused by the kernel
-  6  the image is not a valid pkfuse image (fsck it)"""
+  6  the image is not a valid pkfuse image (fsck it)
+  128+N  signal N (Ctrl-C, SIGTERM, SIGHUP) while waiting: the daemon was stopped"""
 
 DEV_FUSE = "/dev/fuse"
 #: what a terminal or the caller sends to ``pkfuse mount`` while it waits for its daemon
