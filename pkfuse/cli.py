@@ -305,7 +305,8 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
-def run() -> None:
+def run() -> NoReturn:
+    """The ``pkfuse`` command (console script and ``python -m pkfuse``)."""
     exit_now(main())
 
 

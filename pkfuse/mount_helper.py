@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import cli
 
@@ -70,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.main(args)
 
 
-def run() -> None:
+def run() -> NoReturn:
+    """The ``mount.fuse.pkfuse`` command."""
     cli.exit_now(main())
 
 
