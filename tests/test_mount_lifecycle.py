@@ -186,7 +186,7 @@ def test_daemon_mode_with_stdout_and_stderr_closed_mounts(image: Path, tmp_path:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        r = subprocess.run(["sh", "-c", f'exec "$@" >&- 2>&-', "sh", *PKFUSE, "mount", "--log", str(tmp_path / "log"),
+        r = subprocess.run(["sh", "-c", 'exec "$@" >&- 2>&-', "sh", *PKFUSE, "mount", "--log", str(tmp_path / "log"),
                             str(image), str(mnt)], timeout=60)
         assert r.returncode == 0 and is_mounted(mnt)
         assert pkfuse("umount", str(mnt)).returncode == 0

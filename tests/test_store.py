@@ -805,7 +805,7 @@ def test_files_changed_after_reopen_before_any_read_start_from_their_own_extents
         b = new_file(s, b"b", size=HUGE + PS)
         new_file(s, b"c", size=2 * PS)
         new_file(s, b"d", size=3 * PS)
-        e = new_file(s, b"e")
+        new_file(s, b"e")
         s.write(a, HUGE - 2, b"kept")
         s.write(b, 0, b"bbbb")
         layout = {ino: s.extents(ino) for ino in (a, b)}
