@@ -238,9 +238,9 @@ CE_HI_RSVD = ~(CE_HI_AW_MASK | (0b1111 << 3) | CE_HI_DID_MASK) & 0xFFFF_FFFF_FFF
 # Second-level paging entries (SL-PML4E, SL-PDPE, SL-PDE, SL-PTE), 64 bits
 SL_R = 1 << 0  #: Read
 SL_W = 1 << 1  #: Write
-SL_X = 1 << 2  #: Execute (not used; must be 0 here)
+SL_X = 1 << 2  #: Execute: Ignored in legacy mode (see SL_IGNORED)
 SL_PS = 1 << 7  #: Page Size: leaf at SL-PDPE (1 GiB) or SL-PDE (2 MiB)
-SL_SNP = 1 << 11  #: Snoop behaviour (leaf only)
+SL_SNP = 1 << 11  #: Snoop behaviour (leaf only); reserved here, as pkfuse reports no ECAP.SC
 SL_ADDR_MASK = ADDR_MASK  #: next-level table or 4 KiB page, bits 51:12
 SL_ADDR_MASK_2M = 0x000F_FFFF_FFE0_0000  #: bits 51:21 for a 2 MiB leaf
 SL_ADDR_MASK_1G = 0x000F_FFFF_C000_0000  #: bits 51:30 for a 1 GiB leaf
@@ -252,7 +252,19 @@ SL_ADDR_MASK_1G = 0x000F_FFFF_C000_0000  #: bits 51:30 for a 1 GiB leaf
 #: 0xbff0000000000000: bits 63, 61:52), mirror/vbox include/VBox/iommu-intel.h
 #: (VTD_BF_SL_*_IGN_61_52 for every SL entry kind) and Xen
 #: xen/drivers/passthrough/vtd/iommu.h (struct dma_pte: "52-61: available").
-SL_IGNORED = (1 << 63) | (0x3FF << 52) | (1 << 10)
+#: X (bit 2) is Ignored too: it means something only with SLEE set in an
+#: extended context entry, which legacy mode (and pkfuse) does not have --
+#: qemu/qemu hw/i386/intel_iommu_internal.h (no VTD_SPTE_PAGE_L1..L4_RSVD_MASK
+#: nor VTD_SPTE_LPAGE_L2/L3_RSVD_MASK holds bit 2) and mirror/vbox
+#: include/VBox/iommu-intel.h (VTD_BF_SL_*_X in every SL entry kind's valid
+#: mask). Xen's struct dma_pte comment ("2-6: reserved") disagrees, but it
+#: describes what that driver writes, not what the hardware checks.
+SL_IGNORED = (1 << 63) | (0x3FF << 52) | (1 << 10) | SL_X
+#: a 4 KiB leaf (SL-PTE) also has bit 7 Ignored (PS exists only in SL-PDPE and
+#: SL-PDE): mirror/vbox include/VBox/iommu-intel.h (VTD_BF_SL_PTE_IGN_7), and
+#: qemu/qemu hw/i386/intel_iommu_internal.h, whose VTD_SPTE_PAGE_L1_RSVD_MASK
+#: (0x800 | bits above HAW) leaves it out
+SL_IGNORED_PTE = SL_IGNORED | SL_PS
 #: a non-leaf entry (SL-PML4E; SL-PDPE/SL-PDE with PS 0) also has bits 6:3
 #: Ignored (in a leaf they are EMT/IPAT): mirror/vbox include/VBox/iommu-intel.h
 #: (VTD_BF_SL_PML4E/PDPE/PDE_IGN_6_3), and qemu/qemu
@@ -266,12 +278,20 @@ SL_IGNORED_NONLEAF = SL_IGNORED | (0b1111 << 3)
 #: only when dt_supported), mirror/vbox include/VBox/iommu-intel.h
 #: (VTD_BF_SL_*_RSVD_62), Xen xen/drivers/passthrough/vtd/iommu.h ("62: reserved").
 SL_RSVD_HIGH = 1 << 62
-#: non-leaf: X (pkfuse's choice, unchanged), PS in an SL-PML4E, and bit 11,
-#: reserved in non-leaf entries (SNP exists only in leaves): mirror/vbox
-#: include/VBox/iommu-intel.h (VTD_BF_SL_PML4E/PDPE/PDE_RSVD_11), qemu/qemu
-#: hw/i386/intel_iommu_internal.h (0x800 in every VTD_SPTE_PAGE_*_RSVD_MASK)
-SL_RSVD_NONLEAF = SL_X | SL_PS | SL_SNP | SL_RSVD_HIGH
-SL_RSVD_LEAF_4K = SL_X | SL_RSVD_HIGH  #: EMT/IPAT (bits 6:3) allowed
+#: non-leaf: PS in an SL-PML4E, and bit 11, reserved in non-leaf entries
+#: (SNP exists only in leaves): mirror/vbox include/VBox/iommu-intel.h
+#: (VTD_BF_SL_PML4E/PDPE/PDE_RSVD_11), qemu/qemu hw/i386/intel_iommu_internal.h
+#: (0x800 in every VTD_SPTE_PAGE_*_RSVD_MASK, 0x880 in L4's)
+SL_RSVD_NONLEAF = SL_PS | SL_SNP | SL_RSVD_HIGH
+#: leaves: SNP is reserved unless the IOMMU reports snoop control (ECAP.SC),
+#: and pkfuse's register block (backing/regs.py) has no CAP/ECAP register, so
+#: it reports none -- qemu/qemu hw/i386/intel_iommu_internal.h (VTD_SPTE_SNP
+#: 0x800 in VTD_SPTE_PAGE_L1_RSVD_MASK and VTD_SPTE_LPAGE_L2/L3_RSVD_MASK;
+#: hw/i386/intel_iommu.c clears it only for scalable mode or snoop-control,
+#: which also sets VTD_ECAP_SC), mirror/vbox include/VBox/iommu-intel.h
+#: (VTD_BF_SL_PTE/PDE2M/PDPE1G_RSVD_11; src/VBox/Devices/Bus/DevIommuIntel.cpp
+#: sets ECAP.SC 0, "Snoop control not supported")
+SL_RSVD_LEAF_4K = SL_SNP | SL_RSVD_HIGH  #: EMT/IPAT (bits 6:3) allowed
 SL_RSVD_LEAF_2M = SL_RSVD_LEAF_4K | 0x001F_F000  #: bits 20:12 must be 0
 SL_RSVD_LEAF_1G = SL_RSVD_LEAF_4K | 0x3FFF_F000  #: bits 29:12 must be 0
 VTD_LEVELS = 4  #: SL-PML4 -> SL-PDPT -> SL-PD -> SL-PT

@@ -25,6 +25,8 @@ LEVEL_NAMES = ("SL-PML4E", "SL-PDPE", "SL-PDE", "SL-PTE")
 #: reserved bits of a leaf entry at each level (None: no leaf allowed there)
 LEAF_RSVD = (None, fmt.SL_RSVD_LEAF_1G, fmt.SL_RSVD_LEAF_2M, fmt.SL_RSVD_LEAF_4K)
 LEAF_ADDR = (None, fmt.SL_ADDR_MASK_1G, fmt.SL_ADDR_MASK_2M, fmt.SL_ADDR_MASK)
+#: bits hardware ignores in a leaf entry at each level (bit 7 too in an SL-PTE)
+LEAF_IGNORED = (None, fmt.SL_IGNORED, fmt.SL_IGNORED, fmt.SL_IGNORED_PTE)
 IOVA_LIMIT = 1 << fmt.VTD_IOVA_BITS
 ABOVE_52 = 0xFFF0_0000_0000_0000  #: pointer bits 63:52: beyond any host address; pkfuse keeps them 0
 
@@ -108,12 +110,15 @@ def is_leaf(level: int, entries: np.ndarray) -> np.ndarray:
 
 def ignored_bits(level: int, entries: np.ndarray) -> np.ndarray:
     """Bits hardware ignores set in present entries at ``level``, by entry kind
-    (``SL_IGNORED`` in a leaf, ``SL_IGNORED_NONLEAF`` in a pointer to a table):
-    garbage to fsck, not a fault."""
+    (``SL_IGNORED`` in a 1 GiB or 2 MiB leaf, ``SL_IGNORED_PTE`` in a 4 KiB
+    leaf, ``SL_IGNORED_NONLEAF`` in a pointer to a table): garbage to fsck,
+    not a fault."""
+    if level == 3:
+        return entries & U64(fmt.SL_IGNORED_PTE)
     nonleaf = entries & U64(fmt.SL_IGNORED_NONLEAF)
     if level == 0:
         return nonleaf
-    return np.where(is_leaf(level, entries), entries & U64(fmt.SL_IGNORED), nonleaf)
+    return np.where(is_leaf(level, entries), entries & U64(LEAF_IGNORED[level]), nonleaf)
 
 
 def reserved_bits(level: int, entries: np.ndarray) -> np.ndarray:
@@ -153,7 +158,7 @@ _SUSPECT = (
     fmt.SL_RSVD_NONLEAF | fmt.SL_IGNORED_NONLEAF,
     fmt.SL_RSVD_NONLEAF | fmt.SL_IGNORED_NONLEAF | fmt.SL_RSVD_LEAF_1G | fmt.SL_IGNORED,
     fmt.SL_RSVD_NONLEAF | fmt.SL_IGNORED_NONLEAF | fmt.SL_RSVD_LEAF_2M | fmt.SL_IGNORED,
-    fmt.SL_RSVD_LEAF_4K | fmt.SL_IGNORED,
+    fmt.SL_RSVD_LEAF_4K | fmt.SL_IGNORED_PTE,
 )
 
 

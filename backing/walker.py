@@ -11,9 +11,11 @@ read-only, while the daemon changes the tables):
    untranslated, AW must be 48-bit (4 levels); SLPTPTR must be in memory.
 4. SL-PML4E -> SL-PDPE -> SL-PDE -> SL-PTE, each entry read once (one
    8-byte load): R=W=0 is "not present" and reported as the missing access
-   right; reserved bits by entry kind fault (bits hardware ignores --
-   ``SL_IGNORED``, ``SL_IGNORED_NONLEAF`` -- never do); PS makes a 1 GiB (PDPE) or 2 MiB
-   (PDE) leaf; the access rights are the AND of R/W over all levels.
+   right; reserved bits by entry kind fault (SNP of a leaf among them: no
+   snoop control is reported); bits hardware ignores -- ``SL_IGNORED`` (X
+   among them), ``SL_IGNORED_PTE``, ``SL_IGNORED_NONLEAF`` -- never do; PS
+   makes a 1 GiB (PDPE) or 2 MiB (PDE) leaf; the access rights are the AND
+   of R/W over all levels.
 5. An IOVA at or above 2**48 faults with FR_ADDR_BEYOND_AW.
 
 pkfuse's physical memory is the image: a pointer outside it faults

@@ -69,12 +69,12 @@ def test_a_clean_image_with_domains_and_attachments_has_no_findings(image: Path)
     assert check_image(image) == (0, [])
 
 
-def test_reserved_bit_in_a_pte(image: Path) -> None:
+@pytest.mark.parametrize("iova, level, structure", [(64 * MiB, 3, "SL-PTE"), (0, 2, "SL-PDE")])
+def test_snp_in_a_leaf_is_a_reserved_bit_finding(image: Path, iova: int, level: int, structure: str) -> None:
     def change(s: Store, io: Iommu) -> None:
-        s.image_u64[entry(s, io, 64 * MiB, 3)] |= np.uint64(1 << 2)
+        s.image_u64[entry(s, io, iova, level)] |= np.uint64(fmt.SL_SNP)
 
-    f = corrupt(image, change)
-    only(f, "iommu/dom-1 SL-PTE", "reserved bits 0x4")
+    only(corrupt(image, change), f"iommu/dom-1 {structure}", "reserved bits 0x800")
 
 
 def test_a_bit_hardware_ignores_in_a_pte_is_still_a_finding(image: Path) -> None:
@@ -89,6 +89,10 @@ def test_a_bit_hardware_ignores_in_a_pte_is_still_a_finding(image: Path) -> None
     (0, 2, 1 << 61, "SL-PDE"),  # ... also in a 2 MiB leaf
     (64 * MiB, 2, 0b1111 << 3, "SL-PDE"),  # bits 6:3 of a non-leaf entry: Ignored
     (64 * MiB, 0, 1 << 3, "SL-PML4E"),
+    (64 * MiB, 3, fmt.SL_X, "SL-PTE"),  # X: Ignored (no SLEE in legacy mode)
+    (0, 2, fmt.SL_X, "SL-PDE"),  # ... in a 2 MiB leaf
+    (64 * MiB, 1, fmt.SL_X, "SL-PDPE"),  # ... and in a non-leaf entry
+    (64 * MiB, 3, 1 << 7, "SL-PTE"),  # bit 7 of a 4 KiB leaf: Ignored (PS only in PDPE/PDE)
 ])
 def test_bits_hardware_ignores_are_findings_not_reserved(image: Path, iova: int, level: int, bits: int,
                                                          structure: str) -> None:

@@ -143,8 +143,6 @@ def test_reserved_bits_per_entry_kind() -> None:
     # a 1 GiB leaf must have bits 29:12 clear, a 2 MiB leaf bits 20:12
     assert vtd.reserved_bits(1, e([0x4000_0000 | bit(12) | 3 | bit(7)], np.uint64))[0] == bit(12)
     assert vtd.reserved_bits(2, e([0x20_0000 | bit(20) | 3 | bit(7)], np.uint64))[0] == bit(20)
-    # X is reserved everywhere (pkfuse's choice)
-    assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(2)], np.uint64))[0] == bit(2)
     # 63, 61:52 and 10 are Ignored by hardware: not reserved, but reported as garbage
     for level, entry in ((3, 0x1000 | 3), (2, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (0, 0x1000 | 3)):
         for b in (63, 61, 60, 52, 10):
@@ -152,20 +150,51 @@ def test_reserved_bits_per_entry_kind() -> None:
             assert vtd.ignored_bits(level, e([entry | bit(b)], np.uint64))[0] == bit(b)
 
 
+#: one entry of each kind: (level, R|W entry without any reserved or ignored bit)
+EVERY_KIND = ((0, 0x1000 | 3), (1, 0x1000 | 3), (1, 0x4000_0000 | 3 | bit(7)),
+              (2, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (3, 0x1000 | 3))
+
+
 def test_bit_62_is_reserved_in_every_entry_kind() -> None:
     e = np.array
-    for level, entry in ((0, 0x1000 | 3), (1, 0x1000 | 3), (1, 0x4000_0000 | 3 | bit(7)),
-                         (2, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (3, 0x1000 | 3)):
+    for level, entry in EVERY_KIND:
         assert vtd.reserved_bits(level, e([entry | bit(62)], np.uint64))[0] == bit(62)
         assert vtd.ignored_bits(level, e([entry | bit(62)], np.uint64))[0] == 0
 
 
-def test_bit_11_is_reserved_in_a_non_leaf_entry_and_snp_in_a_leaf() -> None:
+def test_bit_11_is_reserved_in_a_non_leaf_entry() -> None:
     e = np.array
     for level in (0, 1, 2):
         assert vtd.reserved_bits(level, e([0x1000 | 3 | bit(11)], np.uint64))[0] == bit(11)
-    assert vtd.reserved_bits(3, e([0x1000 | 3 | bit(11)], np.uint64))[0] == 0
-    assert vtd.reserved_bits(2, e([0x20_0000 | 3 | bit(7) | bit(11)], np.uint64))[0] == 0
+
+
+def test_snp_is_reserved_in_every_leaf_without_snoop_control() -> None:
+    # pkfuse's register block reports no ECAP.SC: SNP of a leaf is reserved
+    e = np.array
+    for level, entry in ((3, 0x1000 | 3), (2, 0x20_0000 | 3 | bit(7)), (1, 0x4000_0000 | 3 | bit(7))):
+        assert vtd.reserved_bits(level, e([entry | bit(11)], np.uint64))[0] == bit(11)
+        assert vtd.ignored_bits(level, e([entry | bit(11)], np.uint64))[0] == 0
+
+
+def test_x_is_ignored_not_reserved_in_every_entry_kind() -> None:
+    # legacy mode has no extended context entry, so no SLEE: X is Ignored
+    e = np.array
+    for level, entry in EVERY_KIND:
+        assert vtd.reserved_bits(level, e([entry | bit(2)], np.uint64))[0] == 0
+        assert vtd.ignored_bits(level, e([entry | bit(2)], np.uint64))[0] == bit(2)
+
+
+def test_bit_7_of_a_pte_is_ignored_not_reserved() -> None:
+    got = np.array([0x1000 | 3 | bit(7)], np.uint64)
+    assert vtd.reserved_bits(3, got)[0] == 0
+    assert vtd.ignored_bits(3, got)[0] == bit(7)
+
+
+def test_ps_of_a_superpage_leaf_is_neither_reserved_nor_ignored() -> None:
+    e = np.array
+    for level, entry in ((2, 0x20_0000 | 3 | bit(7)), (1, 0x4000_0000 | 3 | bit(7))):
+        assert vtd.reserved_bits(level, e([entry], np.uint64))[0] == 0
+        assert vtd.ignored_bits(level, e([entry], np.uint64))[0] == 0
 
 
 def test_bits_6_3_are_ignored_in_a_non_leaf_entry_and_emt_ipat_in_a_leaf() -> None:

@@ -147,12 +147,13 @@ def test_fault_processing_disable_blocks_without_logging(io: Iommu, store: Store
 
 
 @pytest.mark.parametrize("iova, level, bits", [
-    (8 * MiB, 3, 1 << 2),  # X in a PTE
     (8 * MiB, 3, 1 << 62),  # TM: reserved without Device-TLB support
     (8 * MiB, 1, 1 << 62),  # bit 62 in a non-leaf PDPE
     (0, 2, 1 << 62),  # bit 62 in a 2 MiB leaf
     (0, 2, 1 << 12),  # inside a 2 MiB leaf's address
-    (8 * MiB, 2, 1 << 11),  # SNP in a non-leaf PDE
+    (8 * MiB, 2, 1 << 11),  # bit 11 in a non-leaf PDE
+    (8 * MiB, 3, fmt.SL_SNP),  # SNP in a 4 KiB leaf: no snoop control (ECAP.SC) reported
+    (0, 2, fmt.SL_SNP),  # ... nor in a 2 MiB leaf
     (8 * MiB, 0, 1 << 11),  # bit 11 in a PML4E
     (0, 0, fmt.SL_PS),  # PS in a PML4E
 ])
@@ -163,7 +164,7 @@ def test_reserved_bits_in_second_level_entries(io: Iommu, store: Store, dom: Dom
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
-@pytest.mark.parametrize("bits", [1 << 63, 1 << 61, 1 << 55, 1 << 10])
+@pytest.mark.parametrize("bits", [1 << 63, 1 << 61, 1 << 55, 1 << 10, fmt.SL_X])
 def test_bits_hardware_ignores_do_not_fault(io: Iommu, store: Store, dom: Domain, level: int, bits: int) -> None:
     before = xlate(io, [8 * MiB + 0x123])
     store.image_u64[entry_where(store, dom, 8 * MiB, level)] |= np.uint64(bits)
@@ -176,6 +177,19 @@ def test_bits_6_3_of_a_non_leaf_entry_are_ignored(io: Iommu, store: Store, dom: 
                                                   bits: int) -> None:
     before = xlate(io, [8 * MiB + 0x123], write=True)
     store.image_u64[entry_where(store, dom, 8 * MiB, level)] |= np.uint64(bits)
+    assert xlate(io, [8 * MiB + 0x123], write=True) == before and before[1] == [0]
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_x_of_a_2m_leaf_is_ignored(io: Iommu, store: Store, dom: Domain, write: bool) -> None:
+    before = xlate(io, [MiB + 0x456], write=write)
+    store.image_u64[entry_where(store, dom, 0, 2)] |= np.uint64(fmt.SL_X)
+    assert xlate(io, [MiB + 0x456], write=write) == before and before[1] == [0]
+
+
+def test_bit_7_of_a_pte_is_ignored_not_a_page_size(io: Iommu, store: Store, dom: Domain) -> None:
+    before = xlate(io, [8 * MiB + 0x123], write=True)
+    store.image_u64[entry_where(store, dom, 8 * MiB, 3)] |= np.uint64(1 << 7)
     assert xlate(io, [8 * MiB + 0x123], write=True) == before and before[1] == [0]
 
 
