@@ -740,16 +740,16 @@ class Iommu:
         npages = st.geometry.npages
         end = page + n
         out: list[tuple[int, int, int, int]] = []
-        cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         while page < end:
             if page < 0 or page >= npages:
                 if strict:
                     raise _errno(errno.EFAULT, f"physical page {st.geometry.phys_addr(page):#x} is outside the image")
                 out.append((0, page, end - page, 0))
                 break
-            owner, kind = st.page_owner(np.array([page]))
-            ino, k = int(owner[0]), int(kind[0])
-            if ino == 0 or k != fmt.KIND_GUEST:
+            hit = st.extent_at(page)
+            ino = hit[0] if hit is not None else 0
+            k = int(st.inodes["kind"][ino])
+            if hit is None or k != fmt.KIND_GUEST:
                 if strict:
                     what = "a free page" if ino == 0 else ("metadata" if page < st.geometry.data_page else
                                                            f"{fmt.KIND_NAMES.get(k, k)} file {self._path(ino)}")
@@ -763,16 +763,9 @@ class Iommu:
                 out.append((0, page, stop - page, 0))
                 page = stop
                 continue
-            if ino not in cache:
-                ext = st.extents(ino)
-                ps = np.array([e.page for e in ext], np.int64)
-                order = np.argsort(ps)
-                cache[ino] = (ps[order], np.array([e.length // PS for e in ext], np.int64)[order],
-                              np.array([e.file_offset for e in ext], np.int64)[order])
-            ps, cnt, foff = cache[ino]
-            i = int(np.searchsorted(ps, page, side="right")) - 1
-            stop = min(end, int(ps[i] + cnt[i]))
-            out.append((ino, page, stop - page, int(foff[i]) + (page - int(ps[i])) * PS))
+            _, first, ext_end, file_page = hit
+            stop = min(end, ext_end)
+            out.append((ino, page, stop - page, (file_page + page - first) * PS))
             page = stop
         return out
 

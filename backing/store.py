@@ -164,7 +164,8 @@ class Store:
         self._files: dict[int, _FileMap] = {}
         self._unread_maps: dict[int, tuple[int, int]] = {}  #: ino -> slice of _sorted_extents
         self._sorted_extents: tuple[np.ndarray, ...] = ()
-        self._owner_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        #: live extents sorted by first image page: (first page, end page, ino, first file page)
+        self._owner_index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ open
 
@@ -384,14 +385,31 @@ class Store:
     def page_owner(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Owner ino (0 for none) and its kind for each image page in ``pages``."""
         with self.lock:
-            if self._owner_index is None:
-                live = np.flatnonzero(self.extents_table["npages"] != 0)
-                order = np.argsort(self.extents_table["page"][live], kind="stable")
-                rec = self.extents_table[live[order]]
-                self._owner_index = (rec["page"].astype(np.int64), (rec["page"] + rec["npages"]).astype(np.int64),
-                                     rec["ino"].astype(np.uint32))
-            owner = fsck.owner_of(*self._owner_index, pages)
+            starts, ends, inos, _ = self._owners()
+            owner = fsck.owner_of(starts, ends, inos, pages)
             return owner, self.inodes["kind"][owner]
+
+    def extent_at(self, page: int) -> tuple[int, int, int, int] | None:
+        """``(ino, first page, end page, first file page)`` of the extent holding image page ``page``.
+
+        None for a page no extent holds. The physical-to-file direction of
+        ``extents``: one lookup, for callers that walk physical ranges.
+        """
+        with self.lock:
+            starts, ends, inos, file_pages = self._owners()
+            i = int(np.searchsorted(starts, page, side="right")) - 1
+            if i < 0 or page >= int(ends[i]):
+                return None
+            return int(inos[i]), int(starts[i]), int(ends[i]), int(file_pages[i])
+
+    def _owners(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self._owner_index is None:
+            live = np.flatnonzero(self.extents_table["npages"] != 0)
+            order = np.argsort(self.extents_table["page"][live], kind="stable")
+            rec = self.extents_table[live[order]]
+            self._owner_index = (rec["page"].astype(np.int64), (rec["page"] + rec["npages"]).astype(np.int64),
+                                 rec["ino"].astype(np.uint32), rec["file_page"].astype(np.int64))
+        return self._owner_index
 
     # ---------------------------------------------------------- namespace
 

@@ -736,6 +736,19 @@ def test_image_span_is_none_past_the_end_or_across_extents(tmp_path: Path) -> No
         assert s.image_span(gm(s), 0, 1) is None  # a directory holds no pages
 
 
+def test_extent_at_maps_an_image_page_back_to_its_file(tmp_path: Path) -> None:
+    p = tmp_path / "i"
+    mkfs(p, 16 * MiB)
+    with Store.open(p) as s:
+        a = two_extent_file(s)
+        second = s.extents(a)[1]
+        assert s.extent_at(second.page + 1) == (a, second.page, second.page + second.length // PS,
+                                                 second.file_offset // PS)
+        assert s.extent_at(s.geometry.data_page - 1) is None  # metadata: no extent
+        s.truncate(a, 2 * PS)  # the second extent is freed
+        assert s.extent_at(second.page) is None
+
+
 def test_image_span_follows_a_file_truncated_and_grown_back_to_the_same_size(store: Store) -> None:
     ino = new_file(store, size=PS)
     new_file(store, b"other", size=PS)
