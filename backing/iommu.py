@@ -66,7 +66,7 @@ from . import format as fmt
 from . import vtd
 from .errors import FormatError, PkfuseError, StoreError
 from .regs import Regs
-from .store import Store
+from .store import Store, expand_runs
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,6 @@ def _errno(code: int, msg: str) -> StoreError:
     return StoreError(code, msg)
 
 
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for each (s, c), vectorized."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    offs = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-    return offs + np.arange(total, dtype=np.int64)
-
-
 def _next_slots(a: int, b: int, level: int, parents: np.ndarray, children: np.ndarray,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The slots at ``level + 1`` inside IOVA pages [a, b) under each parent slot at
@@ -123,7 +114,7 @@ def _next_slots(a: int, b: int, level: int, parents: np.ndarray, children: np.nd
     lo, hi = a // nsp, (b - 1) // nsp + 1
     starts = np.maximum(parents * 512, lo)
     counts = np.minimum(parents * 512 + 512, hi) - starts
-    return _ranges(starts, counts), np.repeat(children, counts)
+    return expand_runs(starts, counts), np.repeat(children, counts)
 
 
 def _rid(source_id: int) -> str:
@@ -182,8 +173,7 @@ class Domain:
     # ---------------------------------------------------------------- pool
 
     def _refresh_pages(self) -> None:
-        ext = self.store.extents(self.ino)
-        pages = _ranges(np.array([e.page for e in ext], np.int64), np.array([e.length // PS for e in ext], np.int64))
+        pages = self.store.image_pages(self.ino)
         old = self._free.size
         free = np.zeros(pages.size, bool)
         free[:old] = self._free
@@ -598,9 +588,7 @@ class Iommu:
         attr = st.getattr(self.root_ino)
         if attr.kind != fmt.KIND_IOMMU_ROOT or attr.npages != fmt.ROOT_PGTABLES_PAGES:
             raise FormatError("iommu/root-pgtables", 0, f"kind {attr.kind}, {attr.npages} pages: not the VT-d root table file")
-        ext = st.extents(self.root_ino)
-        self.root_pages = _ranges(np.array([e.page for e in ext], np.int64),
-                                  np.array([e.length // PS for e in ext], np.int64))
+        self.root_pages = st.image_pages(self.root_ino)
         for name, ino in st.children(self.iommu_dir):
             if st.getattr(ino).kind != fmt.KIND_IOMMU_DOMAIN:
                 continue

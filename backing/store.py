@@ -121,6 +121,15 @@ def max_file_extents(g: fmt.Geometry) -> int:
     return max(1, (g.journal_body_bytes - g.bitmap_bytes - _JOURNAL_FIXED_BYTES) // _JOURNAL_BYTES_PER_EXTENT)
 
 
+def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c), vectorized."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offs = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return offs + np.arange(total, dtype=np.int64)
+
+
 def _now() -> int:
     return time.time_ns()
 
@@ -366,6 +375,14 @@ class Store:
                 Extent(fp * PS, base + p * PS, n * PS, p)
                 for fp, p, n in zip(fm.file_pages.tolist(), fm.pages.tolist(), fm.counts.tolist())
             ]
+
+    def image_pages(self, ino: int) -> np.ndarray:
+        """Image page of each of ``ino``'s pages, in file order (int64; empty for a directory)."""
+        with self.lock:
+            if int(self._inode(ino)["kind"]) not in _HOLDS_PAGES:
+                return np.zeros(0, np.int64)
+            fm = self._file_map(ino)
+            return expand_runs(fm.pages, fm.counts)
 
     def statfs(self) -> StatFs:
         with self.lock:

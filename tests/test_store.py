@@ -749,6 +749,16 @@ def test_extent_at_maps_an_image_page_back_to_its_file(tmp_path: Path) -> None:
         assert s.extent_at(second.page) is None
 
 
+def test_image_pages_lists_each_file_page_in_file_order(tmp_path: Path) -> None:
+    p = tmp_path / "i"
+    mkfs(p, 16 * MiB)
+    with Store.open(p) as s:
+        a = two_extent_file(s)
+        e0, e1 = s.extents(a)
+        assert s.image_pages(a).tolist() == [e0.page, e0.page + 1, e1.page, e1.page + 1]
+        assert s.image_pages(gm(s)).size == 0
+
+
 def test_image_span_follows_a_file_truncated_and_grown_back_to_the_same_size(store: Store) -> None:
     ino = new_file(store, size=PS)
     new_file(store, b"other", size=PS)
