@@ -611,14 +611,15 @@ def unmount(mnt: str, timeout: float = 10.0) -> int:
         raise MountError(f"could not unmount {mnt}: {msg}", EXIT_ERROR)
     if pid is not None:
         deadline = time.monotonic() + timeout
-        while _alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 raise MountError(f"unmounted, but daemon {pid} did not exit within {timeout:g}s", EXIT_ERROR)
             time.sleep(0.01)
     return EXIT_OK
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped, does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rpartition(")")[2].split()[0]

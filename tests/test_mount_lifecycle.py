@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from backing.store import Store
-from conftest import FUSERMOUNT, Mount, force_unmount, is_mounted, mounted_paths
+from conftest import Mount, force_unmount, is_mounted, mounted_paths
 from pkfuse.fs import ATTR_TIMEOUT
-from pkfuse.mount import daemon_pid
+from pkfuse.mount import daemon_pid, process_alive
 
 pytestmark = pytest.mark.mount
 
@@ -29,6 +31,22 @@ def status_pid(mnt: Path) -> int:
 
 def pkfuse(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PKFUSE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def cli_mounted(image: Path, mnt: Path, *options: str, log: Path | None = None) -> Iterator[Path]:
+    """``pkfuse mount [OPTIONS] --log LOG IMAGE MNT`` in daemon mode, asserted to succeed.
+
+    MNT is made first and, whatever the test does, left unmounted; LOG is
+    ``log`` beside MNT unless given.
+    """
+    mnt.mkdir(exist_ok=True)
+    try:
+        r = pkfuse("mount", *options, "--log", str(log or mnt.parent / "log"), str(image), str(mnt))
+        assert r.returncode == 0, r.stderr
+        yield mnt
+    finally:
+        force_unmount(mnt)
 
 
 def test_mount_shows_the_fixed_tree(mounted: Mount) -> None:
@@ -115,23 +133,16 @@ def test_missing_dev_fuse_is_a_clear_error(image: Path, tmp_path: Path) -> None:
 
 
 def test_daemon_mode_returns_once_mounted_and_umount_waits_for_it(image: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     log = tmp_path / "daemon.log"
-    try:
-        r = pkfuse("mount", "--log", str(log), str(image), str(mnt))
-        assert r.returncode == 0, r.stderr
+    with cli_mounted(image, tmp_path / "mnt", log=log) as mnt:
         assert is_mounted(mnt)
         pid = status_pid(mnt)
         assert pid != os.getpid()
         r = pkfuse("umount", str(mnt))
         assert r.returncode == 0, r.stderr
         assert not is_mounted(mnt)
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+        assert not process_alive(pid)
         assert "Traceback" not in log.read_text()
-    finally:
-        if is_mounted(mnt):
-            subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
 
 
 def test_daemon_mode_detaches_the_daemon_from_the_caller(image: Path, tmp_path: Path) -> None:
@@ -140,18 +151,12 @@ def test_daemon_mode_detaches_the_daemon_from_the_caller(image: Path, tmp_path: 
     That ``pkfuse mount`` returned at all under ``capture_output`` shows the
     daemon holds no end of the caller's stdout/stderr pipes.
     """
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt))
-        assert r.returncode == 0, r.stderr
+    with cli_mounted(image, tmp_path / "mnt") as mnt:
         pid = status_pid(mnt)
         assert os.getsid(pid) == pid
         fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert fds[0] == os.devnull and fds[1] == fds[2] == str(tmp_path / "log")
         assert pkfuse("umount", str(mnt)).returncode == 0
-    finally:
-        force_unmount(mnt)
 
 
 def test_daemon_mode_keeps_none_of_the_callers_other_descriptors(image: Path, tmp_path: Path) -> None:
@@ -244,30 +249,20 @@ def test_daemon_mode_logs_next_to_the_image_by_default(image: Path, tmp_path: Pa
 
 
 def test_daemon_mode_mounts_a_path_with_a_space_and_non_ascii_letters(image: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt été"  # mountinfo escapes the space as \040, é stays UTF-8
-    mnt.mkdir()
-    try:
-        r = pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt))
-        assert r.returncode == 0, r.stderr
+    # mountinfo escapes the space as \040, é stays UTF-8
+    with cli_mounted(image, tmp_path / "mnt été") as mnt:
         assert is_mounted(mnt)
         assert pkfuse("mount", str(image), str(mnt)).returncode == 3  # seen as busy, not as missing
         assert pkfuse("umount", str(mnt)).returncode == 0
-    finally:
-        force_unmount(mnt)
 
 
 def test_daemon_mode_with_its_log_under_the_mountpoint_does_not_hang(image: Path, tmp_path: Path) -> None:
     """The daemon must not open anything under its own mountpoint once mounted (it would wait on itself)."""
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = pkfuse("mount", "--log", str(mnt / "daemon.log"), str(image), str(mnt), timeout=40)
-        assert r.returncode == 0, r.stderr
+    with cli_mounted(image, mnt, log=mnt / "daemon.log"):
         assert sorted(os.listdir(mnt)) == [".pkernfs", "guest_mem", "iommu"]
         assert pkfuse("umount", str(mnt)).returncode == 0
         assert "closed cleanly" in (mnt / "daemon.log").read_text()
-    finally:
-        force_unmount(mnt)
 
 
 def test_daemon_mode_reports_the_daemons_error(mounted: Mount, tmp_path: Path) -> None:
@@ -327,18 +322,11 @@ def test_unmount_then_remount_keeps_files(image: Path, mount_image) -> None:
 
 
 def test_umount_clears_the_mount_of_a_killed_daemon(image: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        assert pkfuse("mount", "--log", str(tmp_path / "log"), str(image), str(mnt)).returncode == 0
-        pid = status_pid(mnt)
-        os.kill(pid, signal.SIGKILL)
+    with cli_mounted(image, tmp_path / "mnt") as mnt:
+        os.kill(status_pid(mnt), signal.SIGKILL)
         r = pkfuse("umount", str(mnt))
         assert r.returncode == 0, r.stderr
         assert not is_mounted(mnt)
-    finally:
-        if is_mounted(mnt):
-            subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], check=False)
 
 
 def test_umount_of_a_stopped_daemon_unmounts_and_says_it_did_not_exit(mounted: Mount) -> None:
@@ -356,47 +344,27 @@ def test_umount_of_a_stopped_daemon_unmounts_and_says_it_did_not_exit(mounted: M
 
 
 def test_umount_finds_the_daemon_of_a_read_only_mount(image: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        assert pkfuse("mount", "--read-only", "--log", str(tmp_path / "log"), str(image), str(mnt)).returncode == 0
+    with cli_mounted(image, tmp_path / "mnt", "--read-only") as mnt:
         assert daemon_pid(str(mnt)) == status_pid(mnt)
         assert pkfuse("umount", str(mnt)).returncode == 0
-    finally:
-        force_unmount(mnt)
 
 
 def test_umount_tells_apart_two_read_only_daemons_of_one_image(image: Path, tmp_path: Path) -> None:
-    mnts = [tmp_path / "a", tmp_path / "b"]
-    try:
-        pids = []
-        for mnt in mnts:
-            mnt.mkdir()
-            r = pkfuse("mount", "--read-only", "--log", str(tmp_path / "log"), str(image), str(mnt))
-            assert r.returncode == 0, r.stderr
-            pids.append(status_pid(mnt))
+    with cli_mounted(image, tmp_path / "a", "--read-only") as a, cli_mounted(image, tmp_path / "b", "--read-only") as b:
+        pids = [status_pid(a), status_pid(b)]
         assert pids[0] != pids[1]
-        assert [daemon_pid(str(m)) for m in mnts] == pids
-        for mnt, pid in zip(mnts, pids):
+        assert [daemon_pid(str(a)), daemon_pid(str(b))] == pids
+        for mnt, pid in zip((a, b), pids):
             assert pkfuse("umount", str(mnt)).returncode == 0
-            assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
-    finally:
-        for mnt in mnts:
-            force_unmount(mnt)
+            assert not process_alive(pid)
 
 
 def test_umount_of_a_mount_with_its_own_fsname_asks_the_daemon_for_its_pid(image: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        assert pkfuse("mount", "-o", "fsname=guestpool", "--log", str(tmp_path / "log"), str(image),
-                      str(mnt)).returncode == 0
+    with cli_mounted(image, tmp_path / "mnt", "-o", "fsname=guestpool") as mnt:
         pid = daemon_pid(str(mnt))
         assert pid is not None and pid != os.getpid()
         assert pkfuse("umount", str(mnt)).returncode == 0
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
-    finally:
-        force_unmount(mnt)
+        assert not process_alive(pid)
 
 
 def test_umount_of_a_busy_mount_says_so_and_leaves_it_mounted(mounted: Mount) -> None:
