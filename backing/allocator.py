@@ -159,3 +159,12 @@ class Allocator:
             self.used[p : p + n] = value
         delta = sum(n for _, n in runs)
         self.free_pages += -delta if value else delta
+
+
+def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every page of the runs (starts[i], counts[i]) in order: arange(s, s + c) for each, vectorized."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offs = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return offs + np.arange(total, dtype=np.int64)

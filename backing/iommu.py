@@ -66,7 +66,8 @@ from . import format as fmt
 from . import vtd
 from .errors import FormatError, PkfuseError, StoreError
 from .regs import Regs
-from .store import Store, expand_runs
+from .allocator import expand_runs
+from .store import Store
 
 log = logging.getLogger(__name__)
 

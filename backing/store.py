@@ -35,7 +35,7 @@ import numpy as np
 
 from . import format as fmt
 from . import fsck
-from .allocator import Allocator, Run
+from .allocator import Allocator, Run, expand_runs
 from .errors import Finding, FormatError, ImageBusy, StoreError
 from .journal import Journal, Transaction
 from .mkfs import mkfs, parse_addr, parse_size
@@ -119,15 +119,6 @@ def max_file_extents(g: fmt.Geometry) -> int:
     small images; about 15% of the extent table for large ones.
     """
     return max(1, (g.journal_body_bytes - g.bitmap_bytes - _JOURNAL_FIXED_BYTES) // _JOURNAL_BYTES_PER_EXTENT)
-
-
-def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for each (s, c), vectorized."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    offs = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-    return offs + np.arange(total, dtype=np.int64)
 
 
 def _now() -> int:

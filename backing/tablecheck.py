@@ -36,6 +36,7 @@ import numpy as np
 
 from . import format as fmt
 from . import vtd
+from .allocator import expand_runs
 from .errors import Finding
 
 if TYPE_CHECKING:
@@ -105,14 +106,9 @@ def _child(ctx: FsckContext, parent: int, name: bytes) -> int | None:
 def _file_pages(ctx: FsckContext, ino: int) -> np.ndarray:
     """Image page of each file page, for the leading run of file pages with extents."""
     fp, page, n = ctx.file_map(ino)
-    out = []
-    expect = 0
-    for f, p, c in zip(fp.tolist(), page.tolist(), n.tolist()):
-        if f != expect:
-            break
-        out.append(np.arange(p, p + c, dtype=np.int64))
-        expect += c
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    gaps = np.flatnonzero(fp != np.cumsum(n) - n)  # an extent not starting where the previous ones end
+    k = int(gaps[0]) if gaps.size else fp.size
+    return expand_runs(page[:k], n[:k])
 
 
 def _capped(findings: Iterator[Finding]) -> list[Finding]:
