@@ -75,11 +75,23 @@ def timer() -> Iterator[Callable[[], float]]:
 
 def best_of(n: int, fn: Callable[[], object]) -> float:
     """The fastest of ``n`` runs of ``fn`` in seconds: the least noisy estimate."""
-    best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
+    return best_interleaved([fn], rounds=n)[0]
+
+
+def best_interleaved(fns: list[Callable[[], object]], *, rounds: int,
+                     before: Callable[[], object] = lambda: None) -> list[float]:
+    """The fastest seconds of each of ``fns`` over ``rounds`` rounds that run them in turn.
+
+    Alternating, a slow spell of the shared machine hits every measure, not
+    just the one that happened to run then. ``before`` runs untimed before each.
+    """
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            before()
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 

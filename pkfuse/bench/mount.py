@@ -44,7 +44,7 @@ from backing.mkfs import mkfs
 from backing.store import Store
 
 from ..mount import daemon_pid, mounted_paths
-from . import Report, timer
+from . import Report, best_interleaved, best_of, timer
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -155,18 +155,6 @@ def _write_image(image: str, spans: list[tuple[int, int]], data: memoryview) -> 
         os.close(fd)
 
 
-def _best_interleaved(fns: list[Callable[[], object]], before: Callable[[], object], rounds: int) -> list[float]:
-    """The best seconds of each of ``fns`` over ``rounds`` rounds that run them in turn."""
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            before()
-            with timer() as t:
-                fn()
-            best[i] = min(best[i], t())
-    return best
-
-
 def _daemon_threads(mnt: str) -> list[int]:
     """Thread ids of the daemon serving ``mnt`` (its pid from ``.pkernfs/status``)."""
     pid = daemon_pid(mnt)
@@ -233,7 +221,7 @@ def bench_io(report: Report, work: str, size: int, repeat: int) -> None:
         spans = list(_image_spans(_extents(f, fmt.DEFAULT_BASE_PHYS), size))
         _write_file(f, size, data)  # first touch allocates the host pages: not timed
         unaligned = memoryview(bytes(data))  # a bytes object's buffer follows its header: never page-aligned
-        t_mount_w, t_image_w, t_mount_u, t_mount_wf, t_image_wf = _best_interleaved(
+        t_mount_w, t_image_w, t_mount_u, t_mount_wf, t_image_wf = best_interleaved(
             [placed(mnt, True, lambda: _write_file(f, size, data)),
              placed(mnt, True, lambda: _write_image(image, spans, data)),
              placed(mnt, True, lambda: _write_file(f, size, unaligned)),
@@ -264,11 +252,10 @@ def bench_io(report: Report, work: str, size: int, repeat: int) -> None:
                         _read_file(f, size)
                     warm = min(warm, t())
     # unmounted: pages a daemon has mapped could not be dropped
-    t_image_r, t_image_rf = _best_interleaved(
+    t_image_r, t_image_rf = best_interleaved(
         [placed(None, True, lambda: _read_image(image, spans)), placed(None, False, lambda: _read_image(image, spans))],
         before=lambda: _drop_cache(image), rounds=rounds)
-    (t_image_wr,) = _best_interleaved([placed(None, True, lambda: _read_image(image, spans))],
-                                      before=lambda: None, rounds=rounds)
+    t_image_wr = best_of(rounds, placed(None, True, lambda: _read_image(image, spans)))
     report.add(f"cold read {label} via mount (1 MiB reads), one CPU", size / cold[True] / MiB, "MiB/s")
     report.add(f"cold read {label} image direct (same bytes), one CPU", size / t_image_r / MiB, "MiB/s")
     report.add(f"cold read ratio mount/direct, {label}, one CPU", t_image_r / cold[True], "x", at_least=0.25)
