@@ -34,13 +34,11 @@ it could wrap, and the number of findings per check is capped.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import mmap
 import os
 import stat
-import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -899,41 +897,3 @@ def _check_mapped(mm: mmap.mmap, geometry: fmt.Geometry, deep: bool) -> tuple[in
         findings.extend(_deep_checks(ctx))
     del ctx, image
     return status_of(findings), findings
-
-
-# --------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``pkfuse fsck IMAGE``: every finding on its own line, then a summary; exit 0/1/2.
-
-    Findings go to stdout as ``structure @0xOFFSET: problem``; the summary
-    of an unusable image, and the one line for a file that is not an image
-    at all, go to stderr.
-    """
-    parser = argparse.ArgumentParser(
-        prog="pkfuse fsck",
-        description="Check a pkfuse image without changing it. Exit status: 0 clean, 1 findings, 2 unusable.")
-    parser.add_argument("image", help="image file")
-    parser.add_argument("--shallow", action="store_true",
-                        help="metadata only: skip the checks of structures in data pages (IOMMU tables)")
-    args = parser.parse_args(argv)
-    status, findings = check_image(args.image, deep=not args.shallow)
-    if findings and findings[0].structure == "image":
-        print(f"pkfuse fsck: {args.image}: {findings[0].problem}", file=sys.stderr)
-        return 2
-    for f in findings:
-        print(f)
-    if status == 0:
-        print(f"{args.image}: clean")
-    elif status == 1:
-        print(f"{args.image}: {len(findings)} finding{'s' if len(findings) != 1 else ''}")
-    else:
-        fatal = sum(f.fatal for f in findings)
-        print(f"pkfuse fsck: {args.image}: unusable ({fatal} fatal finding{'s' if fatal != 1 else ''})",
-              file=sys.stderr)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from backing.mkfs import mkfs, parse_size
-from pkfuse.mount import mounted_paths
+from pkfuse.daemon.mountinfo import mounted_paths
 
 FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
 MOUNT_TIMEOUT = 20.0  #: seconds until a daemon's mount must answer

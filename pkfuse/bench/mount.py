@@ -43,7 +43,8 @@ from backing import format as fmt
 from backing.mkfs import mkfs
 from backing.store import Store
 
-from ..mount import daemon_pid, mounted_paths
+from ..daemon.mountinfo import mounted_paths
+from ..daemon.unmount import daemon_pid
 from . import Report, best_interleaved, best_of, timer
 
 MiB = 1 << 20
@@ -291,7 +292,7 @@ def bench_ls(report: Report, work: str, nfiles: int) -> None:
 
 
 def _import_seconds() -> float:
-    code = "import pyfuse3, trio, numpy, backing.store, pkfuse.fs, pkfuse.mount"
+    code = "import pyfuse3, trio, numpy, backing.store, pkfuse.daemon.fs, pkfuse.daemon.serve"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - t

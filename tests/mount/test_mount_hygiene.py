@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from conftest import mounted_paths
+from pkfuse.daemon.unmount import process_alive
 
 pytestmark = pytest.mark.mount
 
-CONFTEST = Path(__file__).with_name("conftest.py")
+CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 
 FAILING = '''
 import os, signal
@@ -58,14 +59,6 @@ def test_fails_after_a_restart(mounted):
 '''
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def test_failing_tests_leave_no_mount_and_no_daemon(tmp_path: Path) -> None:
     (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
     (tmp_path / "test_fail_on_purpose.py").write_text(FAILING)
@@ -73,7 +66,7 @@ def test_failing_tests_leave_no_mount_and_no_daemon(tmp_path: Path) -> None:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}",
          "--rootdir", str(tmp_path), str(tmp_path / "test_fail_on_purpose.py")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "4 failed" in r.stdout, r.stdout
@@ -82,4 +75,4 @@ def test_failing_tests_leave_no_mount_and_no_daemon(tmp_path: Path) -> None:
     stale = [p for p in mounted_paths() if p.startswith(str(tmp_path))]
     assert stale == [], stale
     for pid, _ in noted:
-        assert not alive(int(pid)), f"daemon {pid} still running"
+        assert not process_alive(int(pid)), f"daemon {pid} still running"

@@ -16,7 +16,7 @@ import pytest
 from backing import format as fmt
 from backing.store import Store
 from conftest import FUSERMOUNT, Mount, is_mounted
-from pkfuse.mount_helper import translate
+from pkfuse.cli.mount_helper import translate
 
 PKFUSE = [sys.executable, "-m", "pkfuse"]
 SUBCOMMANDS = ["mkfs", "mount", "umount", "fsck", "info", "bench", "iommu"]
@@ -147,7 +147,7 @@ def test_info_of_something_else_is_one_line(tmp_path: Path) -> None:
 
 
 def test_iommu_subcommand_works_or_says_it_is_missing() -> None:
-    if importlib.util.find_spec("pkfuse.iommu_cli") is None:
+    if importlib.util.find_spec("pkfuse.cli.iommu") is None:
         r = pkfuse("iommu")
         assert_one_line_error(r, 2)
         assert "not available" in r.stderr
@@ -242,14 +242,14 @@ def test_mount8_runs_the_helper_for_the_type_and_for_an_fstab_line(image: Path, 
 
 
 def test_demo_shows_the_data_survived_a_restart(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
     r = subprocess.run(["bash", str(root / "examples" / "demo.sh")], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "survived: hello from the guest, written before the restart" in r.stdout
     assert "user.pkernfs.extents=" in r.stdout and "daemon_pid:" in r.stdout
-    if importlib.util.find_spec("pkfuse.iommu_cli") is not None:
+    if importlib.util.find_spec("pkfuse.cli.iommu") is not None:
         assert "\nwritten by the device\n" in r.stdout and "device DMA still translates: 0x" in r.stdout
     assert not [p for p in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in p]
     assert list(tmp_path.iterdir()) == []  # the demo cleaned up after itself

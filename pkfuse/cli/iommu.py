@@ -32,6 +32,8 @@ from backing.iommu import Iommu
 from backing.mkfs import parse_addr
 from backing.store import Store
 
+from . import report
+
 PROG = "pkfuse iommu"
 _BDF = re.compile(r"^(?:[0-9a-fA-F]{4}:)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
 
@@ -59,6 +61,7 @@ def _number(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(func=run)
     sub = parser.add_subparsers(dest="iommu_command", metavar="ACTION", required=True)
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
@@ -115,15 +118,8 @@ def run(args: argparse.Namespace) -> int:
         _error(args, f"{exc} (stop the daemon first: the IOMMU commands play the kernel)")
         return 1
     except (PkfuseError, OSError, ValueError) as exc:
-        _error(args, _one_line(exc))
+        _error(args, report.one_line(exc))
         return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _error(args: argparse.Namespace, message: str) -> None:

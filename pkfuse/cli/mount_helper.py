@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import cli
+from . import entry as cli
 
 DROPPED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
            "loud", "silent", "relatime", "norelatime", "strictatime", "lazytime", "nolazytime"}

@@ -15,8 +15,8 @@ import pytest
 
 from backing.store import Store
 from conftest import Mount, force_unmount, is_mounted, mounted_paths
-from pkfuse.fs import ATTR_TIMEOUT
-from pkfuse.mount import daemon_pid, process_alive
+from pkfuse.daemon.fs import ATTR_TIMEOUT
+from pkfuse.daemon.unmount import daemon_pid, process_alive
 
 pytestmark = pytest.mark.mount
 

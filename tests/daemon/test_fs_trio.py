@@ -22,7 +22,7 @@ import trio
 
 from backing import format as fmt
 from backing.store import Store
-from pkfuse.fs import VIEW_DIR_INO, VIEW_DIR_NAME, VIEW_FILES, VIEW_INO_BASE, Operations
+from pkfuse.daemon.fs import VIEW_DIR_INO, VIEW_DIR_NAME, VIEW_FILES, VIEW_INO_BASE, Operations
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 MiB = 1 << 20

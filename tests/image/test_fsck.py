@@ -26,6 +26,7 @@ from backing import fsck
 from backing.errors import Finding, FormatError
 from backing.journal import Journal, Transaction
 from backing.store import Store
+from pkfuse.cli import main as cli_main
 
 PS = fmt.PAGE_SIZE
 FINDING_LINE = re.compile(r"^\S.* @0x[0-9a-f]+: \S.*$")  #: structure @0xOFFSET: problem
@@ -763,20 +764,20 @@ def test_image_that_fsck_passes_after_field_edits_opens_and_stays_clean(
 # ---------------------------------------------------------------------- CLI
 
 
-def test_main_prints_clean_summary_and_exits_0(image: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert fsck.main([str(image)]) == 0
+def test_pkfuse_fsck_prints_clean_summary_and_exits_0(image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["fsck", str(image)]) == 0
     out, err = capsys.readouterr()
     assert out == f"{image}: clean\n" and err == ""
 
 
-def test_main_prints_each_finding_then_a_summary_and_exits_1(
+def test_pkfuse_fsck_prints_each_finding_then_a_summary_and_exits_1(
     populated: tuple[Path, Tree], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, t = populated
     with raw(path) as r:
         r.inodes["kind"][t.top] = 99
         r.dentries["name"][t.ram1] = b"ram0"
-    assert fsck.main([str(path)]) == 1
+    assert cli_main(["fsck", str(path)]) == 1
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert all(FINDING_LINE.match(line) for line in lines[:-1]), lines
@@ -784,52 +785,52 @@ def test_main_prints_each_finding_then_a_summary_and_exits_1(
     assert lines[-1] == f"{path}: {len(lines) - 1} findings" and err == ""
 
 
-def test_main_on_an_unusable_image_prints_findings_and_one_stderr_line(
+def test_pkfuse_fsck_on_an_unusable_image_prints_findings_and_one_stderr_line(
     image: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with raw(image) as r:
         r.sb["magic"] = b"NOTPKFS!"
-    assert fsck.main([str(image)]) == 2
+    assert cli_main(["fsck", str(image)]) == 2
     out, err = capsys.readouterr()
     assert out.startswith("superblock.magic @0x0: ")
     assert len(err.splitlines()) == 1 and "unusable" in err
 
 
 def _one_stderr_line(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    assert fsck.main([str(path)]) == 2
+    assert cli_main(["fsck", str(path)]) == 2
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 1 and "Traceback" not in out + err
     return err
 
 
-def test_main_on_a_missing_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pkfuse_fsck_on_a_missing_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _one_stderr_line(tmp_path / "nope.img", capsys)
     assert "No such file" in err
 
 
-def test_main_on_a_zero_length_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pkfuse_fsck_on_a_zero_length_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "empty.img"
     path.touch()
     assert "0 bytes" in _one_stderr_line(path, capsys)
 
 
-def test_main_on_a_directory_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pkfuse_fsck_on_a_directory_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "directory" in _one_stderr_line(tmp_path, capsys)
 
 
 @pytest.mark.timeout(10)
-def test_main_on_a_fifo_is_one_line_and_exit_2_without_waiting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pkfuse_fsck_on_a_fifo_is_one_line_and_exit_2_without_waiting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "fifo"
     os.mkfifo(path)
     assert "not a regular file" in _one_stderr_line(path, capsys)
 
 
-def test_main_on_random_bytes_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pkfuse_fsck_on_random_bytes_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "random.img"
     path.write_bytes(np.random.default_rng(7).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
     _one_stderr_line(path, capsys)
 
 
-def test_main_on_a_truncated_image_is_one_line_and_exit_2(image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pkfuse_fsck_on_a_truncated_image_is_one_line_and_exit_2(image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     os.truncate(image, 5 * PS)
     _one_stderr_line(image, capsys)

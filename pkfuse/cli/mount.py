@@ -1,0 +1,72 @@
+"""``pkfuse mount`` and ``pkfuse umount``: argparse front ends of ``pkfuse.daemon``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from pkfuse.daemon import daemonize, logs, options, preflight, unmount
+from pkfuse.daemon.serve import serve  # imports pyfuse3 and trio only when it serves
+
+from . import report
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mount", help="mount an image (daemonizes)",
+        description="Mount IMAGE on MOUNTPOINT and serve it. Daemonizes and returns once the mount\n"
+                    "answers, unless --foreground. Logs go to --log FILE, else IMAGE.log (daemon)\n"
+                    "or stderr (--foreground).",
+        epilog=preflight.EXIT_DOC + "\n\n-o options: ro, rw, allow_other, allow_root, auto_unmount,\n"
+               "  default_permissions (on by default; no_default_permissions turns it off),\n"
+               "  fsname=, subtype=, log=FILE, regs=FILE, and the usual dev/suid/exec/atime flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached (for debugging and tests)")
+    p.add_argument("--read-only", "-r", action="store_true", help="mount read-only (shared lock on the image)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS", help="comma-separated mount options")
+    p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
+    p.add_argument("--regs", metavar="FILE", help="IOMMU register file (default IMAGE.regs)")
+    p.add_argument("--debug", action="store_true", help="debug logging: every refused request with its reason")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit",
+                       description="Unmount MOUNTPOINT (fusermount3 -u) and wait for its daemon to exit.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    p.set_defaults(func=cmd_umount)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from . import entry
+
+    opts = options.parse_options(args.options or [])
+    if args.read_only:
+        opts["read_only"] = True
+    if args.regs:
+        opts["regs"] = args.regs
+    log_file = args.log or opts["log"]
+    level = logging.DEBUG if args.debug else logging.INFO
+    image, mnt = preflight.preflight(args.image, args.mountpoint)
+    if args.foreground:
+        logs.setup_logging(log_file, level=level)
+        return serve(image, mnt, opts)
+    log_file = os.path.abspath(log_file or options.default_log(image))
+
+    def daemon() -> int:
+        def body() -> int:
+            logs.setup_logging(log_file, level=level)  # a log that cannot be opened: one line
+            return serve(image, mnt, opts, daemonized=True)
+
+        return report.reported(entry.PROG, body)
+
+    status = daemonize.daemonize(image, mnt, log_file, daemon)
+    entry.exit_without_teardown = status == 0
+    return status
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    return unmount.unmount(args.mountpoint, timeout=args.timeout)

@@ -1,0 +1,50 @@
+"""This mount namespace's mounts, read from ``/proc/self/mountinfo`` without touching them.
+
+Nothing here ``stat``s a mountpoint: a FUSE mount whose daemon is hung or
+stopped would block that call until the daemon is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+
+def mount_path(mnt: str) -> str:
+    """``mnt`` as mountinfo names it, resolving only its parent directory.
+
+    ``realpath(mnt)`` would ``lstat`` the mountpoint itself: on a FUSE
+    mount whose daemon is hung or stopped that waits forever (only SIGKILL
+    ends it), as soon as the cached attributes of its root expire.
+    """
+    mnt = os.path.abspath(mnt)
+    return os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
+
+
+def mounted_paths() -> set[str]:
+    """Mountpoints in this mount namespace (the kernel escapes space, tab, newline and ``\\`` as octal)."""
+    out = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left = line.partition(b" - ")[0].split()
+            if len(left) > 4:
+                out.add(os.fsdecode(unescape(left[4])))
+    return out
+
+
+
+def mount_source(mnt: str) -> str | None:
+    """The source (fsname) of the fuse.pkfuse mount at ``mnt``, from mountinfo."""
+    target = os.fsencode(mount_path(mnt))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 1 and unescape(fields[4]) == target and tail[0] == b"fuse.pkfuse":
+                return os.fsdecode(unescape(tail[1]))
+    return None
+
+
+def unescape(field: bytes) -> bytes:
+    """A mountinfo field as the kernel had it (it escapes space, tab, newline and ``\\`` as octal)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
