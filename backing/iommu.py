@@ -275,6 +275,64 @@ class Domain:
             for ino, _page, count, _off in runs:
                 self.pins[ino] = self.pins.get(ino, 0) + count
 
+    def map_file(self, ino: int, offset: int, length: int, iova: int, *, write: bool = True) -> None:
+        """Map bytes ``[offset, offset + length)`` of guest-RAM file ``ino`` at ``iova``, all or nothing.
+
+        The call behind iommufd's IOAS_MAP_FILE. Offsets and lengths are
+        bytes. Refuses (StoreError) EINVAL unless ``ino`` is a guest-RAM
+        file, ``offset``, ``length`` and ``iova`` are 4 KiB aligned,
+        ``length > 0``, the range lies inside the file's allocated pages and
+        ``[iova, iova + length)`` inside the 48-bit IOVA space. The range is
+        split where the file's extents stop being physically contiguous and
+        each piece goes through ``map`` (2 MiB and 1 GiB leaves wherever IOVA
+        and physical address are aligned alike). If a piece is refused
+        (EEXIST for an IOVA mapped already, ENOSPC for table pages, ...) the
+        pieces mapped before it are unmapped, so translations and pins are
+        as before the call. Holds ``store.lock`` throughout, so the file's
+        layout cannot change between the checks and the last piece.
+        """
+        st = self.store
+        with st.lock:
+            try:
+                attr = st.getattr(ino)
+            except StoreError:
+                attr = None
+            if attr is None or attr.kind != fmt.KIND_GUEST:
+                raise _errno(errno.EINVAL, f"inode {ino} is not a guest-RAM file")
+            name = self.iommu._path(ino)
+            for what, value in (("offset", offset), ("length", length), ("iova", iova)):
+                if value < 0:
+                    raise _errno(errno.EINVAL, f"{what} {value:#x} is negative")
+                if value % PS:
+                    raise _errno(errno.EINVAL, f"{what} {value:#x} is not 4 KiB aligned")
+            if length == 0:  # else no piece, and mapping nothing would pass for success
+                raise _errno(errno.EINVAL, "length 0 maps nothing")
+            if offset + length > attr.npages * PS:
+                raise _errno(errno.EINVAL, f"{name} has no bytes {offset:#x}..{offset + length:#x} "
+                             f"(it holds {attr.npages * PS:#x})")
+            if iova + length > vtd.IOVA_LIMIT:
+                raise _errno(errno.EINVAL, f"IOVA range {iova:#x}+{length:#x} goes beyond the 48-bit address width")
+            pieces: list[tuple[int, int, int]] = []  # (iova, phys_addr, bytes), physically contiguous each
+            end = offset + length
+            for e in st.extents(ino):
+                lo, hi = max(offset, e.file_offset), min(end, e.file_offset + e.length)
+                if lo >= hi:
+                    continue
+                p_iova, p_phys = iova + lo - offset, e.phys_addr + lo - e.file_offset
+                if pieces and pieces[-1][1] + pieces[-1][2] == p_phys:
+                    pieces[-1] = (pieces[-1][0], pieces[-1][1], pieces[-1][2] + hi - lo)
+                else:
+                    pieces.append((p_iova, p_phys, hi - lo))
+            done: list[tuple[int, int]] = []
+            try:
+                for p_iova, p_phys, n in pieces:
+                    self.map(p_iova, p_phys, n, write=write)
+                    done.append((p_iova, n))
+            except BaseException:
+                for p_iova, n in reversed(done):  # all or nothing
+                    self.unmap(p_iova, n)
+                raise
+
     def _plan_map(self, a: int, b: int, pfn0: int, write: bool) -> _Plan:
         """Every entry a map of IOVA pages [a, b) writes; new tables numbered -1, -2, ..."""
         u64 = self._u64

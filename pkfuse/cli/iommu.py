@@ -15,7 +15,6 @@ reported at least one fault.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import re
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 from backing import format as fmt
 from backing import regs as regs_mod
 from backing import walker
-from backing.errors import FormatError, ImageBusy, PkfuseError, StoreError
+from backing.errors import FormatError, ImageBusy, PkfuseError
 from backing.iommu import Iommu
 from backing.mkfs import parse_addr
 from backing.store import Store
@@ -186,30 +185,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         d = io.domain(args.did)
         store = io.store
         if args.file is not None:
-            ino = _lookup(store, args.file)
-            if store.getattr(ino).kind != fmt.KIND_GUEST:
-                raise StoreError(errno.EINVAL, f"{args.file} is not a guest-RAM file")
-            if args.offset % fmt.PAGE_SIZE:
-                raise StoreError(errno.EINVAL, f"offset {args.offset:#x} is not 4 KiB aligned")
-            if args.length <= 0:  # else no piece below, and nothing mapped would pass for success
-                raise StoreError(errno.EINVAL, f"length {args.length:#x} maps nothing")
-            if args.offset + args.length > store.getattr(ino).npages * fmt.PAGE_SIZE:
-                raise StoreError(errno.EINVAL, f"{args.file} has no bytes {args.offset:#x}..{args.offset + args.length:#x}")
-            # the range may span extents: map each physically contiguous piece
-            pieces = []
-            for e in store.extents(ino):
-                lo, hi = max(args.offset, e.file_offset), min(args.offset + args.length, e.file_offset + e.length)
-                if lo < hi:
-                    pieces.append((args.iova + lo - args.offset, e.phys_addr + lo - e.file_offset, hi - lo))
-            done = []
-            try:
-                for iova_p, phys_p, n in pieces:
-                    d.map(iova_p, phys_p, n, write=not args.ro)
-                    done.append((iova_p, n))
-            except BaseException:
-                for iova_p, n in done:  # all or nothing
-                    d.unmap(iova_p, n)
-                raise
+            d.map_file(_lookup(store, args.file), args.offset, args.length, args.iova, write=not args.ro)
         else:
             d.map(args.iova, args.phys, args.length, write=not args.ro)
         for m in d.mappings():
