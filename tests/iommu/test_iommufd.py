@@ -1,0 +1,302 @@
+"""The iommufd object model (backing.iommufd): IOAS, HWPT, devices, with the kernel's errnos.
+
+Each test drives the kernel layer directly (no socket) and checks what the
+hardware would see: the domains' translations, the context entries, the pins.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from iommu_helpers import io, store  # noqa: F401  (fixtures)
+
+from backing import format as fmt
+from backing import fsck
+from backing.errors import StoreError
+from backing.iommu import Iommu
+from backing.iommufd import U64_MAX, Context, Iommufd
+from backing.store import Store
+
+MiB = 1 << 20
+GiB = 1 << 30
+PS = fmt.PAGE_SIZE
+RID = (0 << 8) | (3 << 3) | 0  # 00:03.0
+RID2 = (0 << 8) | (4 << 3) | 0  # 00:04.0
+
+
+@pytest.fixture
+def image(make_image: Callable[..., Path]) -> Path:
+    return make_image("256M")
+
+
+@pytest.fixture
+def kernel(store: Store, io: Iommu) -> Iterator[Iommufd]:  # noqa: F811
+    k = Iommufd(store, io)
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def ctx(kernel: Iommufd) -> Context:
+    return kernel.open_context()
+
+
+def guest(store: Store, name: bytes, size: int) -> int:  # noqa: F811
+    ino = store.create(store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), name, 0o644, 0, 0)
+    store.truncate(ino, size)
+    return ino
+
+
+def phys_of(store: Store, ino: int, offset: int) -> int:  # noqa: F811
+    e = next(e for e in store.extents(ino) if e.file_offset <= offset < e.file_offset + e.length)
+    return e.phys_addr + offset - e.file_offset
+
+
+def errno_of(fn: Callable[[], object]) -> int:
+    with pytest.raises(StoreError) as exc:
+        fn()
+    return exc.value.errno
+
+
+def attached_vm(store: Store, ctx: Context, size: int = 8 * MiB) -> tuple[int, int, int, int, int]:  # noqa: F811
+    """vm0 mapped at IOVA 0 in an IOAS, a device bound and attached: (ino, ioas, dev, hwpt, size)."""
+    ino = guest(store, b"vm0", size)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, size, 0, writeable=True)
+    dev = ctx.device_bind(RID)
+    hwpt = ctx.device_attach(dev, ioas)
+    return ino, ioas, dev, hwpt, size
+
+
+# ------------------------------------------------------------------ IOAS
+
+
+def test_ioas_ids_start_at_one_and_are_not_reused(ctx: Context) -> None:
+    a, b = ctx.ioas_alloc(), ctx.ioas_alloc()
+    assert (a, b) == (1, 2)
+    ctx.destroy(b)
+    assert ctx.ioas_alloc() == 3
+
+
+def test_map_without_fixed_iova_aligns_for_superpages(store: Store, ctx: Context) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, PS, 0, writeable=True)  # something at 0 to step over
+    iova = ctx.ioas_map_file(ioas, ino, 2 * MiB, 2 * MiB, None, writeable=True)
+    assert iova % (2 * MiB) == phys_of(store, ino, 2 * MiB) % (2 * MiB)
+    assert iova >= PS
+
+
+def test_fixed_iova_over_an_existing_map_is_eexist_and_changes_nothing(store: Store, ctx: Context) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, 2 * MiB, 0, writeable=True)
+    assert errno_of(lambda: ctx.ioas_map_file(ioas, ino, 2 * MiB, 2 * MiB, MiB, writeable=True)) == errno.EEXIST
+    assert len(ctx.ioas(ioas).areas) == 1
+
+
+@pytest.mark.parametrize(("start", "length", "iova", "code"), [
+    (0, 0, 0, errno.EINVAL),  # zero length
+    (1, PS, 0, errno.EINVAL),  # unaligned start
+    (0, PS + 1, 0, errno.EINVAL),  # unaligned length
+    (0, PS, 3, errno.EINVAL),  # unaligned iova
+    (0, 8 * MiB, 0, errno.EINVAL),  # beyond the file
+    (0, 2 * PS, (1 << 48) - PS, errno.EINVAL),  # beyond the 48-bit IOVA space
+    (U64_MAX - PS + 1, 2 * PS, 0, errno.EOVERFLOW),  # start + length wraps
+    (0, 2 * PS, U64_MAX - PS + 1, errno.EOVERFLOW),  # iova + length wraps
+])
+def test_map_file_refuses_bad_ranges_with_the_kernels_errno(
+    store: Store, ctx: Context, start: int, length: int, iova: int, code: int  # noqa: F811
+) -> None:
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    assert errno_of(lambda: ctx.ioas_map_file(ioas, ino, start, length, iova, writeable=True)) == code
+    assert ctx.ioas(ioas).areas == [] and not store.pin_hook(ino)
+
+
+def test_map_file_of_a_directory_is_einval(store: Store, ctx: Context) -> None:  # noqa: F811
+    ioas = ctx.ioas_alloc()
+    top = store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME)
+    assert errno_of(lambda: ctx.ioas_map_file(ioas, top, 0, PS, 0, writeable=True)) == errno.EINVAL
+
+
+def test_a_mapped_file_is_pinned_without_any_hwpt(store: Store, ctx: Context) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, 4 * MiB, 0, writeable=True)
+    assert errno_of(lambda: store.truncate(ino, 0)) == errno.EBUSY
+    ctx.ioas_unmap(ioas, 0, 4 * MiB)
+    store.truncate(ino, 0)
+
+
+def test_unmap_that_cuts_a_map_is_enoent(store: Store, ctx: Context) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, 4 * MiB, 0, writeable=True)
+    assert errno_of(lambda: ctx.ioas_unmap(ioas, 0, 2 * MiB)) == errno.ENOENT
+    assert len(ctx.ioas(ioas).areas) == 1
+
+
+def test_unmap_of_nothing_is_enoent_but_unmap_all_of_nothing_succeeds(ctx: Context) -> None:
+    ioas = ctx.ioas_alloc()
+    assert errno_of(lambda: ctx.ioas_unmap(ioas, 0, MiB)) == errno.ENOENT
+    assert ctx.ioas_unmap(ioas, 0, U64_MAX) == 0
+
+
+def test_unmap_of_a_superset_removes_every_whole_map_inside(store: Store, ctx: Context) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, MiB, 0, writeable=True)
+    ctx.ioas_map_file(ioas, ino, MiB, MiB, 4 * MiB, writeable=False)
+    assert ctx.ioas_unmap(ioas, 0, 16 * MiB) == 2 * MiB
+    assert ctx.ioas(ioas).areas == []
+
+
+def test_iova_ranges_are_the_48_bit_space_in_pages(ctx: Context) -> None:
+    ioas = ctx.ioas_alloc()
+    assert ctx.ioas_iova_ranges(ioas) == ([(0, (1 << 48) - 1)], PS)
+
+
+# ------------------------------------------------------------------ HWPT
+
+
+def test_every_map_is_mirrored_into_every_hwpt_of_the_ioas(store: Store, ctx: Context) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 8 * MiB)
+    ioas = ctx.ioas_alloc()
+    dev = ctx.device_bind(RID)
+    h1 = ctx.hwpt_alloc(dev, ioas)
+    ctx.ioas_map_file(ioas, ino, 0, 4 * MiB, 0, writeable=True)
+    h2 = ctx.hwpt_alloc(dev, ioas)  # made after the map: gets it too
+    ctx.ioas_map_file(ioas, ino, 4 * MiB, 4 * MiB, GiB, writeable=False)
+    for h in (h1, h2):
+        d = ctx.hwpt(h).domain
+        assert d.translate_soft(PS) == phys_of(store, ino, PS)
+        assert d.translate_soft(GiB + 5 * PS) == phys_of(store, ino, 4 * MiB + 5 * PS)
+        assert [m.write for m in d.mappings()] == [True, False]
+
+
+def test_a_map_that_fails_in_the_second_domain_leaves_the_first_as_it_was(
+    store: Store, ctx: Context  # noqa: F811
+) -> None:
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    dev = ctx.device_bind(RID)
+    h1, h2 = ctx.hwpt_alloc(dev, ioas), ctx.hwpt_alloc(dev, ioas)
+    d2 = ctx.hwpt(h2).domain
+    d2.map_file(ino, 0, PS, 0)  # behind the IOAS's back: the second domain will refuse IOVA 0
+    pins = dict(ctx.hwpt(h1).domain.pins)
+    assert errno_of(lambda: ctx.ioas_map_file(ioas, ino, 0, 2 * MiB, 0, writeable=True)) == errno.EEXIST
+    assert ctx.hwpt(h1).domain.mappings() == [] and ctx.hwpt(h1).domain.pins == pins
+    assert ctx.ioas(ioas).areas == []
+
+
+def test_hwpt_alloc_needs_a_bound_device_and_an_ioas(store: Store, ctx: Context) -> None:  # noqa: F811
+    ioas = ctx.ioas_alloc()
+    assert errno_of(lambda: ctx.hwpt_alloc(99, ioas)) == errno.ENOENT
+    dev = ctx.device_bind(RID)
+    assert errno_of(lambda: ctx.hwpt_alloc(dev, 99)) == errno.ENOENT
+    h = ctx.hwpt_alloc(dev, ioas)
+    assert errno_of(lambda: ctx.hwpt_alloc(dev, h)) == errno.EINVAL  # nesting
+
+
+# --------------------------------------------------------------- devices
+
+
+def test_attach_to_an_ioas_makes_an_automatic_hwpt_the_hardware_translates_through(
+    store: Store, io: Iommu, ctx: Context  # noqa: F811
+) -> None:
+    ino, _ioas, _dev, hwpt, _ = attached_vm(store, ctx)
+    io.enable()
+    phys, _faults = io.translate(0, 3, 0, [0, 5 * PS])
+    assert phys.tolist() == [phys_of(store, ino, 0), phys_of(store, ino, 5 * PS)]
+    assert io.attached[RID] == ctx.hwpt(hwpt).domain.domain_id
+
+
+def test_a_second_device_on_the_same_ioas_shares_the_automatic_hwpt(store: Store, ctx: Context) -> None:  # noqa: F811
+    _ino, ioas, _dev, hwpt, _ = attached_vm(store, ctx)
+    dev2 = ctx.device_bind(RID2)
+    assert ctx.device_attach(dev2, ioas) == hwpt
+
+
+def test_binding_a_requester_twice_is_ebusy_also_from_another_context(kernel: Iommufd, ctx: Context) -> None:
+    ctx.device_bind(RID)
+    assert errno_of(lambda: ctx.device_bind(RID)) == errno.EBUSY
+    assert errno_of(lambda: kernel.open_context().device_bind(RID)) == errno.EBUSY
+
+
+def test_binding_a_requester_the_kernel_attached_offline_is_ebusy(io: Iommu, ctx: Context) -> None:  # noqa: F811
+    io.create_domain(7).attach(0, 3, 0)
+    assert errno_of(lambda: ctx.device_bind(RID)) == errno.EBUSY
+
+
+def test_reattach_replaces_the_domain_and_drops_the_old_automatic_hwpt(store: Store, io: Iommu,  # noqa: F811
+                                                                         ctx: Context) -> None:
+    ino, ioas, dev, auto, size = attached_vm(store, ctx)
+    h = ctx.hwpt_alloc(dev, ioas)
+    assert ctx.device_attach(dev, h) == h
+    assert io.attached[RID] == ctx.hwpt(h).domain.domain_id
+    assert errno_of(lambda: ctx.hwpt(auto)) == errno.ENOENT
+
+
+def test_detach_blocks_dma_and_a_second_detach_is_a_no_op(store: Store, io: Iommu, ctx: Context) -> None:  # noqa: F811
+    _ino, _ioas, dev, _hwpt, _ = attached_vm(store, ctx)
+    ctx.device_detach(dev)
+    assert RID not in io.attached
+    ctx.device_detach(dev)
+    io.enable()
+    _phys, faults = io.translate(0, 3, 0, [0])
+    assert faults.tolist() != [0]
+
+
+def test_objects_of_another_context_are_enoent(kernel: Iommufd, ctx: Context) -> None:
+    ioas = ctx.ioas_alloc()
+    other = kernel.open_context()
+    other.ioas_alloc()  # id 1 exists there too, but it is other's own
+    assert errno_of(lambda: other.destroy(ioas + 1)) == errno.ENOENT
+    assert errno_of(lambda: other.ioas_unmap(ioas + 5, 0, PS)) == errno.ENOENT
+
+
+# --------------------------------------------------------------- destroy
+
+
+def test_destroy_refuses_whatever_is_in_use(store: Store, ctx: Context) -> None:  # noqa: F811
+    _ino, ioas, dev, hwpt, _ = attached_vm(store, ctx)
+    assert errno_of(lambda: ctx.destroy(ioas)) == errno.EBUSY
+    assert errno_of(lambda: ctx.destroy(hwpt)) == errno.EBUSY
+    assert errno_of(lambda: ctx.destroy(dev)) == errno.EBUSY
+    ctx.device_detach(dev)  # the automatic HWPT goes with its last device
+    ctx.destroy(ioas)
+    ctx.destroy(dev)
+    assert ctx.objects == {}
+
+
+def test_a_destroyed_domain_is_freed_after_the_grace_period(store: Store, io: Iommu, kernel: Iommufd,  # noqa: F811
+                                                           ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ino, ioas, dev, hwpt, _ = attached_vm(store, ctx)
+    did = ctx.hwpt(hwpt).domain.domain_id
+    ctx.device_detach(dev)
+    assert did in io.domains and kernel.dying  # a walk may still be inside it
+    monkeypatch.setattr("backing.iommu.time.monotonic", lambda: 1e12)
+    assert kernel.reap() == 0.0
+    assert did not in io.domains and kernel.dying == []
+
+
+# ----------------------------------------------------------------- close
+
+
+def test_closing_a_context_releases_everything_and_fsck_is_clean(
+    store: Store, io: Iommu, kernel: Iommufd, ctx: Context, image: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    ino, *_ = attached_vm(store, ctx)
+    ctx.close()
+    assert RID not in io.attached and RID not in kernel.bound and ctx.objects == {}
+    assert store.pin_hook(ino)  # the dying domain still maps it until its grace period ends
+    monkeypatch.setattr("backing.iommu.time.monotonic", lambda: 1e12)
+    kernel.reap()
+    assert io.domains == {} and not store.pin_hook(ino)
+    store.truncate(ino, 0)
+    status, findings = fsck.check_image(str(image))
+    assert status == 0, findings
