@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from conftest import force_unmount
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +47,38 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("pkfuse")  # the venv's bin, where setup installs it
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "mkfs" in out.stdout
+
+
+def using_it_commands() -> list[str]:
+    """The command lines of the README's "Using it" block, comments dropped."""
+    section = (ROOT / "README.md").read_text().partition("## Using it")[2]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, "README's Using it has no sh block"
+    return [line.partition("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.mount
+def test_readme_using_it_runs_as_written(tmp_path: Path) -> None:
+    """Each line of "Using it", in order, on a fresh machine's terms: the mountpoint does not exist yet.
+
+    Only paths and sizes change (a 1 GiB image in tmp_path, /run/pkernfs under
+    it); the bench line is left to the bench's own test.
+    """
+    mnt = tmp_path / "run" / "pkernfs"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    outputs: dict[str, str] = {}
+    try:
+        for line in using_it_commands():
+            if line.startswith("pkfuse bench"):
+                continue
+            cmd = (line.replace("/run/pkernfs", str(mnt)).replace("--size 16G", "--size 1G")
+                   .replace("truncate -s 2G", "truncate -s 64M"))
+            r = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, env=env,
+                               timeout=60)
+            assert r.returncode == 0, f"{line}: {r.stderr}"
+            outputs[line] = r.stdout
+    finally:
+        force_unmount(mnt)
+    extents = next(out for line, out in outputs.items() if "--only-values -n user.pkernfs.extents" in line)
+    rows = extents.splitlines()
+    assert rows and all(re.fullmatch(r"0x[0-9a-f]+ 0x[0-9a-f]+ 0x[0-9a-f]+", row) for row in rows), extents
