@@ -422,6 +422,16 @@ class Geometry:
     def page_of(self, phys_addr: int) -> int:
         return (phys_addr - self.base_phys) // PAGE_SIZE
 
+    # image byte offsets of record fields (the journal's targets, fsck's finding offsets)
+    def inode_off(self, ino: int, field: str = "kind") -> int:
+        return self.inode_page * PAGE_SIZE + int(ino) * INODE_DTYPE.itemsize + INODE_DTYPE.fields[field][1]
+
+    def dentry_off(self, ino: int, field: str = "parent") -> int:
+        return self.dentry_page * PAGE_SIZE + int(ino) * DENTRY_DTYPE.itemsize + DENTRY_DTYPE.fields[field][1]
+
+    def extent_off(self, rec: int, field: str = "ino") -> int:
+        return self.extent_page * PAGE_SIZE + int(rec) * EXTENT_DTYPE.itemsize + EXTENT_DTYPE.fields[field][1]
+
 
 def _pages(nbytes: int) -> int:
     return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE

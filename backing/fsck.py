@@ -57,7 +57,6 @@ _SB = fmt.SUPERBLOCK_DTYPE.fields
 _JH = fmt.JOURNAL_HEADER_DTYPE.fields
 _IN = fmt.INODE_DTYPE.fields
 _DE = fmt.DENTRY_DTYPE.fields
-_EX = fmt.EXTENT_DTYPE.fields
 
 
 # ------------------------------------------------------------------ context
@@ -161,13 +160,13 @@ class FsckContext:
 
     # offsets of records, for findings
     def inode_off(self, ino: int, field: str = "kind") -> int:
-        return self.geometry.inode_page * PS + int(ino) * fmt.INODE_DTYPE.itemsize + _IN[field][1]
+        return self.geometry.inode_off(ino, field)
 
     def dentry_off(self, ino: int, field: str = "parent") -> int:
-        return self.geometry.dentry_page * PS + int(ino) * fmt.DENTRY_DTYPE.itemsize + _DE[field][1]
+        return self.geometry.dentry_off(ino, field)
 
     def extent_off(self, rec: int, field: str = "ino") -> int:
-        return self.geometry.extent_page * PS + int(rec) * fmt.EXTENT_DTYPE.itemsize + _EX[field][1]
+        return self.geometry.extent_off(rec, field)
 
 
 def owner_of(starts: np.ndarray, ends: np.ndarray, inos: np.ndarray, pages: np.ndarray) -> np.ndarray:

@@ -56,7 +56,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -67,6 +66,7 @@ from . import vtd
 from .errors import FormatError, PkfuseError, StoreError
 from .regs import Regs
 from .allocator import expand_runs
+from .domainhdr import MAX_DOMAIN_ID, check_domain_file, domain_file_name
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,6 @@ PS = fmt.PAGE_SIZE
 U64 = np.uint64
 GROW_CHUNK = 64  #: pool pages added at a time (a big map grows by exactly what it needs)
 FREE_GRACE_S = 1.0  #: seconds before a freed table page may be reused (invalidation wait)
-MAX_DOMAIN_ID = 0xFFFF
-_DOM_NAME = re.compile(rb"^dom-(\d+)$")
 _LEVEL_PAGES = vtd.LEVEL_PAGES
 _IOVA_PAGES = 1 << (fmt.VTD_IOVA_BITS - fmt.PAGE_SHIFT)
 #: 4 KiB leaves per run of consecutive frames, on average, above which pins are
@@ -659,28 +657,14 @@ class Iommu:
     def _load_domain(self, name: bytes, ino: int) -> Domain | None:
         st = self.store
         path = "iommu/" + name.decode(errors="replace")
-        ext = st.extents(ino)
-        if not ext or sum(e.length for e in ext) < 2 * PS:
-            return self._half_made(name, path, "fewer than two pages")
-        hdr_off = ext[0].page * PS
-        hdr = st.image[hdr_off : hdr_off + fmt.DOMAIN_HEADER_DTYPE.itemsize].view(fmt.DOMAIN_HEADER_DTYPE)[0]
-        if bytes(hdr["magic"]) == b"":
-            return self._half_made(name, path, "header never written")
-        f = fmt.DOMAIN_HEADER_DTYPE.fields
-        if bytes(hdr["magic"]) != fmt.DOMAIN_MAGIC:
-            raise FormatError(f"{path} header.magic", hdr_off, f"{bytes(hdr['magic'])!r} is not a domain header")
-        if bytes(hdr["compatible"]) != fmt.DOMAIN_COMPATIBLE:
-            raise FormatError(f"{path} header.compatible", hdr_off + f["compatible"][1],
-                              f"unknown domain format {bytes(hdr['compatible']).decode(errors='replace')!r} "
-                              f"(this pkfuse knows {fmt.DOMAIN_COMPATIBLE.decode()!r})")
-        did = int(hdr["domain_id"])
-        m = _DOM_NAME.match(name)
-        if m is None or int(m.group(1)) != did or not 0 < did <= MAX_DOMAIN_ID:
-            raise FormatError(f"{path} header.domain_id", hdr_off + f["domain_id"][1], f"domain id {did} does not match the file name")
-        if int(hdr["address_width"]) != fmt.CE_AW_48 or int(hdr["pml4_file_page"]) != 1:
-            raise FormatError(f"{path} header.address_width", hdr_off + f["address_width"][1],
-                              f"AW {int(hdr['address_width'])}, SL-PML4 at file page {int(hdr['pml4_file_page'])}: unsupported")
-        dom = Domain(self, ino, name, did, int(hdr["flags"]))
+        verdict = check_domain_file(st.image, st.geometry, ino, name, st.image_pages(ino))
+        if verdict.problems:  # what fsck reports: refused here, never removed
+            bad = verdict.problems[0]
+            raise FormatError(bad.structure, bad.offset, bad.problem)
+        if verdict.domain_id is None:
+            return self._half_made(name, path, verdict.half_made)
+        did = verdict.domain_id
+        dom = Domain(self, ino, name, did, verdict.flags)
         levels, problems = dom.walk()
         if problems:
             p = problems[0]
@@ -834,7 +818,7 @@ class Iommu:
                 raise _errno(errno.EINVAL, f"domain id {domain_id} outside 1..{MAX_DOMAIN_ID}")
             if domain_id in self.domains:
                 raise _errno(errno.EEXIST, f"IOMMU domain {domain_id} exists")
-            name = b"dom-%d" % domain_id
+            name = domain_file_name(domain_id)
             ino = self.store.create(self.iommu_dir, name, 0o444, 0, 0, kind=fmt.KIND_IOMMU_DOMAIN)
             try:
                 self.store.grow(ino, 2 + GROW_CHUNK)

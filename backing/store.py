@@ -962,13 +962,13 @@ class Store:
         return self.image[start : start + count * dtype.itemsize].view(dtype)
 
     def _inode_off(self, ino: int) -> int:
-        return self.geometry.inode_page * PS + ino * fmt.INODE_DTYPE.itemsize
+        return self.geometry.inode_off(ino)
 
     def _dentry_off(self, ino: int) -> int:
-        return self.geometry.dentry_page * PS + ino * fmt.DENTRY_DTYPE.itemsize
+        return self.geometry.dentry_off(ino)
 
     def _extent_off(self, idx: int) -> int:
-        return self.geometry.extent_page * PS + idx * fmt.EXTENT_DTYPE.itemsize
+        return self.geometry.extent_off(idx)
 
 
 def _geometry_from_superblock(sb_bytes: bytes, file_size: int) -> fmt.Geometry:

@@ -17,8 +17,9 @@ Checks, one function each:
   and that domain's DID; non-present entries have a zero lo word (the hi
   word may outlive a detach cut short by a kill); a present entry on a bus
   whose root entry is clear is unreachable (reported).
-* ``check_domain_header``: magic, compatible string, DID = file name,
-  address width, SL-PML4 at file page 1.
+* ``check_domain_header``: in /iommu, and ``domainhdr``'s rule (the one
+  ``Iommu.open`` applies): name dom-<DID>, two pages at least, magic,
+  compatible string, DID = file name, address width, SL-PML4 at file page 1.
 * ``check_domain_tree``: tree shape (pointers only to the domain's own pool
   pages, no page shared or referenced twice, PS only at PDPE/PDE),
   reserved bits clear, no bits set that hardware ignores (pkfuse never
@@ -28,7 +29,6 @@ Checks, one function each:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ import numpy as np
 from . import format as fmt
 from . import vtd
 from .allocator import expand_runs
+from .domainhdr import check_domain_file
 from .errors import Finding
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 PS = fmt.PAGE_SIZE
 U64 = np.uint64
 MAX_PER_CHECK = 50
-_DOM_NAME = re.compile(rb"^dom-(\d+)$")
 _ROOT = "iommu/root-pgtables"
 
 
@@ -215,47 +215,14 @@ def _ce_off(root_pages: np.ndarray, bus: int, devfn: int) -> int:
 
 
 def check_domain_header(ctx: FsckContext, dom: _Domain, iommu_dir: int) -> Iterator[Finding]:
+    """The domain file lives in /iommu and passes ``domainhdr.check_domain_file`` (name,
+    size, header), the rule ``Iommu.open`` applies; a half-made file is no finding."""
     parent = int(ctx.dentries[dom.ino]["parent"])
     if parent != iommu_dir:
         yield Finding(dom.path, ctx.dentry_off(dom.ino), "IOMMU domain file outside /iommu")
-    m = _DOM_NAME.match(dom.name)
-    if m is None:
-        yield Finding(dom.path, ctx.dentry_off(dom.ino, "name"), "domain file not named dom-<DID>")
-        return
-    if dom.pages.size == 0:
-        return  # a kill between create and grow in create_domain; Iommu.open removes the file
-    if dom.pages.size < 2:
-        yield Finding(dom.path, ctx.inode_off(dom.ino, "npages"),
-                      f"{dom.pages.size} pages: no room for the header and the SL-PML4")
-        return
-    off = int(dom.pages[0]) * PS
-    hdr = ctx.image[off : off + fmt.DOMAIN_HEADER_DTYPE.itemsize].view(fmt.DOMAIN_HEADER_DTYPE)[0]
-    f = fmt.DOMAIN_HEADER_DTYPE.fields
-    ok = True
-    if bytes(hdr["magic"]) == b"":
-        return  # magic is written last: a kill in create_domain; Iommu.open removes the file
-    if bytes(hdr["magic"]) != fmt.DOMAIN_MAGIC:
-        yield Finding(f"{dom.path} header.magic", off, f"{bytes(hdr['magic'])!r} is not {fmt.DOMAIN_MAGIC!r}")
-        return
-    if bytes(hdr["compatible"]) != fmt.DOMAIN_COMPATIBLE:
-        ok = False
-        yield Finding(f"{dom.path} header.compatible", off + f["compatible"][1],
-                      f"unknown format {bytes(hdr['compatible']).decode(errors='replace')!r}, "
-                      f"want {fmt.DOMAIN_COMPATIBLE.decode()!r}")
-    did = int(hdr["domain_id"])
-    if did != int(m.group(1)) or did == 0:
-        ok = False
-        yield Finding(f"{dom.path} header.domain_id", off + f["domain_id"][1], f"DID {did} does not match the name")
-    if int(hdr["address_width"]) != fmt.CE_AW_48:
-        ok = False
-        yield Finding(f"{dom.path} header.address_width", off + f["address_width"][1],
-                      f"{int(hdr['address_width'])} is not 48-bit (2)")
-    if int(hdr["pml4_file_page"]) != 1:
-        ok = False
-        yield Finding(f"{dom.path} header.pml4_file_page", off + f["pml4_file_page"][1],
-                      f"SL-PML4 at file page {int(hdr['pml4_file_page'])}, want 1")
-    if ok:
-        dom.domain_id = did
+    verdict = check_domain_file(ctx.image, ctx.geometry, dom.ino, dom.name, dom.pages)
+    yield from verdict.problems
+    dom.domain_id = verdict.domain_id  # None unless valid: the tree and leaf checks skip it
 
 
 def _walk(ctx: FsckContext, dom: _Domain) -> tuple[list[vtd.Level], list[vtd.Problem]]:
