@@ -9,6 +9,7 @@ again. Each refusal is a ``MountError``: one line and the status that
 from __future__ import annotations
 
 import os
+import stat
 
 from backing.errors import PkfuseError
 
@@ -28,7 +29,7 @@ EXIT_DOC = """exit status:
   3  mountpoint missing, not a directory, or busy (already mounted)
   4  image in use by another pkfuse daemon (flock)
   5  /dev/fuse missing or the mount refused by the kernel
-  6  the image is not a valid pkfuse image (fsck it)
+  6  the image is missing, not a regular file, or not a valid pkfuse image (fsck it)
   128+N  signal N (Ctrl-C, SIGTERM, SIGHUP) while waiting: the daemon was stopped"""
 
 DEV_FUSE = "/dev/fuse"
@@ -60,10 +61,22 @@ def check_fuse() -> None:
 
 
 def check_image(image: str) -> None:
-    if not os.path.exists(image):
-        raise MountError(f"image {image} does not exist (make one with `pkfuse mkfs`)", EXIT_BAD_IMAGE)
-    if os.path.isdir(image):
+    """The image must be a regular file (``Store.open`` refuses anything else).
+
+    Checked here, before a daemon starts, so that a refused image leaves
+    nothing behind: the daemon's default log ``IMAGE.log`` would otherwise be
+    made beside ``/dev/null`` or a FIFO.
+    """
+    try:
+        st = os.stat(image)
+    except FileNotFoundError:
+        raise MountError(f"image {image} does not exist (make one with `pkfuse mkfs`)", EXIT_BAD_IMAGE) from None
+    except OSError as exc:
+        raise MountError(f"cannot look at image {image}: {exc.strerror}", EXIT_BAD_IMAGE) from None
+    if stat.S_ISDIR(st.st_mode):
         raise MountError(f"image {image} is a directory", EXIT_BAD_IMAGE)
+    if not stat.S_ISREG(st.st_mode):
+        raise MountError(f"image {image} is not a regular file", EXIT_BAD_IMAGE)
 
 
 

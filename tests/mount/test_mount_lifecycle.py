@@ -248,6 +248,61 @@ def test_daemon_mode_logs_next_to_the_image_by_default(image: Path, tmp_path: Pa
         force_unmount(mnt)
 
 
+def _files(top: Path) -> set[Path]:
+    return {p for p in top.rglob("*")}
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "dev-null", "fifo", "bad image", "busy image",
+                                  "busy mountpoint"])
+def test_a_refused_mount_leaves_no_log_behind(case: str, tmp_path: Path, make_image, mount_image) -> None:
+    """``IMAGE.log`` (daemon mode's default) is made only once a daemon has opened the image.
+
+    ``/dev/null`` is reached through a symlink in tmp_path, so that a log
+    made beside it would land where the test sees it.
+    """
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    image = tmp_path / f"{case.replace(' ', '-')}.img"
+    status = 6
+    if case == "directory":
+        image.mkdir()
+    elif case == "dev-null":
+        image.symlink_to(os.devnull)
+    elif case == "fifo":
+        os.mkfifo(image)
+    elif case == "bad image":
+        image.write_bytes(os.urandom(1 << 20))
+    elif case == "busy image":
+        image = make_image(name=image.name)
+        mount_image(image, name="holder")  # foreground, its log elsewhere: the image is locked
+        status = 4
+    elif case == "busy mountpoint":
+        image = make_image(name=image.name)
+        mnt = mount_image(make_image(name="other.img"), name="taken").path
+        status = 3
+    before = _files(tmp_path)
+    r = pkfuse("mount", str(image), str(mnt))
+    assert r.returncode == status, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert _files(tmp_path) - before == set()
+    assert not Path(str(image) + ".log").exists()
+
+
+def test_a_refused_foreground_mount_does_not_make_its_log(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(os.urandom(1 << 20))
+    (tmp_path / "mnt").mkdir()
+    r = pkfuse("mount", "--foreground", "--log", str(tmp_path / "fg.log"), str(bad), str(tmp_path / "mnt"))
+    assert r.returncode == 6 and not (tmp_path / "fg.log").exists()
+
+
+def test_daemon_mode_with_its_log_in_a_directory_it_cannot_write_is_one_line(image: Path, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    r = pkfuse("mount", "--log", str(tmp_path), str(image), str(tmp_path / "mnt"))  # a directory as log
+    assert r.returncode == 1 and not is_mounted(tmp_path / "mnt")
+    assert r.stderr.startswith("pkfuse: error: log ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_daemon_mode_mounts_a_path_with_a_space_and_non_ascii_letters(image: Path, tmp_path: Path) -> None:
     # mountinfo escapes the space as \040, é stays UTF-8
     with cli_mounted(image, tmp_path / "mnt été") as mnt:
