@@ -145,6 +145,8 @@ KIND_NAMES = {
     KIND_IOMMU_ROOT: "iommu-root",
     KIND_IOMMU_DOMAIN: "iommu-domain",
 }
+KINDS_WITH_PAGES = (KIND_GUEST, KIND_IOMMU_ROOT, KIND_IOMMU_DOMAIN)  #: kinds whose inodes own extents
+IOMMU_KINDS = (KIND_IOMMU_ROOT, KIND_IOMMU_DOMAIN)  #: written only by pkfuse, read-only to every user
 
 IFLAG_ORPHAN = 1  #: unlinked while still open; freed at release or next open
 
@@ -416,6 +418,11 @@ class Geometry:
     def journal_body_bytes(self) -> int:
         return (self.journal_npages - 1) * PAGE_SIZE
 
+    @property
+    def base_pfn(self) -> int:
+        """Page frame number of image page 0 (``base_phys >> 12``): image page = pfn - base_pfn."""
+        return self.base_phys >> PAGE_SHIFT
+
     def phys_addr(self, page: int) -> int:
         return self.base_phys + page * PAGE_SIZE
 
@@ -497,3 +504,8 @@ def superblock_checksum(sb_bytes: bytes) -> int:
 def requester_id(bus: int, dev: int, fn: int) -> int:
     """PCI requester id (source id): bus 15:8, device 7:3, function 2:0."""
     return (bus << 8) | (dev << 3) | fn
+
+
+def requester_name(source_id: int) -> str:
+    """``bb:dd.f`` (hex bus and device) of a source id, as lspci writes it."""
+    return f"{source_id >> 8:02x}:{(source_id >> 3) & 0x1F:02x}.{source_id & 7}"

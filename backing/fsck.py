@@ -49,7 +49,6 @@ from .journal import Journal
 
 PS = fmt.PAGE_SIZE
 MAX_PER_CHECK = 8  #: findings reported per check before "and N more"
-_HOLDS_PAGES = (fmt.KIND_GUEST, fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 _MODE_BITS = stat.S_IFMT(0xFFFFFFFF) | 0o7777  #: every bit an inode mode may have
 
 # field offsets inside records, for finding offsets
@@ -106,7 +105,7 @@ class FsckContext:
         orphan = live & ((inodes["flags"] & fmt.IFLAG_ORPHAN) != 0)
         named = live & ~orphan
         named[: fmt.ROOT_INO + 1] = False  # record 0 is unused, the root has no dentry
-        holds = live & np.isin(kind, _HOLDS_PAGES)
+        holds = live & np.isin(kind, fmt.KINDS_WITH_PAGES)
 
         e_rec = np.flatnonzero(extents["npages"] != 0)
         rec = extents[e_rec]
@@ -439,7 +438,7 @@ def check_inode_size(ctx: FsckContext) -> Iterator[Finding]:
     size = ctx.inodes["size"]
     npages = ctx.inodes["npages"]
     cap = np.uint64(ctx.geometry.npages)
-    holds = ctx.live & np.isin(ctx.kind, _HOLDS_PAGES)
+    holds = ctx.live & np.isin(ctx.kind, fmt.KINDS_WITH_PAGES)
     too_many = holds & (npages > cap)
     too_big = holds & ~too_many & (size > np.minimum(npages, cap) * np.uint64(PS))
     is_dir = ctx.live & (ctx.kind == fmt.KIND_DIR)
@@ -686,7 +685,7 @@ def check_extent_file_coverage(ctx: FsckContext) -> Iterator[Finding]:
         starts = np.flatnonzero(first)
         totals[ino[starts]] = np.add.reduceat(cnt, starts)
         counts[ino[starts]] = np.diff(np.append(starts, ino.size))
-    holds = ctx.live & np.isin(ctx.kind, _HOLDS_PAGES)
+    holds = ctx.live & np.isin(ctx.kind, fmt.KINDS_WITH_PAGES)
     have_pages = ctx.inodes["npages"]
     have_ext = ctx.inodes["nextents"].astype(np.int64)
     bad_pages = np.flatnonzero(holds & (have_pages != totals.astype(np.uint64)))

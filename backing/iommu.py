@@ -116,10 +116,6 @@ def _next_slots(a: int, b: int, level: int, parents: np.ndarray, children: np.nd
     return expand_runs(starts, counts), np.repeat(children, counts)
 
 
-def _rid(source_id: int) -> str:
-    return f"{source_id >> 8:02x}:{(source_id >> 3) & 0x1F:02x}.{source_id & 7}"
-
-
 class Domain:
     """One IOMMU domain: a 4-level second-level tree in the file ``iommu/dom-<DID>``."""
 
@@ -236,12 +232,11 @@ class Domain:
 
     def _phys_entry(self, pages: np.ndarray) -> np.ndarray:
         """Non-leaf entries pointing at tables in image ``pages``."""
-        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
-        return ((pages.astype(U64) + U64(base_pfn)) << U64(fmt.PAGE_SHIFT)) | U64(vtd.RW)
+        return ((pages.astype(U64) + U64(self.store.geometry.base_pfn)) << U64(fmt.PAGE_SHIFT)) | U64(vtd.RW)
 
     def _child_pages(self, entries: np.ndarray, where: np.ndarray) -> np.ndarray:
-        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
-        child = ((entries & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
+        """The pool page each non-leaf entry points at; FormatError for one outside the pool."""
+        child = vtd.entry_pages(entries, self.store.geometry.base_pfn)
         bad = ~self._in_pool(child)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -267,7 +262,7 @@ class Domain:
             g = self.store.geometry
             a, n = iova >> fmt.PAGE_SHIFT, length >> fmt.PAGE_SHIFT
             pfn0 = phys_addr >> fmt.PAGE_SHIFT
-            runs = self.iommu._guest_runs(pfn0 - (g.base_phys >> fmt.PAGE_SHIFT), n, strict=True)
+            runs = self.iommu._guest_runs(pfn0 - g.base_pfn, n, strict=True)
             plan = self._plan_map(a, a + n, pfn0, write)
             self._apply_plan(plan)
             for ino, _page, count, _off in runs:
@@ -409,7 +404,7 @@ class Domain:
                 m = ((ent & U64(vtd.RW)) != 0) & vtd.is_leaf(level, ent)
                 if m.any():
                     leaf_where.append(where[m])
-                    leaf_pfn.append(((ent[m] & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64))
+                    leaf_pfn.append(vtd.entry_pages(ent[m]))
                     leaf_pages.append(np.full(int(m.sum()), _LEVEL_PAGES[level], np.int64))
             if not leaf_where:
                 return 0
@@ -444,8 +439,7 @@ class Domain:
             # the parent entries pointing at them, from the level above
             _ps, _pt, pwhere, pent = levels[level - 1]
             pres = ((pent & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level - 1, pent)
-            base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
-            child = ((pent & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
+            child = vtd.entry_pages(pent, self.store.geometry.base_pfn)
             hit = pres & np.isin(child, empty)
             self._u64[pwhere[hit]] = 0  # after the leaves below them were cleared
             freed.append(child[hit])
@@ -485,7 +479,7 @@ class Domain:
             if level and e & fmt.SL_PS:
                 if page % _LEVEL_PAGES[level] == 0:
                     return
-                pfn = (e & vtd.LEAF_ADDR[level]) >> fmt.PAGE_SHIFT
+                pfn = int(vtd.entry_pages(e))
                 sub = level + 1
                 pfns = pfn + np.arange(512, dtype=np.int64) * _LEVEL_PAGES[sub]
                 contents = vtd.leaf_entries(sub, pfns, bool(e & fmt.SL_W))
@@ -499,8 +493,7 @@ class Domain:
 
     def walk(self) -> tuple[list[vtd.Level], list[vtd.Problem]]:
         """The whole tree as read from the image (``vtd.walk_tree``)."""
-        return vtd.walk_tree(self._u64, self.store.geometry.base_phys >> fmt.PAGE_SHIFT,
-                             self.pml4_page, self._sorted)
+        return vtd.walk_tree(self._u64, self.store.geometry.base_pfn, self.pml4_page, self._sorted)
 
     def mappings(self) -> list[MappingRange]:
         """Every mapping, coalesced into ranges, sorted by IOVA."""
@@ -508,7 +501,7 @@ class Domain:
             levels, _ = self.walk()
             iova, pfn, npages, wr = vtd.coalesce(*vtd.leaf_ranges(levels))
             g = self.store.geometry
-            base_pfn = g.base_phys >> fmt.PAGE_SHIFT
+            base_pfn = g.base_pfn
             out: list[MappingRange] = []
             for i, p, n, w in zip(iova.tolist(), pfn.tolist(), npages.tolist(), wr.tolist()):
                 pos = i
@@ -536,8 +529,7 @@ class Domain:
                 if not e & vtd.RW:
                     return None
                 if level == 3 or (level and e & fmt.SL_PS):
-                    mask = vtd.LEAF_ADDR[level]
-                    return (e & mask) | (iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
+                    return (int(vtd.entry_pages(e)) << fmt.PAGE_SHIFT) | (iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
                 table = int(self._child_pages(np.array([e], U64), np.array([where]))[0])
             return None
 
@@ -686,17 +678,16 @@ class Iommu:
 
     def _scan_context_entries(self) -> None:
         u64 = self.store.image_u64
-        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
         by_pml4 = {d.pml4_page: d.domain_id for d in self.domains.values()}
         root = self.root_pages[0] * 512
         re_lo = u64[root : root + 512 : 2]
         self.attached = {}
         for bus in np.flatnonzero(re_lo & U64(fmt.RE_LO_P)).tolist():
             ct = int(self.root_pages[1 + bus])
-            ctx = u64[ct * 512 : ct * 512 + 512]
-            lo = ctx[0::2]
-            for devfn in np.flatnonzero(lo & U64(fmt.CE_LO_P)).tolist():
-                page = (int(lo[devfn]) & fmt.CE_LO_SLPTPTR_MASK) // PS - base_pfn
+            lo = u64[ct * 512 : ct * 512 + 512 : 2]
+            devfns = np.flatnonzero(lo & U64(fmt.CE_LO_P))
+            pages = vtd.entry_pages(lo[devfns], self.store.geometry.base_pfn)  # each one's SL-PML4
+            for devfn, page in zip(devfns.tolist(), pages.tolist()):
                 self.attached[(bus << 8) | devfn] = by_pml4.get(page, -1)
 
     def _writable(self, *domains: Domain) -> None:
@@ -733,7 +724,7 @@ class Iommu:
         up once per run and extent; otherwise once per page, vectorized.
         """
         out: dict[int, int] = {}
-        base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+        base_pfn = self.store.geometry.base_pfn
         small = npages == 1
         p = pfn[small]
         if p.size:
@@ -859,7 +850,7 @@ class Iommu:
         with self.store.lock:
             self._writable(domain)
             if domain.attached:
-                rids = ", ".join(_rid(s) for s in domain.attached)
+                rids = ", ".join(fmt.requester_name(s) for s in domain.attached)
                 raise _errno(errno.EBUSY, f"{domain.path} is attached to {rids}")
             wait = domain._quiet_after - time.monotonic()
             if wait > 0:  # a walk that read its context entry before the detach
@@ -895,13 +886,13 @@ class Iommu:
             order = np.argsort(old)
             old_sorted, new_sorted = old[order], new[order]
             tables = dst._tables
-            base_pfn = self.store.geometry.base_phys >> fmt.PAGE_SHIFT
+            base_pfn = self.store.geometry.base_pfn
             contents = []
             for level, lv in enumerate(levels[:3]):
                 block = tables[lv.tables].copy()
                 ptr = ((block & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level, block)
-                child = ((block[ptr] & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
-                moved = new_sorted[np.searchsorted(old_sorted, child)]
+                moved = new_sorted[np.searchsorted(old_sorted, vtd.entry_pages(block[ptr], base_pfn))]
+                # the same entry (R/W and all) pointing at the copy of its table
                 block[ptr] = (block[ptr] & ~U64(fmt.SL_ADDR_MASK)) | ((moved.astype(U64) + U64(base_pfn)) << U64(12))
                 contents.append(block)
             contents.append(tables[levels[3].tables].copy())
@@ -937,7 +928,7 @@ class Iommu:
             if cur == domain.domain_id:
                 return
             if cur is not None and not replace:
-                raise _errno(errno.EBUSY, f"requester {_rid(sid)} is attached to domain {cur}")
+                raise _errno(errno.EBUSY, f"requester {fmt.requester_name(sid)} is attached to domain {cur}")
             u64 = self.store.image_u64
             g = self.store.geometry
             re_where = int(self.root_pages[0]) * 512 + bus * 2
@@ -961,7 +952,7 @@ class Iommu:
             self._writable(domain)
             sid, _ct, where = self._context_where(bus, dev, fn)
             if self.attached.get(sid) != domain.domain_id:
-                raise _errno(errno.ENOENT, f"requester {_rid(sid)} is not attached to {domain.path}")
+                raise _errno(errno.ENOENT, f"requester {fmt.requester_name(sid)} is not attached to {domain.path}")
             u64 = self.store.image_u64
             u64[where] = 0  # P drops in one store
             u64[where + 1] = 0
@@ -1012,10 +1003,10 @@ class Iommu:
             lines.append(f"root table {self.root_table_phys:#x} (iommu/root-pgtables)")
             orphans = sorted(s for s, d in self.attached.items() if d not in self.domains)
             for s in orphans:
-                lines.append(f"requester {_rid(s)}: context entry points at no known domain")
+                lines.append(f"requester {fmt.requester_name(s)}: context entry points at no known domain")
             for did in sorted(self.domains):
                 d = self.domains[did]
-                rids = ", ".join(_rid(s) for s in d.attached) or "none"
+                rids = ", ".join(fmt.requester_name(s) for s in d.attached) or "none"
                 flags = " saved" if d.flags & fmt.DOMF_SAVED else ""
                 lines.append(f"{d.path}: DID {did}, compatible {fmt.DOMAIN_COMPATIBLE.decode()}{flags}, "
                              f"table pages {d.table_pages} of {d.file_pages}, attached {rids}")

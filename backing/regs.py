@@ -42,8 +42,7 @@ class Fault:
 
     @property
     def requester(self) -> str:
-        s = self.source_id
-        return f"{s >> 8:02x}:{(s >> 3) & 0x1F:02x}.{s & 7}"
+        return fmt.requester_name(self.source_id)
 
     def __str__(self) -> str:
         kind = "write" if self.write else "read"

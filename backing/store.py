@@ -45,8 +45,6 @@ __all__ = ["Store", "InodeAttr", "Extent", "StatFs", "mkfs", "parse_size", "pars
 log = logging.getLogger(__name__)
 
 PS = fmt.PAGE_SIZE
-_HOLDS_PAGES = (fmt.KIND_GUEST, fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
-_IOMMU_KINDS = (fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 # the superblock's dynamic words, each changed by one aligned 8-byte store
 _SB_GENERATION_WORD = fmt.SUPERBLOCK_DTYPE.fields["generation"][1] // 8
 _SB_CLEAN_WORD = fmt.SUPERBLOCK_DTYPE.fields["clean"][1] // 8
@@ -358,7 +356,7 @@ class Store:
     def extents(self, ino: int) -> list[Extent]:
         """The physical layout of ``ino``, sorted by file offset."""
         with self.lock:
-            if int(self._inode(ino)["kind"]) not in _HOLDS_PAGES:
+            if int(self._inode(ino)["kind"]) not in fmt.KINDS_WITH_PAGES:
                 return []
             fm = self._file_map(ino)
             base = self.geometry.base_phys
@@ -370,7 +368,7 @@ class Store:
     def image_pages(self, ino: int) -> np.ndarray:
         """Image page of each of ``ino``'s pages, in file order (int64; empty for a directory)."""
         with self.lock:
-            if int(self._inode(ino)["kind"]) not in _HOLDS_PAGES:
+            if int(self._inode(ino)["kind"]) not in fmt.KINDS_WITH_PAGES:
                 return np.zeros(0, np.int64)
             fm = self._file_map(ino)
             return expand_runs(fm.pages, fm.counts)
@@ -385,7 +383,7 @@ class Store:
                 free_pages=self.allocator.free_pages,
                 metadata_pages=self.geometry.data_page,
                 file_pages=int(npages[kinds == fmt.KIND_GUEST].sum()),
-                table_pages=int(npages[np.isin(kinds, _IOMMU_KINDS)].sum()),
+                table_pages=int(npages[np.isin(kinds, fmt.IOMMU_KINDS)].sum()),
                 inode_count=self.geometry.inode_count - 1,
                 free_inodes=int(np.count_nonzero(kinds[1:] == fmt.KIND_FREE)),
             )
@@ -450,7 +448,7 @@ class Store:
             kids[name] = ino
             if kind == fmt.KIND_DIR:
                 self._children[ino] = {}
-            elif kind in _HOLDS_PAGES:
+            elif kind in fmt.KINDS_WITH_PAGES:
                 self._files[ino] = self._empty_map()
             return ino
 
@@ -650,7 +648,7 @@ class Store:
             if offset < 0 or not 0 < ino < self.geometry.inode_count:
                 return None
             rec = self.inodes[ino]
-            if int(rec["kind"]) not in _HOLDS_PAGES:
+            if int(rec["kind"]) not in fmt.KINDS_WITH_PAGES:
                 return None
             end = min(offset + length, int(rec["size"]))
             if end <= offset:
@@ -682,7 +680,7 @@ class Store:
         with self.lock:
             self._writable()
             rec = self._inode(ino)
-            if int(rec["kind"]) not in _HOLDS_PAGES:
+            if int(rec["kind"]) not in fmt.KINDS_WITH_PAGES:
                 raise StoreError(errno.EISDIR, f"inode {ino} holds no pages")
             if npages < 0:  # would shrink the file below its size: an invalid inode
                 raise StoreError(errno.EINVAL, f"cannot grow inode {ino} by {npages} pages")
@@ -810,7 +808,7 @@ class Store:
             rec["ctime_ns"] = now
             txn.put(self._inode_off(ino), rec)
             return []
-        fm = self._file_map(ino) if int(rec["kind"][0]) in _HOLDS_PAGES else None
+        fm = self._file_map(ino) if int(rec["kind"][0]) in fmt.KINDS_WITH_PAGES else None
         freed: list[Run] = []
         if fm is not None and fm.records.size:
             zero = np.zeros(1, fmt.EXTENT_DTYPE)
@@ -836,7 +834,7 @@ class Store:
 
     def _check_removable(self, ino: int, pinned_ok: bool = False) -> None:
         kind = int(self.inodes["kind"][ino])
-        if kind in _IOMMU_KINDS or ino in (fmt.ROOT_INO,) or self._is_top_dir(ino):
+        if kind in fmt.IOMMU_KINDS or ino in (fmt.ROOT_INO,) or self._is_top_dir(ino):
             raise StoreError(errno.EPERM, f"{self.path_of(ino)!r} is managed by pkfuse")
         if not pinned_ok and self._pinned(ino):
             raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")

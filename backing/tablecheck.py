@@ -130,10 +130,6 @@ def _words(ctx: FsckContext, page: int) -> np.ndarray:
     return ctx.image_u64[page * 512 : page * 512 + 512]
 
 
-def _phys(ctx: FsckContext, page: int | np.ndarray) -> int | np.ndarray:
-    return ctx.geometry.base_phys + page * PS
-
-
 # ---------------------------------------------------------- root and context
 
 
@@ -166,14 +162,14 @@ def check_root_entries(ctx: FsckContext, root_pages: np.ndarray) -> Iterator[Fin
         if f["rsvd_lo"] or f["rsvd_hi"]:
             yield Finding(f"{_ROOT} root entry {bus:02x}", off,
                           f"reserved bits set: lo {f['rsvd_lo']:#x} hi {f['rsvd_hi']:#x}")
-        want = _phys(ctx, int(root_pages[1 + bus]))
+        want = ctx.geometry.phys_addr(int(root_pages[1 + bus]))
         if f["CTP"] != want:
             yield Finding(f"{_ROOT} root entry {bus:02x}", off,
                           f"CTP {f['CTP']:#x} is not the bus's context table {want:#x}")
 
 
 def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: list[_Domain]) -> Iterator[Finding]:
-    by_pml4 = {int(_phys(ctx, int(d.pages[1]))): d for d in domains if d.domain_id is not None}
+    by_pml4 = {ctx.geometry.phys_addr(int(d.pages[1])): d for d in domains if d.domain_id is not None}
     re_lo = _words(ctx, int(root_pages[0]))[0::2]
     ctables = ctx.image_u64.reshape(-1, 512)[root_pages[1:]]  # (256, 512)
     lo, hi = ctables[:, 0::2], ctables[:, 1::2]
@@ -228,7 +224,7 @@ def check_domain_header(ctx: FsckContext, dom: _Domain, iommu_dir: int) -> Itera
 def _walk(ctx: FsckContext, dom: _Domain) -> tuple[list[vtd.Level], list[vtd.Problem]]:
     if dom.walked is None:
         pool = np.sort(dom.pages[2:])
-        dom.walked = vtd.walk_tree(ctx.image_u64, ctx.geometry.base_phys // PS, int(dom.pages[1]), pool,
+        dom.walked = vtd.walk_tree(ctx.image_u64, ctx.geometry.base_pfn, int(dom.pages[1]), pool,
                                    MAX_PER_CHECK)
     return dom.walked
 
@@ -247,10 +243,10 @@ def check_domain_leaves(ctx: FsckContext, dom: _Domain, reach: tuple[np.ndarray,
     for level, lv in enumerate(levels):
         m = lv.leaf
         where.append(lv.where[m])
-        pfn.append(((lv.entries[m] & U64(vtd.LEAF_ADDR[level] or fmt.SL_ADDR_MASK)) >> U64(12)).astype(np.int64))
+        pfn.append(vtd.entry_pages(lv.entries[m]))
         npages.append(np.full(int(m.sum()), vtd.LEVEL_PAGES[level], np.int64))
     w, p, n = np.concatenate(where), np.concatenate(pfn), np.concatenate(npages)
-    page = p - ctx.geometry.base_phys // PS
+    page = p - ctx.geometry.base_pfn
     inside = (page >= 0) & (page + n <= ctx.geometry.npages)
     for i in np.flatnonzero(~inside).tolist():
         yield Finding(f"{dom.path} leaf", int(w[i]) * 8,

@@ -29,6 +29,11 @@ LEAF_ADDR = (None, fmt.SL_ADDR_MASK_1G, fmt.SL_ADDR_MASK_2M, fmt.SL_ADDR_MASK)
 LEAF_IGNORED = (None, fmt.SL_IGNORED, fmt.SL_IGNORED, fmt.SL_IGNORED_PTE)
 IOVA_LIMIT = 1 << fmt.VTD_IOVA_BITS
 ABOVE_52 = 0xFFF0_0000_0000_0000  #: pointer bits 63:52: beyond any host address; pkfuse keeps them 0
+#: the address field of root, context and second-level entries alike (RE_LO_CTP_MASK,
+#: CE_LO_SLPTPTR_MASK and SL_ADDR_MASK are all bits 51:12)
+_ADDR_FIELD = U64(fmt.ADDR_MASK)
+_PAGE_SHIFT = U64(fmt.PAGE_SHIFT)
+assert fmt.RE_LO_CTP_MASK == fmt.CE_LO_SLPTPTR_MASK == fmt.SL_ADDR_MASK == fmt.ADDR_MASK
 
 
 # ---------------------------------------------------------------- root entry
@@ -91,6 +96,22 @@ def leaf_entry(level: int, phys_addr: int, write: bool) -> int:
     if mask is None or phys_addr & ~mask:
         raise ValueError(f"{phys_addr:#x} is not a valid level-{level} leaf address")
     return phys_addr | fmt.SL_R | (fmt.SL_W if write else 0) | (fmt.SL_PS if level < 3 else 0)
+
+
+def entry_pages(entries: np.ndarray | int, base_pfn: int = 0) -> np.ndarray:
+    """The page each entry's address field (bits 51:12) names, as int64 ``pfn - base_pfn``.
+
+    One decoder for every entry that points at a page: a root entry's
+    context table, a context entry's SL-PML4, a non-leaf SL entry's next
+    table and a leaf's first frame (a 2 MiB or 1 GiB leaf's low address bits
+    are reserved, so once the walk or fsck accepted it bits 51:12 are its
+    address). ``base_pfn`` 0 gives the pfn itself, the image's
+    ``base_phys >> 12`` gives image pages. Vectorized; not range-checked:
+    garbage gives pages outside the image, negative ones too, which the
+    caller refuses (``view(np.uint64)`` turns a negative page into a huge one).
+    """
+    pfn = ((np.asarray(entries, U64) & _ADDR_FIELD) >> _PAGE_SHIFT).view(np.int64)  # < 2**40: no copy
+    return pfn - base_pfn if base_pfn else pfn
 
 
 def leaf_entries(level: int, pfns: np.ndarray, write: bool) -> np.ndarray:
@@ -213,7 +234,7 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
         if level == fmt.VTD_LEVELS - 1:
             break
         desc = ~leaf  # of the entries kept (ok ones)
-        child = ((entries[desc] & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64) - base_pfn
+        child = entry_pages(entries[desc], base_pfn)
         pos = np.searchsorted(allowed, child)
         inside = (pos < allowed.size) & (allowed[np.minimum(pos, max(allowed.size - 1, 0))] == child) \
             if allowed.size else np.zeros(child.shape, bool)
@@ -249,7 +270,7 @@ def leaf_frames(levels: list[Level]) -> tuple[np.ndarray, np.ndarray]:
     pfn, npages = [], []
     for level, lv in enumerate(levels):
         e = lv.entries if level == 3 else lv.entries[lv.leaf]
-        pfn.append(((e & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).view(np.int64))  # < 2**40: no copy
+        pfn.append(entry_pages(e))
         npages.append(np.full(e.size, LEVEL_PAGES[level], np.int64))
     return np.concatenate(pfn), np.concatenate(npages)
 
@@ -263,7 +284,7 @@ def leaf_ranges(levels: list[Level]) -> tuple[np.ndarray, np.ndarray, np.ndarray
             continue
         e = lv.entries[m]
         iova.append(lv.slots[m] * LEVEL_PAGES[level])
-        pfn.append(((e & U64(fmt.SL_ADDR_MASK)) >> U64(fmt.PAGE_SHIFT)).astype(np.int64))
+        pfn.append(entry_pages(e))
         npages.append(np.full(e.size, LEVEL_PAGES[level], np.int64))
         wr.append((e & U64(fmt.SL_W)) != 0)
     if not iova:

@@ -45,7 +45,6 @@ U64 = np.uint64
 _RW = U64(vtd.RW)
 _R = U64(fmt.SL_R)
 _W = U64(fmt.SL_W)
-_ADDR = U64(fmt.SL_ADDR_MASK)
 _LEAF_ADDR = tuple(None if m is None else U64(m) for m in vtd.LEAF_ADDR)
 _SHIFTS = tuple(U64(s) for s in fmt.VTD_LEVEL_SHIFT)
 _PAGE_SHIFT = U64(fmt.PAGE_SHIFT)
@@ -185,8 +184,8 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
             phys[tgt] = pa
         cont = ok & ~leaf
         if level < 3:
-            nxt = ((e[cont] & _ADDR) >> _PAGE_SHIFT) - base
-            outside = nxt >= U64(npages)
+            nxt = vtd.entry_pages(e[cont], base_pfn)
+            outside = nxt.view(U64) >= U64(npages)  # a page below the image wraps to a huge one
             if outside.any():
                 sub = np.flatnonzero(cont)[outside]
                 if fr is None:
@@ -202,8 +201,8 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
         if level == 3 or not cont.any():
             return
         if cont.all():
-            tbl = nxt.astype(np.int64) * 512
+            tbl = nxt * 512
             continue
         idx = np.flatnonzero(cont) if idx is None else idx[cont]
         iv, w, allow, need = iv[cont], w[cont], allow[cont], need[cont]
-        tbl = nxt.astype(np.int64) * 512
+        tbl = nxt * 512

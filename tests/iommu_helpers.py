@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from backing import format as fmt
+from backing import vtd
 from backing.iommu import Domain, Iommu
 from backing.regs import default_path
 from backing.store import Store
@@ -37,5 +38,5 @@ def entry_where(store: Store, dom: Domain, iova: int, level: int) -> int:
     table = dom.pml4_page
     for lvl in range(level):
         where = table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[lvl]) % 512
-        table = store.geometry.page_of(int(store.image_u64[where]) & fmt.SL_ADDR_MASK)
+        table = int(vtd.entry_pages(store.image_u64[where], store.geometry.base_pfn))
     return table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[level]) % 512

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from backing import format as fmt
+from backing import regs as regs_mod
 from backing import walker
 from backing.iommu import Iommu
 from backing.mkfs import mkfs
@@ -63,7 +64,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
             if len(ext) != 1:
                 report.add(f"guest extents ({label})", len(ext), "", detail="expected one extent")
             base = ext[0].phys_addr
-            with Iommu.open(store, path + ".regs") as io:
+            with Iommu.open(store, regs_mod.default_path(path)) as io:
                 t2m, p2m = _timed_maps(io, 0, base, guest_size, runs)
                 report.add(f"map {label} guest, 2 MiB leaves", t2m * 1e3, "ms", below=20,
                            detail=f"{p2m} table pages")

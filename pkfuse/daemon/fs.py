@@ -95,7 +95,6 @@ THREAD_MIN = 64 << 10
 #: granularity of the kernel's coarse clock that local filesystems stamp with
 MTIME_GRANULARITY_NS = 4_000_000
 BLKSIZE = fmt.HUGE_PAGE  #: st_blksize: the extent alignment, a good I/O size
-_IOMMU_KINDS = (fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -339,7 +338,7 @@ class Operations(pyfuse3.Operations):
             raise StoreError(errno.EPERM, ".pkernfs is read-only")
         if self.store.read_only:
             raise StoreError(errno.EROFS, "mounted read-only")
-        if self._kind(inode) in _IOMMU_KINDS:
+        if self._kind(inode) in fmt.IOMMU_KINDS:
             raise StoreError(errno.EPERM, "IOMMU files are written only by pkfuse")
         if fields.update_size:
             self._truncating += 1  # zero-copy reads wait for it (see _image_view)
@@ -440,7 +439,7 @@ class Operations(pyfuse3.Operations):
         if writing:
             if self.store.read_only:
                 raise StoreError(errno.EROFS, "mounted read-only")
-            if kind in _IOMMU_KINDS:
+            if kind in fmt.IOMMU_KINDS:
                 raise StoreError(errno.EPERM, "IOMMU files are written only by pkfuse")
         fh = self._new_fh(Handle(inode, writable=writing))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)

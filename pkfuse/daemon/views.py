@@ -25,7 +25,6 @@ from backing import format as fmt
 from backing.store import Store
 
 PS = fmt.PAGE_SIZE
-_HOLDS_PAGES = (fmt.KIND_GUEST, fmt.KIND_IOMMU_ROOT, fmt.KIND_IOMMU_DOMAIN)
 
 XATTR_EXTENTS = b"user.pkernfs.extents"
 XATTR_TOTAL = b"user.pkernfs.total"
@@ -38,7 +37,7 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
     with store.lock:
         a = store.getattr(ino)
         out = {XATTR_KIND: fmt.KIND_NAMES.get(a.kind, str(a.kind)).encode()}
-        if a.kind in _HOLDS_PAGES:
+        if a.kind in fmt.KINDS_WITH_PAGES:
             exts = store.extents(ino)
             out[XATTR_EXTENTS] = "".join(f"{e.file_offset:#x} {e.phys_addr:#x} {e.length:#x}\n"
                                          for e in exts).encode()

@@ -227,3 +227,30 @@ def test_domain_header_layout_and_compatible_string() -> None:
 def test_requester_id_is_bus_dev_fn() -> None:
     assert fmt.requester_id(0x12, 0x1F, 7) == 0x12FF
     assert fmt.requester_id(0, 3, 0) == 0x18
+
+
+# ------------------------------------------------------- the one entry decoder
+
+
+def test_entry_pages_reads_bits_51_12_of_every_kind_of_entry_and_nothing_else() -> None:
+    base_pfn = 0x100000  # base_phys 4 GiB
+    table = 0x1_0020_3000
+    entries = np.array([
+        vtd.root_entry(table)[0],  # root entry: CTP
+        vtd.context_entry(table, 5)[0],  # context entry lo: SLPTPTR
+        vtd.table_entry(table),  # SL-PML4E/PDPE/PDE pointer
+        vtd.leaf_entry(3, table, True),  # 4 KiB leaf
+        vtd.leaf_entry(2, 0x1_0020_0000, False),  # 2 MiB leaf: its first frame
+        table | bits(63, 52) | bits(11, 0),  # flags, ignored and reserved bits outside 51:12
+    ], dtype=np.uint64)
+    pages = vtd.entry_pages(entries, base_pfn)
+    assert pages.dtype == np.int64
+    assert pages.tolist() == [0x203, 0x203, 0x203, 0x203, 0x200, 0x203]
+    assert vtd.entry_pages(entries).tolist() == [x + base_pfn for x in pages.tolist()]  # base 0: the pfn
+    assert int(vtd.entry_pages(np.uint64(table | 3), base_pfn)) == 0x203  # one entry (numpy scalar)
+
+
+def test_entry_pages_of_garbage_below_the_image_is_negative_not_wrapped() -> None:
+    below = vtd.entry_pages(np.array([0x5000 | 3], np.uint64), 0x100000)
+    assert below.tolist() == [5 - 0x100000]
+    assert below.view(np.uint64)[0] >= np.uint64(1 << 40)  # as callers range-check it: outside

@@ -238,7 +238,7 @@ def test_registers_survive_closing_and_reopening(io: Iommu, dom: Domain, image: 
     assert io.regs is not None
     xlate(io, [5 * MiB])
     seq, rt = io.regs.fault_seq, io.regs.rtaddr
-    with Regs.open(str(image) + ".regs", create=False) as again:
+    with Regs.open(regs_mod.default_path(image), create=False) as again:
         assert (again.enabled, again.rtaddr, again.fault_seq) == (True, rt, seq)
 
 
@@ -375,7 +375,7 @@ def test_a_walker_in_another_process_never_sees_a_torn_or_dangling_translation(
     mapped: dict[int, int] = {}
     stop, out = tmp_path / "stop", tmp_path / "seen.npz"
     ctx = multiprocessing.get_context("fork")
-    child = ctx.Process(target=_walk_forever, args=(str(image), str(image) + ".regs", str(stop), str(out), 7))
+    child = ctx.Process(target=_walk_forever, args=(str(image), regs_mod.default_path(image), str(stop), str(out), 7))
     child.start()
     rnd = random.Random(3)
     ops = 0
