@@ -94,12 +94,6 @@ class MappingRange:
     file_offset: int
     path: str
 
-    def __str__(self) -> str:
-        perms = "rw" if self.write else "r-"
-        return (f"{self.iova:#014x}-{self.iova + self.length - 1:#014x} -> "
-                f"{self.phys_addr:#014x}-{self.phys_addr + self.length - 1:#014x} {perms} "
-                f"{self.path}+{self.file_offset:#x}")
-
 
 def _errno(code: int, msg: str) -> StoreError:
     return StoreError(code, msg)
@@ -987,29 +981,3 @@ class Iommu:
         g = self.store.geometry
         return translate(self.store.image_u64, g.base_phys, g.npages, self._need_regs(),
                          fmt.requester_id(bus, dev, fn), np.asarray(iovas, U64), write)
-
-    # -------------------------------------------------------------- views
-
-    def render(self) -> str:
-        """The text of ``.pkernfs/iommu``: registers, then every domain and its mappings."""
-        with self.store.lock:
-            lines = []
-            if self.regs is not None:
-                r = self.regs
-                lines.append(f"translation {'enabled' if r.enabled else 'disabled'}, RTADDR {r.rtaddr:#x}, "
-                             f"faults recorded {r.fault_seq}")
-            elif self.regs_error:
-                lines.append(f"register block not opened: {self.regs_error}")
-            lines.append(f"root table {self.root_table_phys:#x} (iommu/root-pgtables)")
-            orphans = sorted(s for s, d in self.attached.items() if d not in self.domains)
-            for s in orphans:
-                lines.append(f"requester {fmt.requester_name(s)}: context entry points at no known domain")
-            for did in sorted(self.domains):
-                d = self.domains[did]
-                rids = ", ".join(fmt.requester_name(s) for s in d.attached) or "none"
-                flags = " saved" if d.flags & fmt.DOMF_SAVED else ""
-                lines.append(f"{d.path}: DID {did}, compatible {fmt.DOMAIN_COMPATIBLE.decode()}{flags}, "
-                             f"table pages {d.table_pages} of {d.file_pages}, attached {rids}")
-                for m in d.mappings():
-                    lines.append(f"  {m}")
-            return "\n".join(lines) + "\n"

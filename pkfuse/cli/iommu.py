@@ -30,6 +30,7 @@ from backing.errors import FormatError, ImageBusy, PkfuseError
 from backing.iommu import Iommu
 from backing.mkfs import parse_addr
 from backing.store import Store
+from pkfuse.daemon import views
 
 from . import report
 
@@ -190,7 +191,7 @@ def cmd_map(args: argparse.Namespace) -> int:
             d.map(args.iova, args.phys, args.length, write=not args.ro)
         for m in d.mappings():
             if m.iova < args.iova + args.length and args.iova < m.iova + m.length:
-                print(f"{d.path}: {m}")
+                print(f"{d.path}: {views.mapping_line(m)}")
     return 0
 
 
@@ -217,7 +218,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _opened(args, write=False, regs=os.path.exists(_regs_path(args))) as io:
-        sys.stdout.write(io.render())
+        sys.stdout.write(views.render_iommu(io))
     return 0
 
 

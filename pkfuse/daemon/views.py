@@ -17,12 +17,15 @@ xattrs (what the VMM and the user read):
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from backing import format as fmt
 from backing.store import Store
+
+if TYPE_CHECKING:  # the IOMMU library is not imported for a view of the store alone
+    from backing.iommu import Iommu, MappingRange
 
 PS = fmt.PAGE_SIZE
 
@@ -168,12 +171,37 @@ def render_memmap(store: Store) -> str:
     return "".join(lines)
 
 
-def render_iommu(iommu: Any) -> str:
-    """The IOMMU view: the IOMMU module's own text, or a note that it is not loaded."""
-    if iommu is None:
-        return "# IOMMU not loaded (backing.iommu unavailable or no register file)\n"
-    text = iommu.render()
-    return text if text.endswith("\n") else text + "\n"
+def render_iommu(iommu: Iommu | None) -> str:
+    """The text of ``.pkernfs/iommu`` (and of ``pkfuse iommu list``): the registers, then
+    every domain with its attached requesters and its mappings, coalesced, by IOVA."""
+    if iommu is None:  # a read-only mount whose IOMMU state did not load: the log says why
+        return "# IOMMU state not loaded (the daemon's log says why)\n"
+    with iommu.store.lock:  # one consistent picture while the daemon maps
+        lines = []
+        regs = iommu.regs
+        if regs is not None:
+            lines.append(f"translation {'enabled' if regs.enabled else 'disabled'}, RTADDR {regs.rtaddr:#x}, "
+                         f"faults recorded {regs.fault_seq}")
+        elif iommu.regs_error:
+            lines.append(f"register block not opened: {iommu.regs_error}")
+        lines.append(f"root table {iommu.root_table_phys:#x} (iommu/root-pgtables)")
+        for sid in sorted(s for s, did in iommu.attached.items() if did not in iommu.domains):
+            lines.append(f"requester {fmt.requester_name(sid)}: context entry points at no known domain")
+        for did in sorted(iommu.domains):
+            d = iommu.domains[did]
+            rids = ", ".join(fmt.requester_name(s) for s in d.attached) or "none"
+            flags = " saved" if d.flags & fmt.DOMF_SAVED else ""
+            lines.append(f"{d.path}: DID {did}, compatible {fmt.DOMAIN_COMPATIBLE.decode()}{flags}, "
+                         f"table pages {d.table_pages} of {d.file_pages}, attached {rids}")
+            lines.extend(f"  {mapping_line(m)}" for m in d.mappings())
+        return "\n".join(lines) + "\n"
+
+
+def mapping_line(m: MappingRange) -> str:
+    """``iova_first-iova_last -> phys_first-phys_last rw path+offset`` (inclusive, hex)."""
+    perms = "rw" if m.write else "r-"
+    return (f"{m.iova:#014x}-{m.iova + m.length - 1:#014x} -> "
+            f"{m.phys_addr:#014x}-{m.phys_addr + m.length - 1:#014x} {perms} {m.path}+{m.file_offset:#x}")
 
 
 def render_files(store: Store) -> str:

@@ -49,7 +49,7 @@ def state(d: Domain) -> tuple[object, ...]:
     levels, problems = d.walk()
     assert not problems
     entries = [(lv.where.tolist(), lv.entries.tolist()) for lv in levels]
-    return entries, [str(m) for m in d.mappings()], dict(d.pins), dict(d.iommu.attached), d.table_pages
+    return entries, d.mappings(), dict(d.pins), dict(d.iommu.attached), d.table_pages
 
 
 def errno_of(fn: Callable[[], object]) -> int:
