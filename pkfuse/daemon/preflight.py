@@ -8,12 +8,14 @@ again. Each refusal is a ``MountError``: one line and the status that
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import threading
 
 from backing.errors import PkfuseError
 
-from .mountinfo import mount_path, mounted_paths
+from .mountinfo import mount_path, mounted_paths, unescape
 
 EXIT_OK = 0
 EXIT_ERROR = 1  #: any other failure
@@ -26,7 +28,8 @@ EXIT_BAD_IMAGE = 6  #: the image is not a valid pkfuse image
 EXIT_DOC = """exit status:
   0  mounted (daemon mode) / unmounted cleanly (foreground)
   1  other error          2  bad arguments or -o options
-  3  mountpoint missing, not a directory, or busy (already mounted)
+  3  mountpoint missing, not a directory, or busy (already mounted; a dead mount
+     a killed daemon left is cleared with `pkfuse umount MOUNTPOINT`)
   4  image in use by another pkfuse daemon (flock)
   5  /dev/fuse missing or the mount refused by the kernel
   6  the image is missing, not a regular file, or not a valid pkfuse image (fsck it)
@@ -44,14 +47,75 @@ class MountError(PkfuseError):
 
 
 
+#: seconds a busy FUSE mountpoint's ``statfs`` may take before its daemon counts as silent
+#: (generous: a live daemon on a busy machine can be slow to answer)
+PROBE_TIMEOUT = 5.0
+
+
 def check_mountpoint(mnt: str) -> None:
     # the mount check first: a dead FUSE mount (daemon killed) fails stat, so exists() says False
     if mount_path(mnt) in mounted_paths():
-        raise MountError(f"mountpoint {mnt} is busy: something is already mounted there", EXIT_MOUNTPOINT)
+        raise MountError(_busy(mnt), EXIT_MOUNTPOINT)
     if not os.path.exists(mnt):
         raise MountError(f"mountpoint {mnt} does not exist", EXIT_MOUNTPOINT)
     if not os.path.isdir(mnt):
         raise MountError(f"mountpoint {mnt} is not a directory", EXIT_MOUNTPOINT)
+
+
+def _busy(mnt: str) -> str:
+    """Why ``mnt``, a mountpoint already, cannot be mounted on, and what to run about it.
+
+    Three cases need different advice: the dead mount a killed FUSE daemon
+    leaves (its requests fail with ENOTCONN; ``pkfuse umount`` clears it), a
+    pkfuse daemon still serving there (``pkfuse umount`` first, on purpose),
+    and someone else's mount (not ours to remove). The probe is ``statfs``,
+    not ``stat``: the kernel answers a ``stat`` of the root from its cache
+    for up to the attribute timeout after the daemon died, but sends every
+    ``statfs``. Only a FUSE mount is probed, in a thread given
+    ``PROBE_TIMEOUT``: a stopped daemon would never answer, and a hung
+    network filesystem is not ours to wait for.
+    """
+    fstype, source = _mount_entry(mnt)
+    if fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk")):
+        answer = _statfs_errno(mnt)
+        if answer == errno.ENOTCONN:
+            return (f"mountpoint {mnt} is busy with a dead FUSE mount (its daemon is gone, killed?): "
+                    f"run `pkfuse umount {mnt}` to clear it, then mount again")
+        if fstype == "fuse.pkfuse":
+            silent = ", and its daemon does not answer" if answer is None else ""
+            return (f"mountpoint {mnt} is busy: pkfuse already serves {source} there{silent} "
+                    f"(`pkfuse umount {mnt}` first)")
+    return f"mountpoint {mnt} is busy: {source} ({fstype}) is mounted there; choose another mountpoint"
+
+
+def _mount_entry(mnt: str) -> tuple[str, str]:
+    """(fstype, source) of the mount on top at ``mnt``, from mountinfo (the last one listed there)."""
+    target = os.fsencode(mount_path(mnt))
+    found = ("unknown", "something")
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 1 and unescape(fields[4]) == target:
+                found = (os.fsdecode(tail[0]), os.fsdecode(unescape(tail[1])))
+    return found
+
+
+def _statfs_errno(path: str) -> int | None:
+    """0 if ``statfs(path)`` answers, its errno if it fails, None if no answer within ``PROBE_TIMEOUT``."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            result.append(0)
+        except OSError as exc:
+            result.append(exc.errno or 0)
+
+    thread = threading.Thread(target=probe, daemon=True)  # left behind if it hangs: it ends with us
+    thread.start()
+    thread.join(PROBE_TIMEOUT)
+    return result[0] if result else None
 
 
 def check_fuse() -> None:

@@ -82,10 +82,13 @@ def test_second_daemon_on_the_same_image_is_refused(mounted: Mount, tmp_path: Pa
 
 
 def test_mount_on_a_busy_mountpoint_is_refused(mounted: Mount, make_image) -> None:
+    """A live pkfuse mount: the advice is to unmount it first, on purpose, not that it is dead."""
     second = make_image(name="second.img")
     r = pkfuse("mount", str(second), str(mounted.path))
     assert r.returncode == 3
     assert "busy" in r.stderr and "Traceback" not in r.stderr
+    assert f"pkfuse already serves {mounted.image} there (`pkfuse umount {mounted.path}` first)" in r.stderr
+    assert "dead" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_mount_on_the_dead_mount_of_a_killed_daemon_says_busy(mounted: Mount, make_image) -> None:
@@ -95,6 +98,53 @@ def test_mount_on_the_dead_mount_of_a_killed_daemon_says_busy(mounted: Mount, ma
     r = pkfuse("mount", str(make_image(name="second.img")), str(mounted.path))
     assert r.returncode == 3
     assert "busy" in r.stderr and "does not exist" not in r.stderr
+    assert "dead FUSE mount" in r.stderr and f"run `pkfuse umount {mounted.path}`" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_advice_for_a_killed_daemons_mount_works(image: Path, make_image, tmp_path: Path) -> None:
+    """``pkfuse mount`` on the dead mount names ``pkfuse umount MNT``; run, it clears the way."""
+    with cli_mounted(image, tmp_path / "mnt") as mnt:
+        pid = status_pid(mnt)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_alive(pid):  # observed gone: its /dev/fuse is closed, the mount is dead
+            assert time.monotonic() < deadline, f"killed daemon {pid} still runs"
+            time.sleep(0.01)
+        second = make_image(name="second.img")
+        r = pkfuse("mount", str(second), str(mnt))
+        assert r.returncode == 3 and "dead FUSE mount" in r.stderr, r.stderr
+        advice = r.stderr.split("`")[1]
+        assert advice == f"pkfuse umount {mnt}"
+        assert pkfuse(*advice.split()[1:]).returncode == 0
+        r = pkfuse("mount", "--log", str(tmp_path / "second.log"), str(second), str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert pkfuse("umount", str(mnt)).returncode == 0
+
+
+def test_mount_on_a_stopped_daemons_mount_does_not_hang_and_says_it_is_pkfuse(mounted: Mount, make_image) -> None:
+    os.kill(mounted.pid, signal.SIGSTOP)
+    try:
+        time.sleep(ATTR_TIMEOUT + 0.5)  # the root's cached attributes expire: a stat would wait for the daemon
+        r = pkfuse("mount", str(make_image(name="second.img")), str(mounted.path), timeout=30)
+        assert r.returncode == 3, r.stderr
+        assert "pkfuse already serves" in r.stderr and "does not answer" in r.stderr, r.stderr
+        assert f"`pkfuse umount {mounted.path}` first" in r.stderr
+    finally:
+        os.kill(mounted.pid, signal.SIGCONT)
+
+
+def test_mount_on_someone_elses_mount_names_it_and_does_not_offer_to_unmount_it(image: Path, tmp_path: Path) -> None:
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a mount namespace here")
+    (tmp_path / "mnt").mkdir()
+    script = (f"mount -t tmpfs scratch {tmp_path / 'mnt'} && exec {sys.executable} -m pkfuse mount "
+              f"{image} {tmp_path / 'mnt'}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "busy: scratch (tmpfs) is mounted there" in r.stderr and "pkfuse umount" not in r.stderr
+    assert not is_mounted(tmp_path / "mnt")  # the tmpfs lived in the namespace only
 
 
 def test_mount_on_a_file_is_refused(image: Path, tmp_path: Path) -> None:
