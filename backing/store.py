@@ -341,6 +341,25 @@ class Store:
         with self.lock:
             return sorted(self._dir(ino).items(), key=lambda item: item[1])
 
+    def parent(self, ino: int) -> int:
+        """The directory holding ``ino``'s name (ENOENT for a free inode).
+
+        ``ROOT_INO`` for the root itself and for an orphan, which has no
+        name: ``..`` never leads out of the tree.
+        """
+        with self.lock:
+            self._inode(ino)
+            return int(self.dentries["parent"][ino]) or fmt.ROOT_INO
+
+    def is_orphan(self, ino: int) -> bool:
+        """Whether ``ino`` is a live inode unlinked while still open (``IFLAG_ORPHAN``);
+        False for a free or out-of-range inode (an orphan that was freed already)."""
+        with self.lock:
+            if not 0 < ino < self.geometry.inode_count:
+                return False
+            rec = self.inodes[ino]
+            return int(rec["kind"]) != fmt.KIND_FREE and bool(int(rec["flags"]) & fmt.IFLAG_ORPHAN)
+
     def path_of(self, ino: int) -> bytes:
         with self.lock:
             self._inode(ino)
@@ -388,6 +407,19 @@ class Store:
                 free_inodes=int(np.count_nonzero(kinds[1:] == fmt.KIND_FREE)),
             )
 
+    def extents_by_page(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every live extent as ``(first page, end page, ino, first file page)``, sorted by first page.
+
+        Pages are image pages (int64; the extent is [first, end)), ``ino``
+        uint32. Extents never overlap (an invariant fsck checks at open), so
+        the ends ascend too. The physical direction of the layout: one entry
+        per extent record, not per file. The arrays are the store's own
+        index, read-only; they stay valid only while ``lock`` is held (the
+        next change of any file's pages rebuilds them).
+        """
+        with self.lock:
+            return self._owners()
+
     def page_owner(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Owner ino (0 for none) and its kind for each image page in ``pages``."""
         with self.lock:
@@ -413,8 +445,11 @@ class Store:
             live = np.flatnonzero(self.extents_table["npages"] != 0)
             order = np.argsort(self.extents_table["page"][live], kind="stable")
             rec = self.extents_table[live[order]]
-            self._owner_index = (rec["page"].astype(np.int64), (rec["page"] + rec["npages"]).astype(np.int64),
-                                 rec["ino"].astype(np.uint32), rec["file_page"].astype(np.int64))
+            index = (rec["page"].astype(np.int64), (rec["page"] + rec["npages"]).astype(np.int64),
+                     rec["ino"].astype(np.uint32), rec["file_page"].astype(np.int64))
+            for a in index:
+                a.flags.writeable = False  # handed out by extents_by_page
+            self._owner_index = index
         return self._owner_index
 
     # ---------------------------------------------------------- namespace
@@ -619,8 +654,13 @@ class Store:
                 self._resize(ino, end, max(-(-end // PS), int(rec["npages"])), _now(), data, offset)
             return len(data)
 
-    def stamp_write(self, ino: int, now_ns: int) -> None:
+    def stamp_write(self, ino: int, now_ns: int, *, granularity_ns: int = 0) -> None:
         """Set mtime and ctime of ``ino`` for a data write inside its size: two 8-byte stores, no journal.
+
+        ``granularity_ns``: leave both as they are while mtime is less than
+        that many nanoseconds before ``now_ns`` (a clock's granularity: the
+        FUSE write path would otherwise store them for every request); an
+        mtime ahead of ``now_ns`` is always replaced.
 
         Each field is one aligned 8-byte word, so a kill leaves it old or
         new, never torn; and under ``lock`` no transaction sits between its
@@ -632,23 +672,28 @@ class Store:
         with self.lock:
             self._writable()
             self._inode(ino)
+            if 0 <= now_ns - int(self.inodes["mtime_ns"][ino]) < granularity_ns:
+                return
             self.inodes["ctime_ns"][ino] = now_ns
             self.inodes["mtime_ns"][ino] = now_ns
 
-    def image_span(self, ino: int, offset: int, length: int) -> tuple[int, int] | None:
+    def image_span(self, ino: int, offset: int, length: int, *,
+                   guest_only: bool = False) -> tuple[int, int] | None:
         """``(image offset, nbytes)`` of file bytes [offset, min(offset + length, size)) if one extent holds them.
 
         None if that range is empty or crosses an extent boundary, or if
-        ``ino`` is not a page-holding inode: the caller then takes the
-        general path (``read``/``write``). For zero-copy reads and
-        single-``pwrite`` writes; hold ``lock`` while the span is used, since
-        a truncate could free its pages.
+        ``ino`` is not a page-holding inode (not a guest-RAM file, with
+        ``guest_only``): the caller then takes the general path
+        (``read``/``write``). For zero-copy reads and single-``pwrite``
+        writes; hold ``lock`` while the span is used, since a truncate could
+        free its pages.
         """
         with self.lock:
             if offset < 0 or not 0 < ino < self.geometry.inode_count:
                 return None
             rec = self.inodes[ino]
-            if int(rec["kind"]) not in fmt.KINDS_WITH_PAGES:
+            kind = int(rec["kind"])
+            if kind != fmt.KIND_GUEST if guest_only else kind not in fmt.KINDS_WITH_PAGES:
                 return None
             end = min(offset + length, int(rec["size"]))
             if end <= offset:

@@ -42,7 +42,7 @@ def _populate(path: str, nfiles: int) -> int:
                 vm = store.mkdir(guest, b"vm%d" % (i // 1000), 0o755, 0, 0)
             ino = store.create(vm, b"ram%d" % i, 0o644, 0, 0)
             store.truncate(ino, fmt.HUGE_PAGE)
-        live = int((store.extents_table["npages"] != 0).sum())
+        live = store.extents_by_page()[0].size
     return live
 
 

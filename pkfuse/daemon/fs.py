@@ -174,6 +174,7 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.iommu = iommu  #: backing.iommu.Iommu when wired, for the iommu view
         self.regs_path = regs_path
+        self.control_path: str | None = None  #: the control socket, shown in .pkernfs/status
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode
         self.handles: dict[int, Handle] = {}
@@ -226,7 +227,8 @@ class Operations(pyfuse3.Operations):
     def _render(self, ino: int) -> bytes:
         name = VIEW_NAMES[ino]
         if name == b"status":
-            return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path).encode()
+            return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
+                                      control=self.control_path).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         return views.render_iommu(self.iommu).encode()
@@ -287,8 +289,7 @@ class Operations(pyfuse3.Operations):
         elif name == b".":
             ino = parent_inode
         elif name == b"..":
-            self.store.getattr(parent_inode)  # ENOENT for a stale inode
-            ino = int(self.store.dentries["parent"][parent_inode]) or fmt.ROOT_INO
+            ino = self.store.parent(parent_inode)  # ENOENT for a stale inode
         else:
             ino = self.store.lookup(parent_inode, name)
         entry = self._entry(self.store.getattr(ino))
@@ -409,7 +410,7 @@ class Operations(pyfuse3.Operations):
             raise StoreError(errno.EROFS, "mounted read-only")
         replaced = self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new,
                                      noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), keep_open=self._keep)
-        if replaced is not None and int(self.store.inodes["flags"][replaced]) & fmt.IFLAG_ORPHAN:
+        if replaced is not None and self.store.is_orphan(replaced):
             self.orphans.add(replaced)  # kept as an orphan because keep_open said so
 
     @_errors
@@ -495,10 +496,7 @@ class Operations(pyfuse3.Operations):
         IOMMU files take the general path: their pages can be freed by the
         IOMMU code, which the ``_truncating`` guard of the zero-copy read does not see.
         """
-        st = self.store
-        if not 0 < ino < st.geometry.inode_count or int(st.inodes["kind"][ino]) != fmt.KIND_GUEST:
-            return None
-        return st.image_span(ino, off, size)
+        return self.store.image_span(ino, off, size, guest_only=True)
 
     def _write_in_place(self, ino: int, off: int, buf: bytes) -> int | None:
         """A write inside the file's size and one extent: ``pwrite`` into the image, then mtime.
@@ -522,9 +520,7 @@ class Operations(pyfuse3.Operations):
             if span is None or span[1] != len(buf):
                 return None
             done = os.pwrite(self._image_fd, buf, span[0])  # type: ignore[arg-type]
-            now = time.time_ns()
-            if not 0 <= now - int(st.inodes["mtime_ns"][ino]) < MTIME_GRANULARITY_NS:  # also if set ahead
-                st.stamp_write(ino, now)
+            st.stamp_write(ino, time.time_ns(), granularity_ns=MTIME_GRANULARITY_NS)
             return done
 
     @_errors
@@ -536,7 +532,7 @@ class Operations(pyfuse3.Operations):
         if done is not None:
             return done
         # the pages a write allocates and zeroes are its cost: a small write far past the end is large
-        grows = off + len(buf) - int(self.store.inodes["size"][h.ino])
+        grows = off + len(buf) - self.store.getattr(h.ino).size
         if max(len(buf), grows) >= THREAD_MIN:
             return await _in_thread(self.store.write, h.ino, off, buf)
         return self.store.write(h.ino, off, buf)

@@ -50,7 +50,7 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 
 
 def render_status(store: Store, *, iommu: Any = None, regs_path: str | None = None,
-                  pid: int | str | None = None) -> str:
+                  pid: int | str | None = None, control: str | None = None) -> str:
     """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default)."""
     g = store.geometry
     with store.lock:
@@ -77,6 +77,8 @@ def render_status(store: Store, *, iommu: Any = None, regs_path: str | None = No
         ]
     if regs_path is not None:
         lines.append(("iommu_regs", regs_path))
+    if control is not None:  # the /dev/iommu and /dev/liveupdate of this "kernel" (pkfuse.uapi finds it here)
+        lines.append(("control_socket", control))
     lines.append(("iommu", iommu_summary(iommu)))
     width = max(len(k) for k, _ in lines)
     return "".join(f"{k + ':':{width + 1}s} {v}\n" for k, v in lines)
@@ -126,15 +128,8 @@ def memmap_ranges(store: Store) -> list[tuple[int, int, str]]:
     """
     g = store.geometry
     with store.lock:
-        table = store.extents_table
-        live = np.flatnonzero(table["npages"] != 0)
-        rec = table[live]
-        order = np.argsort(rec["page"], kind="stable")
-        rec = rec[order]
-        pages = rec["page"].astype(np.int64)
-        counts = rec["npages"].astype(np.int64)
-        inos = rec["ino"].astype(np.int64)
-        fpages = rec["file_page"].astype(np.int64)
+        pages, ends, inos, fpages = store.extents_by_page()
+        counts = ends - pages
         # coalesce records that continue the previous one in the same file
         cont = np.zeros(pages.size, bool)
         if pages.size > 1:
