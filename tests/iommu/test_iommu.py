@@ -762,13 +762,29 @@ def test_kill_while_mapping_leaves_every_translation_old_or_new(image: Path, see
         finally:
             os._exit(1)
     os.close(w)
-    time.sleep(0.03 + random.Random(seed).random() * 0.25)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    # The kill comes once the child has been SEEN to finish a random number of maps, then at a random
+    # instant of the ops after it: a sleep instead (as before) could end before a busy machine had
+    # run the child at all, and the test then failed for want of progress.
+    rnd = random.Random(seed)
+    target = 1 + rnd.randrange(12)
     data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
+    reaped = False
+    try:
+        while data.count(b"M") < target:
+            chunk = os.read(r, 65536)
+            assert chunk, "the child exited before the kill"
+            data += chunk
+        time.sleep(rnd.random() * 0.003)  # where the kill lands, not a wait for progress
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        reaped = True
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+        if not reaped:  # a failure above must not leave the child mapping forever
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     done = [line for line in data.decode().split("\n") if line]
     mapped = {int(x[1:]) for x in done if x[0] == "M"}
     unmapped = {int(x[1:]) for x in done if x[0] == "U"}
