@@ -174,7 +174,6 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.iommu = iommu  #: backing.iommu.Iommu when wired, for the iommu view
         self.regs_path = regs_path
-        self.control_path: str | None = None  #: the control socket, shown in .pkernfs/status
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode
         self.handles: dict[int, Handle] = {}
@@ -227,8 +226,7 @@ class Operations(pyfuse3.Operations):
     def _render(self, ino: int) -> bytes:
         name = VIEW_NAMES[ino]
         if name == b"status":
-            return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
-                                      control=self.control_path).encode()
+            return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         return views.render_iommu(self.iommu).encode()
