@@ -52,10 +52,15 @@ run stat "$MNT/guest_mem/vm0"
 run df -h "$MNT"
 
 section "4. write a recognizable string at offset $OFFSET with dd, read it back"
+# shown as typed, pipe included (run() would show only the printf)
+printf "\$ printf %%s '%s' | dd of=%s bs=4096 seek=%d conv=notrunc status=none\n" \
+    "$MESSAGE" "$MNT/guest_mem/vm0" $((OFFSET / 4096))
 printf '%s' "$MESSAGE" | dd of="$MNT/guest_mem/vm0" bs=4096 seek=$((OFFSET / 4096)) conv=notrunc status=none
-printf '$ dd if=%s bs=4096 skip=%d count=1 | head -c %d\n' "$MNT/guest_mem/vm0" $((OFFSET / 4096)) ${#MESSAGE}
-dd if="$MNT/guest_mem/vm0" bs=4096 skip=$((OFFSET / 4096)) count=1 status=none | head -c ${#MESSAGE}
-echo
+printf '$ dd if=%s bs=4096 skip=%d count=1 status=none | head -c %d\n' "$MNT/guest_mem/vm0" $((OFFSET / 4096)) \
+    ${#MESSAGE}
+READ="$(dd if="$MNT/guest_mem/vm0" bs=4096 skip=$((OFFSET / 4096)) count=1 status=none | head -c ${#MESSAGE})"
+echo "$READ"
+[ "$READ" = "$MESSAGE" ] || { echo "the write did not read back: '$READ'" >&2; exit 1; }
 
 section "5. where it lives: physical layout, status, memory map"
 run getfattr -d --absolute-names "$MNT/guest_mem/vm0"

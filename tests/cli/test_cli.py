@@ -248,6 +248,10 @@ def test_demo_shows_the_data_survived_a_restart(tmp_path: Path) -> None:
                        env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "survived: hello from the guest, written before the restart" in r.stdout
+    # step 4 shows the write it announces, then reads it back
+    step4 = r.stdout.partition("==== 4.")[2].partition("==== 5.")[0].splitlines()
+    assert step4[1].startswith("$ printf %s 'hello from the guest, written before the restart' | dd of="), step4
+    assert step4[2].startswith("$ dd if=") and step4[3] == "hello from the guest, written before the restart", step4
     assert "user.pkernfs.extents=" in r.stdout and "daemon_pid:" in r.stdout
     if importlib.util.find_spec("pkfuse.cli.iommu") is not None:
         assert "\nwritten by the device\n" in r.stdout and "device DMA still translates: 0x" in r.stdout
