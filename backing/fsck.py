@@ -19,7 +19,8 @@ Stages, each run only if the one before left something to check:
 3. ``check_metadata``: the journal header, bitmap, inodes, dentries,
    extents, the namespace tree and the bitmap/extent agreement.
 4. Deep checks (``check_image(deep=True)``, only without fatal findings):
-   the extension point for the IOMMU tables, see ``_deep_checks``.
+   the VT-d tables, ``backing.tablecheck``. Both stages read the
+   ``FsckContext`` of ``backing.fsckctx``; tablecheck imports nothing of fsck.
 
 Cost: every check is vectorized over table records (inodes, dentries,
 extents), so it grows with the tables and the number of extents, not with
@@ -35,7 +36,6 @@ it could wrap, and the number of findings per check is capped.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import mmap
 import os
 import stat
@@ -44,8 +44,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from . import format as fmt
+from . import tablecheck
 from .errors import Finding, FormatError
+from .fsckctx import FsckContext, owner_of
 from .journal import Journal
+
+__all__ = ["FsckContext", "owner_of", "check_image", "check_metadata", "check_superblock", "map_private",
+           "status_of"]
 
 PS = fmt.PAGE_SIZE
 MAX_PER_CHECK = 8  #: findings reported per check before "and N more"
@@ -55,132 +60,9 @@ _MODE_BITS = stat.S_IFMT(0xFFFFFFFF) | 0o7777  #: every bit an inode mode may ha
 _SB = fmt.SUPERBLOCK_DTYPE.fields
 _JH = fmt.JOURNAL_HEADER_DTYPE.fields
 _IN = fmt.INODE_DTYPE.fields
-_DE = fmt.DENTRY_DTYPE.fields
 
 
-# ------------------------------------------------------------------ context
-
-
-@dataclasses.dataclass
-class FsckContext:
-    """What the metadata checks derived from an image, for checks of later stages.
-
-    Built once per image (``build``) from a geometry that passed
-    ``check_superblock``; every array here is in range of the image. Arrays
-    named ``e_*`` are per live extent record (``npages != 0``), in table
-    order; ``owner_*`` are the in-range extents sorted by image page, the
-    index behind ``page_owner``.
-    """
-
-    image: np.ndarray  #: uint8, the whole image (npages * PAGE_SIZE bytes)
-    image_u64: np.ndarray  #: the same bytes as little-endian 8-byte words
-    geometry: fmt.Geometry
-    inodes: np.ndarray  #: INODE_DTYPE view of the inode table
-    dentries: np.ndarray  #: DENTRY_DTYPE view of the dentry table
-    extents: np.ndarray  #: EXTENT_DTYPE view of the extent table
-    kind: np.ndarray  #: int64 kind per ino
-    live: np.ndarray  #: bool per ino: kind != KIND_FREE
-    orphan: np.ndarray  #: bool per ino: live and IFLAG_ORPHAN
-    named: np.ndarray  #: bool per ino: live, not the root, not an orphan (has a dentry)
-    e_rec: np.ndarray  #: extent-table index of each live extent record
-    e_ino: np.ndarray  #: uint64
-    e_file_page: np.ndarray  #: uint64
-    e_page: np.ndarray  #: uint64
-    e_npages: np.ndarray  #: uint64
-    e_in_range: np.ndarray  #: bool: data_page <= page and page + npages <= geometry.npages
-    e_owner_ok: np.ndarray  #: bool: ino is a live page-holding inode
-    owner_start: np.ndarray  #: int64 first page of each in-range extent, ascending
-    owner_end: np.ndarray  #: int64 page after it
-    owner_ino: np.ndarray  #: uint32 owning ino; 0 where the record's ino is outside the inode table
-    owner_rec: np.ndarray  #: int64 extent-table index
-
-    @classmethod
-    def build(cls, image: np.ndarray, geometry: fmt.Geometry) -> FsckContext:
-        g = geometry
-        inodes = _table(image, g.inode_page, g.inode_count, fmt.INODE_DTYPE)
-        dentries = _table(image, g.dentry_page, g.inode_count, fmt.DENTRY_DTYPE)
-        extents = _table(image, g.extent_page, g.extent_count, fmt.EXTENT_DTYPE)
-        kind = inodes["kind"].astype(np.int64)
-        live = kind != fmt.KIND_FREE
-        orphan = live & ((inodes["flags"] & fmt.IFLAG_ORPHAN) != 0)
-        named = live & ~orphan
-        named[: fmt.ROOT_INO + 1] = False  # record 0 is unused, the root has no dentry
-        holds = live & np.isin(kind, fmt.KINDS_WITH_PAGES)
-
-        e_rec = np.flatnonzero(extents["npages"] != 0)
-        rec = extents[e_rec]
-        e_ino = rec["ino"].astype(np.uint64)
-        e_fp, e_page, e_n = rec["file_page"], rec["page"], rec["npages"]
-        n = np.uint64(g.npages)
-        e_in_range = (e_page >= g.data_page) & (e_page < n) & (e_n <= n - np.minimum(e_page, n))
-        safe_ino = np.where(e_ino < g.inode_count, e_ino, 0).astype(np.int64)
-        e_owner_ok = (e_ino != 0) & (e_ino < g.inode_count) & holds[safe_ino]
-
-        inr = np.flatnonzero(e_in_range)
-        order = inr[np.argsort(e_page[inr], kind="stable")]
-        owner_start = e_page[order].astype(np.int64)
-        owner_end = owner_start + e_n[order].astype(np.int64)
-        return cls(
-            image=image, image_u64=image[: image.size - image.size % 8].view("<u8"), geometry=g,
-            inodes=inodes, dentries=dentries, extents=extents,
-            kind=kind, live=live, orphan=orphan, named=named,
-            e_rec=e_rec, e_ino=e_ino, e_file_page=e_fp, e_page=e_page, e_npages=e_n,
-            e_in_range=e_in_range, e_owner_ok=e_owner_ok,
-            owner_start=owner_start, owner_end=owner_end,
-            owner_ino=np.where(e_ino[order] < g.inode_count, e_ino[order], 0).astype(np.uint32),
-            owner_rec=e_rec[order].astype(np.int64),
-        )
-
-    @functools.cached_property
-    def named_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(inos, parent, name_len, name bytes as an (n, 248) uint8 matrix) of the named inodes."""
-        inos = np.flatnonzero(self.named)
-        rec = self.dentries[inos]
-        names = np.ascontiguousarray(rec["name"]).view(np.uint8).reshape(inos.size, _DE["name"][0].itemsize)
-        return inos, rec["parent"].astype(np.int64), rec["name_len"].astype(np.int64), names
-
-    def page_owner(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Owner ino (0 for none) and its kind for each image page in ``pages``.
-
-        Vectorized (``searchsorted`` over the in-range extents); pages out of
-        the image are owned by nobody. Where extents overlap (a finding of
-        its own) one of the owners is returned; an extent whose ino is outside
-        the inode table (an ``extent.owner`` finding) is owned by ino 0.
-        """
-        owner = owner_of(self.owner_start, self.owner_end, self.owner_ino, pages)
-        return owner, self.kind[owner]
-
-    def file_map(self, ino: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(file_page, image page, npages) of ``ino``'s in-range extents, sorted by file page."""
-        sel = np.flatnonzero((self.e_ino == ino) & self.e_in_range)
-        sel = sel[np.argsort(self.e_file_page[sel], kind="stable")]
-        return (self.e_file_page[sel].astype(np.int64), self.e_page[sel].astype(np.int64),
-                self.e_npages[sel].astype(np.int64))
-
-    # offsets of records, for findings
-    def inode_off(self, ino: int, field: str = "kind") -> int:
-        return self.geometry.inode_off(ino, field)
-
-    def dentry_off(self, ino: int, field: str = "parent") -> int:
-        return self.geometry.dentry_off(ino, field)
-
-    def extent_off(self, rec: int, field: str = "ino") -> int:
-        return self.geometry.extent_off(rec, field)
-
-
-def owner_of(starts: np.ndarray, ends: np.ndarray, inos: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """uint32 owner ino of each of ``pages``: that of the extent [start, end) holding it, else 0.
-
-    ``starts`` ascend (extents sorted by first page); one ``searchsorted``,
-    no Python loop. Shared by ``FsckContext.page_owner`` and ``Store.page_owner``.
-    """
-    pages = np.asarray(pages, dtype=np.int64)
-    if not starts.size:
-        return np.zeros(pages.shape, np.uint32)
-    idx = np.searchsorted(starts, pages, side="right") - 1
-    safe = np.maximum(idx, 0)
-    hit = (idx >= 0) & (pages < ends[safe])
-    return np.where(hit, inos[safe], 0).astype(np.uint32)
+# ------------------------------------------------------------------ helpers
 
 
 def map_private(fd: int, size: int) -> mmap.mmap:
@@ -192,11 +74,6 @@ def map_private(fd: int, size: int) -> mmap.mmap:
     """
     return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0x4000),
                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-def _table(image: np.ndarray, page: int, count: int, dtype: np.dtype) -> np.ndarray:
-    start = page * PS
-    return image[start : start + count * dtype.itemsize].view(dtype)
 
 
 def _capped(items: np.ndarray, make: Callable[[int], Finding], what: str, structure: str,
@@ -559,31 +436,21 @@ def check_dentry_tree(ctx: FsckContext) -> Iterator[Finding]:
         "inodes in cycles", "dentry.tree", ctx.dentry_off)
 
 
-def _child(ctx: FsckContext, parent: int, name: bytes) -> int | None:
-    inos, par, nlen, names = ctx.named_view
-    n = len(name)
-    hit = (par == parent) & (nlen == n)
-    if n and hit.any():
-        hit[hit] = (names[hit, :n] == np.frombuffer(name, np.uint8)).all(axis=1)
-    found = np.flatnonzero(hit)
-    return int(inos[found[0]]) if found.size else None
-
-
 def check_namespace_required(ctx: FsckContext) -> Iterator[Finding]:
     """/guest_mem and /iommu are directories; /iommu/root-pgtables is the one KIND_IOMMU_ROOT
     inode and holds ROOT_PGTABLES_PAGES pages."""
     root_dentry = ctx.dentry_off(fmt.ROOT_INO)
-    guest = _child(ctx, fmt.ROOT_INO, fmt.GUEST_DIR_NAME)
+    guest = ctx.child(fmt.ROOT_INO, fmt.GUEST_DIR_NAME)
     if guest is None or ctx.kind[guest] != fmt.KIND_DIR:
         yield Finding("namespace.guest_mem", ctx.dentry_off(guest) if guest else root_dentry,
                       "/guest_mem is missing or not a directory")
-    iommu = _child(ctx, fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
+    iommu = ctx.child(fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
     if iommu is None or ctx.kind[iommu] != fmt.KIND_DIR:
         yield Finding("namespace.iommu", ctx.dentry_off(iommu) if iommu else root_dentry,
                       "/iommu is missing or not a directory")
         pgt = None
     else:
-        pgt = _child(ctx, iommu, fmt.ROOT_PGTABLES_NAME)
+        pgt = ctx.child(iommu, fmt.ROOT_PGTABLES_NAME)
     roots = np.flatnonzero(ctx.kind == fmt.KIND_IOMMU_ROOT)
     if pgt is None or ctx.kind[pgt] != fmt.KIND_IOMMU_ROOT:
         yield Finding("namespace.root-pgtables", ctx.dentry_off(pgt) if pgt else root_dentry,
@@ -823,15 +690,10 @@ METADATA_CHECKS: tuple[Callable[[FsckContext], Iterator[Finding]], ...] = (
 
 
 def _deep_checks(ctx: FsckContext) -> list[Finding]:
-    """Checks of structures inside data pages; run last, only without fatal findings.
-
-    Extension point for the IOMMU tables. The IOMMU helper adds here:
-    # IOMMU tables: backing.tablecheck.check_tables(ctx)
-    i.e. ``from . import tablecheck`` and ``return list(tablecheck.check_tables(ctx))``.
-    """
-    from . import tablecheck
-
-    return list(tablecheck.check_tables(ctx))
+    """Checks of structures inside data pages (the VT-d tables, ``backing.tablecheck``);
+    run last, only without fatal findings, so every extent is in range and every
+    owner known."""
+    return tablecheck.check_tables(ctx)
 
 
 def status_of(findings: list[Finding]) -> int:

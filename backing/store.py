@@ -37,6 +37,7 @@ from . import format as fmt
 from . import fsck
 from .allocator import Allocator, Run, expand_runs
 from .errors import Finding, FormatError, ImageBusy, StoreError
+from .fsckctx import owner_of, record_table
 from .journal import Journal, Transaction
 from .mkfs import mkfs, parse_addr, parse_size
 
@@ -424,7 +425,7 @@ class Store:
         """Owner ino (0 for none) and its kind for each image page in ``pages``."""
         with self.lock:
             starts, ends, inos, _ = self._owners()
-            owner = fsck.owner_of(starts, ends, inos, pages)
+            owner = owner_of(starts, ends, inos, pages)
             return owner, self.inodes["kind"][owner]
 
     def extent_at(self, page: int) -> tuple[int, int, int, int] | None:
@@ -1001,8 +1002,7 @@ class Store:
         return d
 
     def _table(self, page: int, count: int, dtype: np.dtype) -> np.ndarray:
-        start = page * PS
-        return self.image[start : start + count * dtype.itemsize].view(dtype)
+        return record_table(self.image, page, count, dtype)
 
     def _inode_off(self, ino: int) -> int:
         return self.geometry.inode_off(ino)

@@ -1,7 +1,8 @@
 """fsck of the VT-d tables in an image: root table, context entries, every domain's tree.
 
 Called by ``backing.fsck`` after the metadata checks passed without a fatal
-finding (so extents are in range and owners are known: ``FsckContext``).
+finding (so extents are in range and owners are known: ``FsckContext``, of
+``backing.fsckctx``; this module imports nothing of fsck itself).
 Trusts nothing in the tables: every pointer is range-checked before it is
 followed, the tree depth is fixed at four levels, a page referenced twice
 is reported and not followed again, and each check lists at most
@@ -30,7 +31,6 @@ Checks, one function each:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,9 +39,7 @@ from . import vtd
 from .allocator import expand_runs
 from .domainhdr import check_domain_file
 from .errors import Finding
-
-if TYPE_CHECKING:
-    from .fsck import FsckContext
+from .fsckctx import FsckContext
 
 PS = fmt.PAGE_SIZE
 U64 = np.uint64
@@ -64,11 +62,11 @@ class _Domain:
 def check_tables(ctx: FsckContext) -> list[Finding]:
     """Every finding about the VT-d tables of the image behind ``ctx``."""
     findings: list[Finding] = []
-    iommu_dir = _child(ctx, fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
+    iommu_dir = ctx.child(fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
     if iommu_dir is None:
         return findings  # the namespace checks report the missing directory
     root_pages = None
-    root_ino = _child(ctx, iommu_dir, fmt.ROOT_PGTABLES_NAME)
+    root_ino = ctx.child(iommu_dir, fmt.ROOT_PGTABLES_NAME)
     findings += _capped(check_root_pgtables_file(ctx, root_ino))
     if root_ino is not None and int(ctx.kind[root_ino]) == fmt.KIND_IOMMU_ROOT:
         pages = _file_pages(ctx, root_ino)
@@ -93,14 +91,6 @@ def check_tables(ctx: FsckContext) -> list[Finding]:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _child(ctx: FsckContext, parent: int, name: bytes) -> int | None:
-    inos, parents, lens, names = ctx.named_view
-    want = np.zeros(names.shape[1], np.uint8)
-    want[: len(name)] = np.frombuffer(name, np.uint8)
-    hit = np.flatnonzero((parents == parent) & (lens == len(name)) & (names == want).all(axis=1))
-    return int(inos[hit[0]]) if hit.size else None
 
 
 def _file_pages(ctx: FsckContext, ino: int) -> np.ndarray:
