@@ -67,7 +67,7 @@ import stat
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 import pyfuse3
@@ -78,6 +78,9 @@ from backing.errors import PkfuseError, StoreError
 from backing.store import InodeAttr, Store
 
 from . import views
+
+if TYPE_CHECKING:  # only the daemon's serve loads the IOMMU library, and hands it in
+    from backing.iommu import Iommu
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +172,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, store: Store, *, iommu: Any = None, regs_path: str | None = None) -> None:
+    def __init__(self, store: Store, *, iommu: Iommu | None = None, regs_path: str | None = None) -> None:
         super().__init__()
         self.store = store
-        self.iommu = iommu  #: backing.iommu.Iommu when wired, for the iommu view
+        self.iommu = iommu  #: None: no IOMMU state (a read-only mount whose state did not load)
         self.regs_path = regs_path
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode

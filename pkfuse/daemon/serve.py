@@ -18,13 +18,17 @@ import contextlib
 import logging
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backing.errors import FormatError, ImageBusy, PkfuseError
 
 from .logs import detach_stdio
 from .options import fuse_options
 from .preflight import EXIT_BAD_IMAGE, EXIT_ERROR, EXIT_IMAGE_BUSY, EXIT_NO_FUSE, EXIT_OK, EXIT_USAGE, MountError
+
+if TYPE_CHECKING:
+    from backing.iommu import Iommu  # annotations only: serve imports the libraries as it runs
+    from backing.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         raise MountError(f"{image} is not a usable pkfuse image: {exc}", EXIT_BAD_IMAGE) from None
     except PermissionError as exc:
         raise MountError(f"cannot open {image}: {exc.strerror}", EXIT_ERROR) from None
-    iommu: Any = None
+    iommu: Iommu | None = None
     ops: Operations | None = None
     try:
         iommu, regs = _open_iommu(store, image, opts)
@@ -90,7 +94,7 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
     return EXIT_OK
 
 
-def _open_iommu(store: Any, image: str, opts: dict[str, Any]) -> tuple[Any, str | None]:
+def _open_iommu(store: Store, image: str, opts: dict[str, Any]) -> tuple[Iommu | None, str | None]:
     """Load the IOMMU driver state (``backing.iommu``) and its register block.
 
     The register block defaults to ``IMAGE.regs`` (made, reset, if missing;

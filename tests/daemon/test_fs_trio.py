@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from backing import format as fmt
+from backing.fsck import check_image
 from backing.store import Store
 from pkfuse.daemon.fs import VIEW_DIR_INO, VIEW_DIR_NAME, VIEW_FILES, VIEW_INO_BASE, Operations
 
@@ -39,10 +40,6 @@ def store(image: Path) -> Iterator[Store]:
     s = Store.open(image)
     yield s
     s.close()
-    try:
-        from backing.fsck import check_image
-    except ImportError:
-        return
     status, findings = check_image(str(image))
     assert status == 0, [str(f) for f in findings]
 
@@ -359,7 +356,5 @@ async def test_the_handlers_serve_a_real_mount_from_this_trio_loop(image: Path, 
     assert data == b"through the kernel"
     assert extents.startswith(b"0x0 0x")
     assert not os.path.ismount(mnt)
-    from backing.fsck import check_image
-
     status, findings = check_image(str(image))
     assert status == 0, [str(x) for x in findings]
