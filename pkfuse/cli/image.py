@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from backing import fsck
 from backing.errors import FormatError, PkfuseError
-
-if TYPE_CHECKING:
-    from backing.store import Store
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +28,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fsck)
 
     p = sub.add_parser("info", help="geometry, usage and files of an image or mountpoint",
-                       description="Show geometry, usage, files with their physical extents and the "
-                                   "physical memory map, from a mountpoint (its .pkernfs views) or from "
-                                   "an image (opened read-only without a lock, so it also works while "
-                                   "a daemon serves the image).")
+                       description="Show geometry, usage, files with their physical extents, the "
+                                   "physical memory map and the IOMMU domains, from a mountpoint (its "
+                                   ".pkernfs/info) or from an image (opened read-only without a lock, so "
+                                   "it also works while a daemon serves the image). Both give the same "
+                                   "text but for daemon_pid and read_only.")
     p.add_argument("target", metavar="IMAGE|MOUNTPOINT")
     p.set_defaults(func=cmd_info)
 
@@ -73,38 +70,17 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """From a mountpoint: its views; from an image: a read-only, unlocked look."""
+    """One text either way (``views.render_info``): from a mountpoint its daemon's
+    ``.pkernfs/info``, from an image the same text made here from a read-only, unlocked look."""
     target = args.target
     if os.path.isdir(target):
-        views_dir = os.path.join(target, ".pkernfs")
-        if not os.path.isdir(views_dir):
+        if not os.path.isdir(os.path.join(target, ".pkernfs")):
             raise PkfuseError(f"{target} is not a pkfuse mountpoint (no .pkernfs/)")
-        out = sys.stdout
-        with open(os.path.join(views_dir, "status")) as f:
-            out.write(f.read())
-        out.write("\n")
-        for top in ("guest_mem", "iommu"):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(target, top)):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    path = os.path.join(dirpath, name)
-                    st = os.stat(path)
-                    rel = os.path.relpath(path, target)
-                    out.write(f"/{rel}  size {st.st_size}, {st.st_blocks * 512 // 4096} pages\n")
-                    try:
-                        text = os.getxattr(path, "user.pkernfs.extents").decode()
-                    except OSError:
-                        text = ""
-                    for line in text.splitlines():
-                        out.write(f"    {line}\n")
-        out.write("\n")
-        with open(os.path.join(views_dir, "memmap")) as f:
-            out.write(f.read())
-        if os.path.exists(os.path.join(views_dir, "iommu")):
-            out.write("\n")
-            with open(os.path.join(views_dir, "iommu")) as f:
-                out.write(f.read())
+        with open(os.path.join(target, ".pkernfs", "info")) as f:
+            sys.stdout.write(f.read())
         return 0
+    from backing.iommu import Iommu
+    from backing.regs import default_path
     from backing.store import Store
     from pkfuse.daemon import views
 
@@ -117,26 +93,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     except FormatError as exc:
         raise PkfuseError(f"{target}: not a usable pkfuse image ({exc}); if a daemon is serving it, "
                           "run `pkfuse info MOUNTPOINT` instead") from None
+    # the register block a mount of this image uses by default, if there is one (never made here)
+    regs: str | None = os.path.abspath(default_path(os.path.abspath(target)))
+    if not os.path.exists(regs):
+        regs = None
+    iommu: Iommu | None = None
+    error = ""
     try:
-        sys.stdout.write(views.render_status(store, pid="(not mounted here)"))
-        sys.stdout.write("\n" + views.render_files(store) + "\n")
-        sys.stdout.write(views.render_memmap(store))
-        sys.stdout.write("\n" + _iommu_text(store))
+        try:
+            iommu = Iommu.open(store, regs)
+        except PkfuseError as exc:  # a domain the IOMMU refuses: the rest of the image is still worth showing
+            error = str(exc)
+        sys.stdout.write(views.render_info(store, iommu, regs_path=regs, pid="(not mounted here)",
+                                           iommu_error=error))
     finally:
+        if iommu is not None:
+            iommu.close()
         store.close()
     return 0
-
-
-def _iommu_text(store: Store) -> str:
-    """The IOMMU view of an unmounted image (no register block: that belongs to a daemon)."""
-    from backing.iommu import Iommu
-    from pkfuse.daemon import views
-
-    try:
-        io = Iommu.open(store)
-    except PkfuseError as exc:  # a domain the IOMMU refuses: the rest of the image is still worth showing
-        return f"# IOMMU state not readable: {exc}\n"
-    try:
-        return views.render_iommu(io)
-    finally:
-        io.close()

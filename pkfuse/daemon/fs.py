@@ -88,7 +88,8 @@ VIEW_INO_BASE = 1 << 32  #: first virtual inode; image inos are 32-bit
 VIEW_DIR_INO = VIEW_INO_BASE
 VIEW_DIR_NAME = b".pkernfs"
 #: view file name -> inode; the order is the readdir order
-VIEW_FILES = {b"status": VIEW_INO_BASE + 1, b"memmap": VIEW_INO_BASE + 2, b"iommu": VIEW_INO_BASE + 3}
+VIEW_FILES = {b"status": VIEW_INO_BASE + 1, b"memmap": VIEW_INO_BASE + 2, b"iommu": VIEW_INO_BASE + 3,
+              b"info": VIEW_INO_BASE + 4}
 VIEW_NAMES = {ino: name for name, ino in VIEW_FILES.items()}
 
 ATTR_TIMEOUT = 1.0  #: seconds the kernel may cache entries and attributes of image inodes
@@ -232,6 +233,8 @@ class Operations(pyfuse3.Operations):
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
+        if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text
+            return views.render_info(self.store, self.iommu, regs_path=self.regs_path).encode()
         return views.render_iommu(self.iommu).encode()
 
     def _kind(self, ino: int) -> int:

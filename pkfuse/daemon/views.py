@@ -1,4 +1,4 @@
-"""Text views of an open store: ``.pkernfs/{status,memmap,iommu}`` and ``user.pkernfs.*`` xattrs.
+"""Text views of an open store: ``.pkernfs/{status,memmap,iommu,info}`` and ``user.pkernfs.*`` xattrs.
 
 Pure functions of a ``Store`` (and the IOMMU object when there is one): the
 FUSE handlers, ``pkfuse info`` on an unmounted image and the tests all read
@@ -193,25 +193,40 @@ def mapping_line(m: MappingRange) -> str:
             f"{m.phys_addr:#014x}-{m.phys_addr + m.length - 1:#014x} {perms} {m.path}+{m.file_offset:#x}")
 
 
+def render_info(store: Store, iommu: Iommu | None, *, regs_path: str | None = None,
+                pid: int | str | None = None, iommu_error: str = "") -> str:
+    """The whole of ``pkfuse info``: status, every file with its extents, the physical memory
+    map and the IOMMU view, blank lines between. The daemon serves it as ``.pkernfs/info``
+    and ``pkfuse info IMAGE`` prints it for an unmounted image, so one image gives one text
+    but for the lines that say who serves it (``daemon_pid``, ``read_only``).
+    ``iommu_error``: why ``iommu`` is None, when the caller knows."""
+    iommu_text = (f"# IOMMU state not loaded: {iommu_error}\n" if iommu is None and iommu_error
+                  else render_iommu(iommu))
+    with store.lock:  # one moment of the image for all four parts
+        return "\n".join((render_status(store, iommu=iommu, regs_path=regs_path, pid=pid), render_files(store),
+                          render_memmap(store), iommu_text))
+
+
 def render_files(store: Store) -> str:
-    """Every file with its physical extents (for ``pkfuse info`` on an image)."""
+    """Every directory and file of the tree, each directory followed by its entries (in ino
+    order, as readdir lists them), each file with its kind, size, pages and physical
+    extents (``file_offset phys_addr length``, hex)."""
     lines: list[str] = []
     with store.lock:
-        stack = [(fmt.ROOT_INO, b"")]
-        while stack:
-            ino, path = stack.pop()
-            for name, child in reversed(store.children(ino)):
-                a = store.getattr(child)
-                p = path + b"/" + name
-                shown = p.decode(errors="backslashreplace")
-                if a.kind == fmt.KIND_DIR:
-                    lines.append(f"{shown}/\n")
-                    stack.append((child, p))
-                    continue
-                lines.append(f"{shown}  {fmt.KIND_NAMES.get(a.kind, a.kind)}  size {a.size} "
-                             f"({_human(a.size)}), {a.npages} pages\n")
-                for e in store.extents(child):
-                    lines.append(f"    {e.file_offset:#x} {e.phys_addr:#x} {e.length:#x}\n")
+        stack = [(name, ino, b"") for name, ino in reversed(store.children(fmt.ROOT_INO))]
+        while stack:  # depth first, no recursion: a deep tree cannot exhaust the Python stack
+            name, ino, parent = stack.pop()
+            path = parent + b"/" + name
+            shown = path.decode(errors="backslashreplace")
+            a = store.getattr(ino)
+            if a.kind == fmt.KIND_DIR:
+                lines.append(f"{shown}/\n")
+                stack.extend((n, i, path) for n, i in reversed(store.children(ino)))
+                continue
+            lines.append(f"{shown}  {fmt.KIND_NAMES.get(a.kind, a.kind)}  size {a.size} "
+                         f"({_human(a.size)}), {a.npages} pages\n")
+            for e in store.extents(ino):
+                lines.append(f"    {e.file_offset:#x} {e.phys_addr:#x} {e.length:#x}\n")
     return "".join(lines)
 
 

@@ -71,13 +71,13 @@ Layout
 Structures are little-endian with the natural alignment of the C headers on
 x86-64: ``__aligned_u64`` is a ``c_uint64`` with 8-byte alignment (asserted
 below), so each struct's size and offsets are the C compiler's. Every size is
-asserted at import and every offset in ``tests/uapi/test_wire.py`` against
+asserted at import and every offset in ``tests/uapi/test_uapi_wire.py`` against
 the headers cited beside each struct. ``MIN_SIZE`` of a struct is the
 kernel's ``min_size`` (``offsetofend`` of the last field its ioctl table or
 handler requires); a shorter struct is EINVAL, a longer one up to
 ``sizeof`` is zero-extended.
 
-Headers read (2026-11): ``include/uapi/linux/iommufd.h`` and
+Headers read: ``include/uapi/linux/iommufd.h`` and
 ``drivers/iommu/iommufd/main.c`` (torvalds/linux and linux-next);
 ``include/uapi/linux/vfio.h`` and ``drivers/vfio/device_cdev.c``
 (torvalds/linux); ``include/uapi/linux/liveupdate.h``,

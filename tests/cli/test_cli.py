@@ -127,7 +127,7 @@ def test_info_of_a_mountpoint_reads_its_views(mounted: Mount) -> None:
     r = pkfuse("info", str(mounted.path))
     assert r.returncode == 0, r.stderr
     assert f"daemon_pid:               {mounted.pid}" in r.stdout
-    assert "/guest_mem/vm0  size 5000, 2 pages" in r.stdout
+    assert "/guest_mem/vm0  guest-ram  size 5000 (4.9 KiB), 2 pages" in r.stdout
     assert "/iommu/root-pgtables" in r.stdout
 
 

@@ -42,3 +42,19 @@ def test_the_iommu_view_without_registers_or_state_says_so(image: Path) -> None:
     with Store.open(image) as s, Iommu.open(s) as io:
         assert views.render_iommu(io).splitlines() == [f"root table {io.root_table_phys:#x} (iommu/root-pgtables)"]
     assert views.render_iommu(None) == "# IOMMU state not loaded (the daemon's log says why)\n"
+
+
+def test_the_file_list_shows_each_directory_before_its_entries(image: Path) -> None:
+    with Store.open(image) as s:
+        gm = s.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME)
+        vm = s.mkdir(gm, b"vmA", 0o755, 0, 0)
+        ram = s.create(vm, b"ram", 0o600, 0, 0)
+        s.truncate(ram, 2 * MiB)
+        s.create(gm, b"empty", 0o600, 0, 0)
+        (e,) = s.extents(ram)
+        assert views.render_files(s).splitlines() == [
+            "/guest_mem/", "/guest_mem/vmA/", "/guest_mem/vmA/ram  guest-ram  size 2097152 (2.0 MiB), 512 pages",
+            f"    0x0 {e.phys_addr:#x} 0x200000", "/guest_mem/empty  guest-ram  size 0 (0 B), 0 pages",
+            "/iommu/", "/iommu/root-pgtables  iommu-root  size 1052672 (1.0 MiB), 257 pages",
+            f"    0x0 {s.extents(s.lookup(s.lookup(fmt.ROOT_INO, b'iommu'), b'root-pgtables'))[0].phys_addr:#x} "
+            "0x101000"]

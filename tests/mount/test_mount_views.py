@@ -80,7 +80,7 @@ def test_views_are_read_only(mounted: Mount) -> None:
 
 
 def test_pkernfs_lists_its_views(mounted: Mount) -> None:
-    assert sorted(os.listdir(mounted.path / ".pkernfs")) == ["iommu", "memmap", "status"]
+    assert sorted(os.listdir(mounted.path / ".pkernfs")) == ["info", "iommu", "memmap", "status"]
 
 
 # ------------------------------------------------------------- memmap

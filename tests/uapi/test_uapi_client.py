@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ class FakeServer:
         self.listener.listen()
         self.listener.settimeout(0.05)
         self.stopping = threading.Event()
+        self.hangups: queue.Queue[int] = queue.Queue()  # one entry per connection the client closed
         self._spawn(self._accept)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
@@ -84,7 +86,10 @@ class FakeServer:
             while True:
                 try:
                     cmd, payload, fds = t.recv_request(conn)
-                except (ConnectionClosed, OSError):
+                except ConnectionClosed:
+                    self.hangups.put(conn.fileno())
+                    return
+                except OSError:
                     return
                 files = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in fds]
                 call = Call(cmd, payload, files)
@@ -141,8 +146,12 @@ def table(answers: dict[int, Callable[[Call], Reply]]) -> Handler:
     return handle
 
 
+Serve = Callable[[Handler], FakeServer]
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[[Handler], FakeServer]]:
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """Start fake servers on sockets in tmp_path; all are stopped at teardown."""
     servers: list[FakeServer] = []
 
     def start(handler: Handler) -> FakeServer:
@@ -170,7 +179,7 @@ def identity(fd: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------
 
 
-def test_iommufd_first_sends_pkfuse_open_of_dev_iommu(serve) -> None:
+def test_iommufd_first_sends_pkfuse_open_of_dev_iommu(serve: Serve) -> None:
     server = serve(table({}))
     with Iommufd(server.path):
         pass
@@ -180,14 +189,14 @@ def test_iommufd_first_sends_pkfuse_open_of_dev_iommu(serve) -> None:
     assert (op.size, op.flags, w.cstring(op.path)) == (72, 0, b"/dev/iommu")
 
 
-def test_liveupdate_first_sends_pkfuse_open_of_dev_liveupdate(serve) -> None:
+def test_liveupdate_first_sends_pkfuse_open_of_dev_liveupdate(serve: Serve) -> None:
     server = serve(table({}))
     with LiveUpdate(server.path):
         pass
     assert w.cstring(server.calls[0].struct(w.pkfuse_open).path) == b"/dev/liveupdate"
 
 
-def test_mountpoint_is_resolved_through_the_status_file(serve, tmp_path: Path) -> None:
+def test_mountpoint_is_resolved_through_the_status_file(serve: Serve, tmp_path: Path) -> None:
     server = serve(table({}))
     (tmp_path / "mnt" / ".pkernfs").mkdir(parents=True)
     (tmp_path / "mnt" / ".pkernfs" / "status").write_text(
@@ -205,12 +214,15 @@ def test_status_file_without_control_socket_is_enoent(tmp_path: Path) -> None:
     assert e.value.errno == errno.ENOENT
 
 
-def test_refused_open_raises_its_errno_and_closes_the_connection(serve) -> None:
+def test_refused_open_raises_its_errno_and_closes_the_connection(serve: Serve) -> None:
     server = serve(table({w.PKFUSE_OPEN: lambda call: (errno.EBUSY, b"", [])}))
     before = open_fds()
     with pytest.raises(OSError) as e:
         LiveUpdate(server.path)
     assert e.value.errno == errno.EBUSY
+    server.hangups.get(timeout=5)  # the client closed its connection: the server saw end of file
+    for th in server.threads[1:]:  # and the server's end of it is closed too: count only the client's
+        th.join(timeout=5)
     assert open_fds() == before
 
 
@@ -219,7 +231,7 @@ def test_refused_open_raises_its_errno_and_closes_the_connection(serve) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_ioas_alloc_returns_out_ioas_id(serve) -> None:
+def test_ioas_alloc_returns_out_ioas_id(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_ALLOC: reply_with(w.iommu_ioas_alloc, out_ioas_id=7)}))
     with Iommufd(server.path) as fd:
         assert fd.ioas_alloc() == 7
@@ -227,7 +239,7 @@ def test_ioas_alloc_returns_out_ioas_id(serve) -> None:
     assert len(req.payload) == 12 and req.struct(w.iommu_ioas_alloc).flags == 0
 
 
-def test_ioas_map_file_sends_the_file_and_fixed_iova_flags(serve, tmp_path: Path) -> None:
+def test_ioas_map_file_sends_the_file_and_fixed_iova_flags(serve: Serve, tmp_path: Path) -> None:
     server = serve(table({w.IOMMU_IOAS_MAP_FILE: echo}))
     guest = tmp_path / "guest"
     guest.write_bytes(bytes(8192))
@@ -241,7 +253,7 @@ def test_ioas_map_file_sends_the_file_and_fixed_iova_flags(serve, tmp_path: Path
         assert req.files == [identity(f.fileno())]
 
 
-def test_ioas_map_file_without_iova_lets_the_daemon_pick(serve) -> None:
+def test_ioas_map_file_without_iova_lets_the_daemon_pick(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_MAP_FILE: reply_with(w.iommu_ioas_map_file, iova=0x20_0000)}))
     r, wr = os.pipe()
     try:
@@ -254,14 +266,14 @@ def test_ioas_map_file_without_iova_lets_the_daemon_pick(serve) -> None:
         os.close(wr)
 
 
-def test_error_reply_raises_oserror_with_the_kernels_errno(serve) -> None:
+def test_error_reply_raises_oserror_with_the_kernels_errno(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_UNMAP: lambda call: (errno.ENOENT, b"", [])}))
     with Iommufd(server.path) as fd, pytest.raises(OSError) as e:
         fd.ioas_unmap(1, 0, 4096)
     assert e.value.errno == errno.ENOENT and e.value.strerror == os.strerror(errno.ENOENT)
 
 
-def test_ioas_unmap_returns_the_bytes_unmapped(serve) -> None:
+def test_ioas_unmap_returns_the_bytes_unmapped(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_UNMAP: reply_with(w.iommu_ioas_unmap, length=3 << 21)}))
     with Iommufd(server.path) as fd:
         assert fd.ioas_unmap(2, 0, (1 << 64) - 1) == 3 << 21
@@ -286,7 +298,7 @@ def iova_ranges_answer(ranges: list[tuple[int, int]]) -> Callable[[Call], Reply]
     return make
 
 
-def test_ioas_iova_ranges_retries_once_with_the_count_needed(serve) -> None:
+def test_ioas_iova_ranges_retries_once_with_the_count_needed(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_IOVA_RANGES: iova_ranges_answer(SIX_RANGES)}))
     with Iommufd(server.path) as fd:
         assert fd.ioas_iova_ranges(5) == (SIX_RANGES, 4096)
@@ -296,14 +308,14 @@ def test_ioas_iova_ranges_retries_once_with_the_count_needed(serve) -> None:
     assert all(a.ioas_id == 5 and a.allowed_iovas == 0 for a in asked)
 
 
-def test_ioas_iova_ranges_that_fit_take_one_call(serve) -> None:
+def test_ioas_iova_ranges_that_fit_take_one_call(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_IOVA_RANGES: iova_ranges_answer(SIX_RANGES[:1])}))
     with Iommufd(server.path) as fd:
         assert fd.ioas_iova_ranges(5) == (SIX_RANGES[:1], 4096)
     assert len(server.requests(w.IOMMU_IOAS_IOVA_RANGES)) == 1
 
 
-def test_ioas_iova_ranges_second_emsgsize_is_raised(serve) -> None:
+def test_ioas_iova_ranges_second_emsgsize_is_raised(serve: Serve) -> None:
     grown: list[int] = [6]
 
     def growing(call: Call) -> Reply:  # the ranges change between the two calls
@@ -317,7 +329,7 @@ def test_ioas_iova_ranges_second_emsgsize_is_raised(serve) -> None:
     assert len(server.requests(w.IOMMU_IOAS_IOVA_RANGES)) == 2
 
 
-def test_hwpt_alloc_names_device_and_ioas_and_returns_the_hwpt(serve) -> None:
+def test_hwpt_alloc_names_device_and_ioas_and_returns_the_hwpt(serve: Serve) -> None:
     server = serve(table({w.IOMMU_HWPT_ALLOC: reply_with(w.iommu_hwpt_alloc, out_hwpt_id=11)}))
     with Iommufd(server.path) as fd:
         assert fd.hwpt_alloc(4, 2) == 11
@@ -325,14 +337,14 @@ def test_hwpt_alloc_names_device_and_ioas_and_returns_the_hwpt(serve) -> None:
     assert (h.size, h.flags, h.dev_id, h.pt_id, h.data_type, h.data_uptr) == (48, 0, 4, 2, 0, 0)
 
 
-def test_destroy_sends_the_id(serve) -> None:
+def test_destroy_sends_the_id(serve: Serve) -> None:
     server = serve(table({w.IOMMU_DESTROY: echo}))
     with Iommufd(server.path) as fd:
         fd.destroy(9)
     assert server.requests(w.IOMMU_DESTROY)[0].struct(w.iommu_destroy).id == 9
 
 
-def test_device_bind_packs_the_requester_id_from_bdf(serve) -> None:
+def test_device_bind_packs_the_requester_id_from_bdf(serve: Serve) -> None:
     server = serve(table({w.VFIO_DEVICE_BIND_IOMMUFD: reply_with(w.pkfuse_device_bind_iommufd, out_devid=1)}))
     with Iommufd(server.path) as fd:
         assert fd.device_bind("3a:1f.7") == 1
@@ -341,14 +353,14 @@ def test_device_bind_packs_the_requester_id_from_bdf(serve) -> None:
     assert rids == [0x3A << 8 | 0x1F << 3 | 7, 0x0008]
 
 
-def test_device_bind_refuses_a_malformed_bdf_before_sending(serve) -> None:
+def test_device_bind_refuses_a_malformed_bdf_before_sending(serve: Serve) -> None:
     server = serve(table({}))
     with Iommufd(server.path) as fd, pytest.raises(ValueError):
         fd.device_bind("3a:20.0")  # device 0x20 > 31
     assert not server.requests(w.VFIO_DEVICE_BIND_IOMMUFD)
 
 
-def test_device_attach_names_the_device_and_returns_the_hwpt(serve) -> None:
+def test_device_attach_names_the_device_and_returns_the_hwpt(serve: Serve) -> None:
     server = serve(table({w.VFIO_DEVICE_ATTACH_IOMMUFD_PT: reply_with(w.pkfuse_device_attach_iommufd_pt, pt_id=12)}))
     with Iommufd(server.path) as fd:
         assert fd.device_attach(1, 2) == 12
@@ -356,7 +368,7 @@ def test_device_attach_names_the_device_and_returns_the_hwpt(serve) -> None:
     assert (a.argsz, a.flags, a.pt_id, a.pasid, a.dev_id) == (24, 0, 2, 0, 1)
 
 
-def test_device_detach_names_the_device(serve) -> None:
+def test_device_detach_names_the_device(serve: Serve) -> None:
     server = serve(table({w.VFIO_DEVICE_DETACH_IOMMUFD_PT: echo}))
     with Iommufd(server.path) as fd:
         fd.device_detach(3)
@@ -364,7 +376,7 @@ def test_device_detach_names_the_device(serve) -> None:
     assert (d.argsz, d.flags, d.dev_id) == (16, 0, 3)
 
 
-def test_value_too_wide_for_its_field_is_refused_before_sending(serve) -> None:
+def test_value_too_wide_for_its_field_is_refused_before_sending(serve: Serve) -> None:
     server = serve(table({}))
     with Iommufd(server.path) as fd, pytest.raises(OverflowError):
         fd.destroy(1 << 32)
@@ -391,7 +403,7 @@ def session_answers(extra: dict[int, Callable[[Call], Reply]] | None = None) -> 
     return handle
 
 
-def test_create_session_returns_a_session_connected_to_the_daemon(serve) -> None:
+def test_create_session_returns_a_session_connected_to_the_daemon(serve: Serve) -> None:
     server = serve(session_answers({w.LIVEUPDATE_SESSION_FINISH: echo}))
     with LiveUpdate(server.path) as lu, lu.create_session("vm0") as session:
         assert isinstance(session, Session)
@@ -402,7 +414,7 @@ def test_create_session_returns_a_session_connected_to_the_daemon(serve) -> None
     assert (f.size, f.reserved) == (8, 0)
 
 
-def test_retrieve_session_sends_its_name(serve) -> None:
+def test_retrieve_session_sends_its_name(serve: Serve) -> None:
     server = serve(session_answers())
     with LiveUpdate(server.path) as lu, lu.retrieve_session(b"vm1"):
         pass
@@ -410,14 +422,14 @@ def test_retrieve_session_sends_its_name(serve) -> None:
     assert w.cstring(r.name) == b"vm1"
 
 
-def test_session_name_too_long_is_refused_before_sending(serve) -> None:
+def test_session_name_too_long_is_refused_before_sending(serve: Serve) -> None:
     server = serve(session_answers())
     with LiveUpdate(server.path) as lu, pytest.raises(ValueError):
         lu.create_session("n" * 64)
     assert not server.requests(w.LIVEUPDATE_IOCTL_CREATE_SESSION)
 
 
-def test_preserve_fd_sends_the_file_and_the_token(serve, tmp_path: Path) -> None:
+def test_preserve_fd_sends_the_file_and_the_token(serve: Serve) -> None:
     server = serve(session_answers({w.LIVEUPDATE_SESSION_PRESERVE_FD: echo}))
     memfd = os.memfd_create("guest")
     try:
@@ -431,7 +443,7 @@ def test_preserve_fd_sends_the_file_and_the_token(serve, tmp_path: Path) -> None
         os.close(memfd)
 
 
-def test_retrieve_fd_returns_the_received_descriptor(serve, tmp_path: Path) -> None:
+def test_retrieve_fd_returns_the_received_descriptor(serve: Serve, tmp_path: Path) -> None:
     kept = tmp_path / "kept"
     kept.write_bytes(b"guest ram")
 
@@ -451,20 +463,24 @@ def test_retrieve_fd_returns_the_received_descriptor(serve, tmp_path: Path) -> N
     assert server.requests(w.LIVEUPDATE_SESSION_RETRIEVE_FD)[0].struct(w.liveupdate_session_retrieve_fd).token == 5
 
 
-def test_reply_missing_its_descriptor_is_eproto(serve) -> None:
+def test_reply_missing_its_descriptor_is_eproto(serve: Serve) -> None:
     server = serve(session_answers({w.LIVEUPDATE_SESSION_RETRIEVE_FD: echo}))
     with LiveUpdate(server.path) as lu, lu.retrieve_session("vm0") as session, pytest.raises(OSError) as e:
         session.retrieve_fd(5)
     assert e.value.errno == errno.EPROTO
 
 
-def test_descriptors_of_an_error_reply_are_closed(serve, tmp_path: Path) -> None:
+def test_descriptors_of_an_error_reply_are_closed(serve: Serve) -> None:
     def fail_with_fd(call: Call) -> Reply:
         return errno.EIO, b"", [os.open("/dev/null", os.O_RDONLY)]
 
-    server = serve(session_answers({w.LIVEUPDATE_SESSION_RETRIEVE_FD: fail_with_fd, w.LIVEUPDATE_SESSION_FINISH: echo}))
+    server = serve(session_answers({w.LIVEUPDATE_SESSION_RETRIEVE_FD: fail_with_fd, w.LIVEUPDATE_SESSION_FINISH: echo,
+                                    w.PKFUSE_REBOOT: echo}))
     with LiveUpdate(server.path) as lu, lu.retrieve_session("vm0") as session:
-        session.finish()  # the server has closed everything it sent so far
+        # One more round trip on each connection: the server closes what a reply
+        # carried after sending it, so only then is its count settled.
+        lu.reboot()
+        session.finish()
         before = open_fds()
         with pytest.raises(OSError):
             session.retrieve_fd(5)
@@ -472,7 +488,7 @@ def test_descriptors_of_an_error_reply_are_closed(serve, tmp_path: Path) -> None
         assert open_fds() == before
 
 
-def test_hwpt_lu_set_preserve_sends_the_session_fd(serve) -> None:
+def test_hwpt_lu_set_preserve_sends_the_session_fd(serve: Serve) -> None:
     server = serve(session_answers({w.IOMMU_HWPT_LU_SET_PRESERVE: echo}))
     with LiveUpdate(server.path) as lu, lu.create_session("vm0") as session, Iommufd(server.path) as fd:
         fd.hwpt_lu_set_preserve(11, 0xABCD, session)
@@ -482,7 +498,7 @@ def test_hwpt_lu_set_preserve_sends_the_session_fd(serve) -> None:
         assert req.files == [identity(session.fileno())]
 
 
-def test_reboot_sends_pkfuse_reboot(serve) -> None:
+def test_reboot_sends_pkfuse_reboot(serve: Serve) -> None:
     server = serve(table({w.PKFUSE_REBOOT: echo}))
     with LiveUpdate(server.path) as lu:
         lu.reboot()
@@ -490,7 +506,7 @@ def test_reboot_sends_pkfuse_reboot(serve) -> None:
     assert (r.size, r.flags) == (8, 0)
 
 
-def test_reboot_failure_raises_eagain(serve) -> None:
+def test_reboot_failure_raises_eagain(serve: Serve) -> None:
     server = serve(table({w.PKFUSE_REBOOT: lambda call: (errno.EAGAIN, b"", [])}))
     with LiveUpdate(server.path) as lu, pytest.raises(OSError) as e:
         lu.reboot()
@@ -502,7 +518,7 @@ def test_reboot_failure_raises_eagain(serve) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_daemon_closing_the_connection_is_connection_closed(serve) -> None:
+def test_daemon_closing_the_connection_is_connection_closed(serve: Serve) -> None:
     def hang_up(server: FakeServer, call: Call, fds: list[int]) -> Reply | None:
         return echo(call) if call.cmd == w.PKFUSE_OPEN else None
 
@@ -511,7 +527,7 @@ def test_daemon_closing_the_connection_is_connection_closed(serve) -> None:
         fd.ioas_alloc()
 
 
-def test_reply_struct_of_the_wrong_length_is_eproto(serve) -> None:
+def test_reply_struct_of_the_wrong_length_is_eproto(serve: Serve) -> None:
     server = serve(table({w.IOMMU_IOAS_ALLOC: lambda call: (0, b"\x0c\x00\x00\x00", [])}))
     with Iommufd(server.path) as fd, pytest.raises(OSError) as e:
         fd.ioas_alloc()
