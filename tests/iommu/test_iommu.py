@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from iommu_helpers import io, store  # noqa: F401  (fixtures)
 
 from backing import format as fmt
 from backing import iommu as iommu_mod

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from iommu_helpers import io, store  # noqa: F401  (fixtures)
 
 from backing import format as fmt
 from backing.errors import StoreError

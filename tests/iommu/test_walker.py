@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from iommu_helpers import entry_where, io, store  # noqa: F401  (fixtures)
+from iommu_helpers import entry_where
 
 from backing import format as fmt
 from backing import regs as regs_mod
