@@ -158,6 +158,17 @@ class Iommufd:
         """Store.pin_hook: an IOAS area or a domain maps a page of ``ino``."""
         return self.area_pins.get(ino, 0) > 0 or bool(self._prev_hook and self._prev_hook(ino))
 
+    def enable_translation(self) -> None:
+        """Root table in RTADDR and TE set, if a register block is loaded and TE is clear.
+
+        Linux's driver does this at boot; pkfuse waits for the first device
+        attached through iommufd, so an image programmed offline keeps the
+        register state it was given until something is attached.
+        """
+        regs = self.iommu.regs
+        if regs is not None and not regs.enabled:
+            self.iommu.enable()
+
     def open_context(self) -> Context:
         ctx = Context(self)
         self.contexts.append(ctx)
@@ -420,6 +431,7 @@ class Context:
             except BaseException:
                 self._drop_if_unused(hwpt)
                 raise
+            self.fd.enable_translation()
             hwpt.devices.add(dev.id)
             dev.hwpt = hwpt
             if old is not None:

@@ -178,6 +178,7 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.iommu = iommu  #: None: no IOMMU state (a read-only mount whose state did not load)
         self.regs_path = regs_path
+        self.control_path: str | None = None  #: the control socket, shown in .pkernfs/status
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode
         self.handles: dict[int, Handle] = {}
@@ -230,7 +231,8 @@ class Operations(pyfuse3.Operations):
     def _render(self, ino: int) -> bytes:
         name = VIEW_NAMES[ino]
         if name == b"status":
-            return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path).encode()
+            return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
+                                      control=self.control_path).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text

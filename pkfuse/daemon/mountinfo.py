@@ -32,6 +32,21 @@ def mounted_paths() -> set[str]:
     return out
 
 
+def mount_device(mnt: str) -> int | None:
+    """``st_dev`` of the files on the mount at ``mnt`` (mountinfo's ``major:minor``), or None.
+
+    Of mounts stacked on one path the last listed is the one on top.
+    """
+    target = os.fsencode(mount_path(mnt))
+    dev = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.partition(b" - ")[0].split()
+            if len(fields) > 4 and unescape(fields[4]) == target:
+                major, _, minor = fields[2].partition(b":")
+                dev = os.makedev(int(major), int(minor))
+    return dev
+
 
 def mount_source(mnt: str) -> str | None:
     """The source (fsname) of the fuse.pkfuse mount at ``mnt``, from mountinfo."""

@@ -14,13 +14,13 @@ PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions
 PASSTHROUGH_VALUE = {"fsname", "subtype"}
 #: pkfuse's own -o options
 OWN_FLAGS = {"ro", "rw", "no_default_permissions", "nodefault_permissions"}
-OWN_VALUE = {"log", "regs"}
+OWN_VALUE = {"log", "regs", "control"}
 
 
 def parse_options(opts: Iterable[str]) -> dict[str, Any]:
     """Split ``-o a,b=c`` strings into ``{"fuse": set, "read_only": bool, "log": ..., "regs": ...}``."""
     out: dict[str, Any] = {"fuse": set(), "read_only": False, "default_permissions": True,
-                           "log": None, "regs": None}
+                           "log": None, "regs": None, "control": None}
     for group in opts:
         for opt in (o.strip() for o in group.split(",")):
             if not opt:

@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING, Any
 from backing.errors import FormatError, ImageBusy, PkfuseError
 
 from .logs import detach_stdio
+from .mountinfo import mount_device
 from .options import fuse_options
 from .preflight import EXIT_BAD_IMAGE, EXIT_ERROR, EXIT_IMAGE_BUSY, EXIT_NO_FUSE, EXIT_OK, EXIT_USAGE, MountError
 
 if TYPE_CHECKING:
     from backing.iommu import Iommu  # annotations only: serve imports the libraries as it runs
     from backing.store import Store
+
+    from .control import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,12 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         raise MountError(f"cannot open {image}: {exc.strerror}", EXIT_ERROR) from None
     iommu: Iommu | None = None
     ops: Operations | None = None
+    control = None
     try:
         iommu, regs = _open_iommu(store, image, opts)
+        control = _control_server(store, iommu, opts)
         ops = Operations(store, iommu=iommu, regs_path=regs)
+        ops.control_path = control.path if control is not None else None
         options = fuse_options(image, opts)
         log.info("mounting %s on %s (options %s, pid %d, generation %d)", image, mnt,
                  ",".join(sorted(options)), os.getpid(), store.generation)
@@ -74,16 +80,22 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
                                  EXIT_USAGE) from None
             raise MountError(f"the kernel refused to mount {mnt} ({exc}); is FUSE available?", EXIT_NO_FUSE) from None
         try:
+            if control is not None:
+                control.resolver.mount_dev = mount_device(mnt)
+                control.listen()  # before the mount is announced: a client never finds it missing
+                log.info("control socket %s", control.path)
             if daemonized:
                 detach_stdio()
             os.chdir("/")
-            trio.run(_main, pyfuse3)
+            trio.run(_main, pyfuse3, control)
         finally:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
             ops.forget_all()  # the kernel's references are gone: free orphans
         log.info("unmounted %s; closing the image", mnt)
     finally:
+        if control is not None:
+            control.iommufd.close()  # every connection is gone: what they held is released
         if ops is not None:
             ops.close()
         if iommu is not None:
@@ -120,11 +132,26 @@ def _open_iommu(store: Store, image: str, opts: dict[str, Any]) -> tuple[Iommu |
     return None, regs
 
 
-async def _main(pyfuse3: Any) -> None:
+def _control_server(store: Any, iommu: Any, opts: dict[str, Any]) -> ControlServer | None:
+    """The control socket's server, unless the mount is read-only or has no IOMMU state
+    (every call would be EROFS)."""
+    if opts["read_only"] or iommu is None:
+        return None
+    from backing.iommufd import Iommufd
+
+    from .control import ControlServer, FileResolver, default_path
+
+    path = os.path.abspath(opts.get("control") or default_path(store.uuid))
+    return ControlServer(path, Iommufd(store, iommu), FileResolver(None))
+
+
+async def _main(pyfuse3: Any, control: ControlServer | None) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, pyfuse3, nursery.cancel_scope)
+        if control is not None:
+            nursery.start_soon(control.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -50,7 +50,7 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 
 
 def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | None = None,
-                  pid: int | str | None = None) -> str:
+                  pid: int | str | None = None, control: str | None = None) -> str:
     """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default)."""
     g = store.geometry
     with store.lock:
@@ -77,6 +77,8 @@ def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | 
         ]
     if regs_path is not None:
         lines.append(("iommu_regs", regs_path))
+    if control is not None:  # the /dev/iommu and /dev/liveupdate of this "kernel" (pkfuse.uapi finds it here)
+        lines.append(("control_socket", control))
     lines.append(("iommu", iommu_summary(iommu)))
     width = max(len(k) for k, _ in lines)
     return "".join(f"{k + ':':{width + 1}s} {v}\n" for k, v in lines)
