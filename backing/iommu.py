@@ -682,7 +682,13 @@ class Iommu:
             devfns = np.flatnonzero(lo & U64(fmt.CE_LO_P))
             pages = vtd.entry_pages(lo[devfns], self.store.geometry.base_pfn)  # each one's SL-PML4
             for devfn, page in zip(devfns.tolist(), pages.tolist()):
-                self.attached[(bus << 8) | devfn] = by_pml4.get(page, -1)
+                did = by_pml4.get(page, -1)
+                self.attached[(bus << 8) | devfn] = did
+                hi_where = ct * 512 + devfn * 2 + 1
+                if did > 0 and vtd.context_entry_fields(0, int(u64[hi_where]))["DID"] != did \
+                        and not self.store.read_only:
+                    # killed inside a replacing attach, between its two stores: finish it
+                    u64[hi_where] = vtd.context_entry(0, did)[1]
 
     def _writable(self, *domains: Domain) -> None:
         """Refuse a change to a read-only image, or to a Domain object whose file
@@ -912,8 +918,13 @@ class Iommu:
         present), then the context entry, hi word before lo.
 
         EBUSY if the requester is attached to another domain, unless
-        ``replace`` (then the old entry is made not-present first: requests
-        fault for an instant rather than see a half-written entry).
+        ``replace``. A replace never unmaps the device, not for an instant:
+        the lo word (table pointer, present) switches to the new tables in
+        one store with the old DID still in hi -- a walker reading the entry
+        before or after it sees a valid entry -- then hi takes the new DID.
+        A walk between the two stores translates through the new tables
+        under the old tag, which the invalidation of both DIDs after a
+        switch covers; a kill between them is repaired at the next open.
         """
         with self.store.lock:
             self._writable(domain)
@@ -933,9 +944,11 @@ class Iommu:
                 u64[re_where] = re_lo
             lo, hi = vtd.context_entry(domain.pml4_phys, domain.domain_id)
             if cur is not None:
-                u64[where] = 0  # P drops first
-            u64[where + 1] = hi
-            u64[where] = lo  # P last: the entry is complete when it becomes present
+                u64[where] = lo  # the switch: one aligned store, the entry stays present
+                u64[where + 1] = hi  # then the DID
+            else:
+                u64[where + 1] = hi
+                u64[where] = lo  # P last: the entry is complete when it becomes present
             self.attached[sid] = domain.domain_id
             if cur is not None and cur in self.domains:
                 self.domains[cur]._quiet_after = time.monotonic() + FREE_GRACE_S

@@ -160,6 +160,7 @@ def check_root_entries(ctx: FsckContext, root_pages: np.ndarray) -> Iterator[Fin
 
 def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: list[_Domain]) -> Iterator[Finding]:
     by_pml4 = {ctx.geometry.phys_addr(int(d.pages[1])): d for d in domains if d.domain_id is not None}
+    live_dids = {d.domain_id for d in domains if d.domain_id is not None}
     re_lo = _words(ctx, int(root_pages[0]))[0::2]
     ctables = ctx.image_u64.reshape(-1, 512)[root_pages[1:]]  # (256, 512)
     lo, hi = ctables[:, 0::2], ctables[:, 1::2]
@@ -184,7 +185,9 @@ def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: lis
         dom = by_pml4.get(f["SLPTPTR"])
         if dom is None:
             yield Finding(where, off, f"SLPTPTR {f['SLPTPTR']:#x} is not the SL-PML4 of any domain")
-        elif f["DID"] != dom.domain_id:
+        elif f["DID"] != dom.domain_id and f["DID"] not in live_dids:
+            # the DID of another live domain is a replacing attach killed between its two
+            # stores (the table pointer first, then the DID): Iommu.open finishes it
             yield Finding(where, off, f"DID {f['DID']} but SLPTPTR is the SL-PML4 of {dom.path} "
                           f"(DID {dom.domain_id})")
 
