@@ -66,7 +66,8 @@ def test_failing_tests_leave_no_mount_and_no_daemon(tmp_path: Path) -> None:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}",
          "--rootdir", str(tmp_path), str(tmp_path / "test_fail_on_purpose.py")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        # the root for backing and pkfuse; tests/ for the plugin the copied conftest names (iommu_helpers)
+        env={**os.environ, "PYTHONPATH": os.pathsep.join((str(CONFTEST.parents[1]), str(CONFTEST.parent)))},
     )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "4 failed" in r.stdout, r.stdout
