@@ -266,3 +266,14 @@ def test_a_client_killed_mid_sequence_leaks_nothing(live: Mount, image: Path) ->
     assert live.unmount() == 0
     status, findings = fsck.check_image(str(image))
     assert status == 0, findings
+
+
+def test_the_iommufd_example_runs_against_a_mount(live: Mount) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "iommufd.py"
+    r = subprocess.run([sys.executable, str(example), str(live.path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    reached = [line for line in lines if "reaches:" in line]
+    assert len(reached) == 2 and "fault" not in "".join(reached)
+    assert reached[0].split("reaches:")[1] == reached[1].split("reaches:")[1]  # the replace changed no target
+    assert "fault" in lines[-1]  # detached: blocked
