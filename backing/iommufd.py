@@ -372,13 +372,18 @@ class Context:
     def hwpt_alloc(self, dev_id: int, pt_id: int, *, auto: bool = False) -> int:
         """A HWPT for device ``dev_id`` from IOAS ``pt_id``, mapping every area of it.
 
-        A failure part way (no table memory) destroys the new domain: nothing changes.
+        Errnos as hw_pagetable.c's: ENOENT no such device; EINVAL ``pt_id`` is no
+        object, or one that is neither an IOAS nor a HWPT; EOPNOTSUPP a HWPT (a
+        nested HWPT needs driver data, and pkfuse's driver takes none). A failure
+        part way (no table memory) destroys the new domain: nothing changes.
         """
         with self._lock:
             self.device(dev_id)
-            obj = self._get(pt_id, ObjType.IOAS, ObjType.HWPT)
-            if not isinstance(obj, Ioas):
-                raise _err(errno.EINVAL, f"{pt_id} is a HWPT: nesting is not supported")
+            obj = self.objects.get(pt_id)
+            if obj is None or isinstance(obj, Device):
+                raise _err(errno.EINVAL, f"{pt_id} is neither an IOAS nor a HWPT")
+            if isinstance(obj, Hwpt):
+                raise _err(errno.EOPNOTSUPP, f"{pt_id} is a HWPT: nesting is not supported")
             return self._new_hwpt(obj, auto=auto).id
 
     def _new_hwpt(self, ioas: Ioas, *, auto: bool) -> Hwpt:
@@ -414,10 +419,13 @@ class Context:
 
     def device_attach(self, dev_id: int, pt_id: int) -> int:
         """Attach (or re-attach: replace) ``dev_id`` to a HWPT, or to an IOAS through an
-        automatic HWPT (an existing one of that IOAS is shared); returns the HWPT id."""
+        automatic HWPT (an existing one of that IOAS is shared); returns the HWPT id.
+        ENOENT no such device or ``pt_id``; EINVAL ``pt_id`` is a device (device.c)."""
         with self._lock:
             dev = self.device(dev_id)
-            obj = self._get(pt_id, ObjType.IOAS, ObjType.HWPT)
+            obj = self._get(pt_id)
+            if isinstance(obj, Device):
+                raise _err(errno.EINVAL, f"{pt_id} is a device, neither an IOAS nor a HWPT")
             if isinstance(obj, Hwpt):
                 hwpt = obj
             else:

@@ -197,9 +197,20 @@ def test_hwpt_alloc_needs_a_bound_device_and_an_ioas(store: Store, ctx: Context)
     ioas = ctx.ioas_alloc()
     assert errno_of(lambda: ctx.hwpt_alloc(99, ioas)) == errno.ENOENT
     dev = ctx.device_bind(RID)
-    assert errno_of(lambda: ctx.hwpt_alloc(dev, 99)) == errno.ENOENT
+    # hw_pagetable.c: a pt_id that names nothing, or not a page table, is EINVAL (not ENOENT)
+    assert errno_of(lambda: ctx.hwpt_alloc(dev, 99)) == errno.EINVAL
+    assert errno_of(lambda: ctx.hwpt_alloc(dev, dev)) == errno.EINVAL
     h = ctx.hwpt_alloc(dev, ioas)
-    assert errno_of(lambda: ctx.hwpt_alloc(dev, h)) == errno.EINVAL  # nesting
+    assert errno_of(lambda: ctx.hwpt_alloc(dev, h)) == errno.EOPNOTSUPP  # nesting, without driver data
+    assert ctx.statistics() == {"ioas": 1, "hwpt": 1, "device": 1}
+
+
+def test_attach_to_a_device_id_is_einval_and_to_no_object_enoent(ctx: Context) -> None:
+    ctx.ioas_alloc()
+    dev = ctx.device_bind(RID)
+    assert errno_of(lambda: ctx.device_attach(dev, dev)) == errno.EINVAL  # device.c: not an IOAS or a HWPT
+    assert errno_of(lambda: ctx.device_attach(dev, 99)) == errno.ENOENT
+    assert ctx.device(dev).hwpt is None
 
 
 # --------------------------------------------------------------- devices
