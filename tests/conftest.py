@@ -64,8 +64,11 @@ def reap(proc: subprocess.Popen[bytes], timeout: float = EXIT_TIMEOUT) -> int:
 
 
 def daemon_command(image: Path, mnt: Path, log: Path, *extra: str) -> list[str]:
+    """The foreground daemon's command line. Its control socket goes beside the log unless
+    ``extra`` names one: a test that kills daemons must not leave sockets in /run/pkfuse."""
+    control = () if "--control" in extra else ("--control", str(log.with_name(mnt.name + ".ctl")))
     return [sys.executable, "-m", "pkfuse", "mount", "--foreground", "--log", str(log),
-            *extra, str(image), str(mnt)]
+            *control, *extra, str(image), str(mnt)]
 
 
 class Mount:

@@ -277,3 +277,25 @@ def test_the_iommufd_example_runs_against_a_mount(live: Mount) -> None:
     assert len(reached) == 2 and "fault" not in "".join(reached)
     assert reached[0].split("reaches:")[1] == reached[1].split("reaches:")[1]  # the replace changed no target
     assert "fault" in lines[-1]  # detached: blocked
+
+
+def test_the_default_socket_is_per_image_under_run_pkfuse_and_goes_with_the_unmount(image: Path,
+                                                                                     tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the default for root; other users get $XDG_RUNTIME_DIR/pkfuse")
+    mnt = tmp_path / "dflt"
+    mnt.mkdir()
+    run = [sys.executable, "-m", "pkfuse"]
+    r = subprocess.run([*run, "mount", "--log", str(tmp_path / "dflt.log"), str(image), str(mnt)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        status = dict(line.split(":", 1) for line in (mnt / ".pkernfs" / "status").read_text().splitlines())
+        path = f"/run/pkfuse/{status['uuid'].strip()}.sock"
+        assert status["control_socket"].strip() == path
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        with Iommufd(str(mnt)) as fd:
+            assert fd.ioas_alloc() == 1
+    finally:
+        assert subprocess.run([*run, "umount", str(mnt)], capture_output=True, timeout=60).returncode == 0
+    assert not os.path.exists(path)
