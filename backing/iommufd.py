@@ -274,15 +274,19 @@ class Context:
         extents do. Errnos as the kernel's: EINVAL misaligned, zero length,
         outside the file or the IOVA space; EOVERFLOW arithmetic overflow;
         EEXIST a fixed IOVA range in use; ENOSPC no free range; EBUSY the
-        IOAS is preserved.
+        IOAS is preserved. As in ioas.c, an ``iova`` or ``length`` of U64_MAX
+        is EOVERFLOW before the IOAS is even looked up, and the last byte
+        (``start + length - 1``, ``iova + length - 1``) is what must not wrap.
         """
         with self._lock:
+            if length >= U64_MAX or (iova is not None and iova >= U64_MAX):
+                raise _err(errno.EOVERFLOW, "iova and length must be below U64_MAX")  # ioas.c, before the lookup
             ioas = self.ioas(ioas_id)
             if ioas.frozen:
                 raise _err(errno.EBUSY, f"IOAS {ioas_id} is preserved for live update: its maps are fixed")
             if length == 0:
                 raise _err(errno.EINVAL, "length 0 maps nothing")
-            if start + length > U64_MAX or (iova is not None and iova + length - 1 > U64_MAX):
+            if start + length - 1 > U64_MAX or (iova is not None and iova + length - 1 > U64_MAX):
                 raise _err(errno.EOVERFLOW, "start + length or iova + length overflows 64 bits")
             if start % PS or length % PS or (iova is not None and iova % PS):
                 raise _err(errno.EINVAL, "start, length and iova must be 4 KiB aligned")
@@ -333,7 +337,9 @@ class Context:
 
         The range must cover whole areas (ENOENT if it cuts one, as the
         kernel never splits a map); ``iova == 0, length == U64_MAX`` unmaps
-        everything (and succeeds on an empty IOAS); nothing there ENOENT.
+        everything (and succeeds on an empty IOAS); nothing there ENOENT. Any
+        other ``iova`` or ``length`` of U64_MAX is EOVERFLOW (ioas.c), so that
+        ``(1, U64_MAX)`` is not a second way to say "everything".
         """
         with self._lock:
             ioas = self.ioas(ioas_id)
@@ -342,6 +348,9 @@ class Context:
             if iova == 0 and length == U64_MAX:
                 victims = list(ioas.areas)
             else:
+                if iova >= U64_MAX or length >= U64_MAX:
+                    raise _err(errno.EOVERFLOW, "iova and length must be below U64_MAX, "
+                                                "unless 0 and U64_MAX: everything")
                 if length == 0:
                     raise _err(errno.EINVAL, "length 0 unmaps nothing")
                 if iova + length - 1 > U64_MAX:

@@ -107,6 +107,8 @@ def test_fixed_iova_over_an_existing_map_is_eexist_and_changes_nothing(store: St
     (0, 2 * PS, (1 << 48) - PS, errno.EINVAL),  # beyond the 48-bit IOVA space
     (U64_MAX - PS + 1, 2 * PS, 0, errno.EOVERFLOW),  # start + length wraps
     (0, 2 * PS, U64_MAX - PS + 1, errno.EOVERFLOW),  # iova + length wraps
+    (0, U64_MAX, 0, errno.EOVERFLOW),  # ioas.c: a length of U64_MAX is EOVERFLOW, not "unaligned"
+    (U64_MAX - PS + 1, PS, 0, errno.EINVAL),  # the last byte is U64_MAX: no wrap, but beyond the file
 ])
 def test_map_file_refuses_bad_ranges_with_the_kernels_errno(
     store: Store, ctx: Context, start: int, length: int, iova: int, code: int  # noqa: F811
@@ -115,6 +117,12 @@ def test_map_file_refuses_bad_ranges_with_the_kernels_errno(
     ioas = ctx.ioas_alloc()
     assert errno_of(lambda: ctx.ioas_map_file(ioas, ino, start, length, iova, writeable=True)) == code
     assert ctx.ioas(ioas).areas == [] and not store.pin_hook(ino)
+
+
+def test_map_file_overflow_is_eoverflow_before_the_ioas_is_looked_up(ctx: Context) -> None:
+    assert errno_of(lambda: ctx.ioas_map_file(99, 1, 0, PS, U64_MAX, writeable=True)) == errno.EOVERFLOW
+    assert errno_of(lambda: ctx.ioas_map_file(99, 1, 0, U64_MAX, None, writeable=True)) == errno.EOVERFLOW
+    assert errno_of(lambda: ctx.ioas_map_file(99, 1, 0, PS, 0, writeable=True)) == errno.ENOENT
 
 
 def test_map_file_of_a_directory_is_einval(store: Store, ctx: Context) -> None:  # noqa: F811
@@ -144,6 +152,17 @@ def test_unmap_of_nothing_is_enoent_but_unmap_all_of_nothing_succeeds(ctx: Conte
     ioas = ctx.ioas_alloc()
     assert errno_of(lambda: ctx.ioas_unmap(ioas, 0, MiB)) == errno.ENOENT
     assert ctx.ioas_unmap(ioas, 0, U64_MAX) == 0
+
+
+@pytest.mark.parametrize(("iova", "length"), [(1, U64_MAX), (PS, U64_MAX), (U64_MAX, 1), (U64_MAX, 0)])
+def test_unmap_with_u64_max_other_than_unmap_all_is_eoverflow_and_unmaps_nothing(
+    store: Store, ctx: Context, iova: int, length: int  # noqa: F811
+) -> None:
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, MiB, 2 * MiB, writeable=True)
+    assert errno_of(lambda: ctx.ioas_unmap(ioas, iova, length)) == errno.EOVERFLOW
+    assert len(ctx.ioas(ioas).areas) == 1
 
 
 def test_unmap_of_a_superset_removes_every_whole_map_inside(store: Store, ctx: Context) -> None:  # noqa: F811
