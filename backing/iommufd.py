@@ -268,7 +268,7 @@ class Context:
                       writeable: bool) -> int:
         """Map ``length`` bytes of guest file ``ino`` from byte ``start``; returns the IOVA.
 
-        ``iova`` None: the daemon picks the lowest free IOVA congruent to the
+        ``iova`` None: the daemon picks the lowest free non-zero IOVA congruent to the
         file's physical address modulo the largest leaf the length allows
         (1 GiB, 2 MiB), so the domain uses superpages wherever the file's
         extents do. Errnos as the kernel's: EINVAL misaligned, zero length,
@@ -319,12 +319,16 @@ class Context:
             return iova
 
     def _place(self, ioas: Ioas, ino: int, start: int, length: int) -> int:
-        """The lowest free IOVA for an automatic map, aligned like the file's physical pages."""
+        """The lowest free IOVA for an automatic map, aligned like the file's physical pages.
+
+        Never IOVA 0, as the kernel's ``iopt_alloc_iova`` never returns it (its search
+        starts at PAGE_SIZE): to drivers and VMMs a DMA address of 0 means none.
+        """
         phys = next(e.phys_addr + start - e.file_offset for e in self.fd.store.extents(ino)
                     if e.file_offset <= start < e.file_offset + e.length)
         align = next(s for s in _LEAF_SIZES if s <= length or s == PS)
         want = phys % align
-        cand = 0
+        cand = PS
         for ar in ioas.areas + [Area(IOVA_LIMIT, PS, 0, 0, False)]:
             cand += (want - cand) % align
             if cand + length <= ar.iova:

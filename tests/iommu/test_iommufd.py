@@ -90,6 +90,15 @@ def test_map_without_fixed_iova_aligns_for_superpages(store: Store, ctx: Context
     assert iova >= PS
 
 
+@pytest.mark.parametrize("length", [PS, 2 * MiB, 4 * MiB])
+def test_an_automatic_iova_is_never_zero(store: Store, ctx: Context, length: int) -> None:  # noqa: F811
+    ino = guest(store, b"vm0", 4 * MiB)
+    ioas = ctx.ioas_alloc()  # empty: IOVA 0 is free, and congruent to any 4 KiB-aligned address mod 4 KiB
+    iova = ctx.ioas_map_file(ioas, ino, 0, length, None, writeable=True)
+    align = min(length, 2 * MiB)
+    assert iova != 0 and iova % align == phys_of(store, ino, 0) % align
+
+
 def test_fixed_iova_over_an_existing_map_is_eexist_and_changes_nothing(store: Store, ctx: Context) -> None:  # noqa: F811
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
