@@ -31,7 +31,7 @@ from backing.mkfs import mkfs
 from pkfuse.uapi import Iommufd
 
 from . import Report
-from .mount import PKFUSE, _mounted
+from .mount import _mount
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,19 +69,6 @@ def _echo_server(path: str) -> Iterator[None]:
         proc.wait()
 
 
-@contextlib.contextmanager
-def _mounted_image(image: str, mnt: str, ctl: str, log: str) -> Iterator[None]:
-    r = subprocess.run([*PKFUSE, "mount", "--log", log, "--control", ctl, image, mnt], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"pkfuse mount failed: {r.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run([*PKFUSE, "umount", mnt], capture_output=True, text=True)
-        if _mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
-
-
 def _percentiles(samples: list[float]) -> tuple[float, float]:
     """(median, p99) in microseconds."""
     s = sorted(samples)
@@ -97,7 +84,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
         ctl, echo = os.path.join(tmp, "ctl.sock"), os.path.join(tmp, "echo.sock")
         os.mkdir(mnt)
         mkfs(image, 2 * big + 512 * MiB)
-        with _echo_server(echo), _mounted_image(image, mnt, ctl, os.path.join(tmp, "mount.log")):
+        with _echo_server(echo), _mount(image, mnt, os.path.join(tmp, "mount.log"), "--control", ctl):
             guest = os.path.join(mnt, "guest_mem", "vm0")
             with open(guest, "wb"):
                 pass

@@ -61,10 +61,10 @@ def _mounted(mnt: str) -> bool:
 
 
 @contextlib.contextmanager
-def _mount(image: str, mnt: str, log: str) -> Iterator[float]:
-    """Mount with the CLI (daemon mode); yields the seconds until it returned."""
+def _mount(image: str, mnt: str, log: str, *options: str) -> Iterator[float]:
+    """Mount with the CLI (daemon mode) and ``options``; yields the seconds until it returned."""
     t = time.perf_counter()
-    r = subprocess.run([*PKFUSE, "mount", "--log", log, image, mnt], capture_output=True, text=True)
+    r = subprocess.run([*PKFUSE, "mount", "--log", log, *options, image, mnt], capture_output=True, text=True)
     elapsed = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"pkfuse mount failed: {r.stderr.strip()}")

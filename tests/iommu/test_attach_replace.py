@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from iommu_helpers import io, store  # noqa: F401  (fixtures)
 
 from backing import format as fmt
 from backing import fsck, vtd, walker
@@ -50,7 +49,7 @@ class RecordingStores:
 
 
 @pytest.fixture
-def two_domains(store: Store, io: Iommu) -> Iterator[tuple[int, object, object]]:  # noqa: F811
+def two_domains(store: Store, io: Iommu) -> Iterator[tuple[int, object, object]]:
     """vm0 (4 MiB) mapped at IOVA 0 by dom-1 (attached to 00:03.0) and, identically, by dom-2."""
     ino = store.create(store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), b"vm0", 0o644, 0, 0)
     store.truncate(ino, 4 * MiB)
@@ -63,7 +62,7 @@ def two_domains(store: Store, io: Iommu) -> Iterator[tuple[int, object, object]]
 
 
 def test_every_store_of_a_replacing_attach_leaves_the_device_translating(
-    store: Store, io: Iommu, two_domains: tuple[int, object, object]  # noqa: F811
+    store: Store, io: Iommu, two_domains: tuple[int, object, object]
 ) -> None:
     _ino, d1, d2 = two_domains
     iovas = np.arange(0, 4 * MiB, 64 * 1024, dtype=np.uint64)
@@ -91,7 +90,7 @@ def test_every_store_of_a_replacing_attach_leaves_the_device_translating(
 
 
 def test_a_kill_between_the_switch_and_the_did_is_finished_at_open(
-    store: Store, io: Iommu, two_domains: tuple[int, object, object], image: Path  # noqa: F811
+    store: Store, io: Iommu, two_domains: tuple[int, object, object], image: Path
 ) -> None:
     _ino, d1, d2 = two_domains
     sid = fmt.requester_id(0, 3, 0)

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from iommu_helpers import io, store  # noqa: F401  (fixtures)
 
 from backing import format as fmt
 from backing import fsck
@@ -33,7 +32,7 @@ def image(make_image: Callable[..., Path]) -> Path:
 
 
 @pytest.fixture
-def kernel(store: Store, io: Iommu) -> Iterator[Iommufd]:  # noqa: F811
+def kernel(store: Store, io: Iommu) -> Iterator[Iommufd]:
     k = Iommufd(store, io)
     yield k
     k.close()
@@ -44,13 +43,13 @@ def ctx(kernel: Iommufd) -> Context:
     return kernel.open_context()
 
 
-def guest(store: Store, name: bytes, size: int) -> int:  # noqa: F811
+def guest(store: Store, name: bytes, size: int) -> int:
     ino = store.create(store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), name, 0o644, 0, 0)
     store.truncate(ino, size)
     return ino
 
 
-def phys_of(store: Store, ino: int, offset: int) -> int:  # noqa: F811
+def phys_of(store: Store, ino: int, offset: int) -> int:
     e = next(e for e in store.extents(ino) if e.file_offset <= offset < e.file_offset + e.length)
     return e.phys_addr + offset - e.file_offset
 
@@ -61,7 +60,7 @@ def errno_of(fn: Callable[[], object]) -> int:
     return exc.value.errno
 
 
-def attached_vm(store: Store, ctx: Context, size: int = 8 * MiB) -> tuple[int, int, int, int, int]:  # noqa: F811
+def attached_vm(store: Store, ctx: Context, size: int = 8 * MiB) -> tuple[int, int, int, int, int]:
     """vm0 mapped at IOVA 0 in an IOAS, a device bound and attached: (ino, ioas, dev, hwpt, size)."""
     ino = guest(store, b"vm0", size)
     ioas = ctx.ioas_alloc()
@@ -81,7 +80,7 @@ def test_ioas_ids_start_at_one_and_are_not_reused(ctx: Context) -> None:
     assert ctx.ioas_alloc() == 3
 
 
-def test_map_without_fixed_iova_aligns_for_superpages(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_map_without_fixed_iova_aligns_for_superpages(store: Store, ctx: Context) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
     ctx.ioas_map_file(ioas, ino, 0, PS, 0, writeable=True)  # something at 0 to step over
@@ -91,7 +90,7 @@ def test_map_without_fixed_iova_aligns_for_superpages(store: Store, ctx: Context
 
 
 @pytest.mark.parametrize("length", [PS, 2 * MiB, 4 * MiB])
-def test_an_automatic_iova_is_never_zero(store: Store, ctx: Context, length: int) -> None:  # noqa: F811
+def test_an_automatic_iova_is_never_zero(store: Store, ctx: Context, length: int) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()  # empty: IOVA 0 is free, and congruent to any 4 KiB-aligned address mod 4 KiB
     iova = ctx.ioas_map_file(ioas, ino, 0, length, None, writeable=True)
@@ -99,7 +98,7 @@ def test_an_automatic_iova_is_never_zero(store: Store, ctx: Context, length: int
     assert iova != 0 and iova % align == phys_of(store, ino, 0) % align
 
 
-def test_fixed_iova_over_an_existing_map_is_eexist_and_changes_nothing(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_fixed_iova_over_an_existing_map_is_eexist_and_changes_nothing(store: Store, ctx: Context) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
     ctx.ioas_map_file(ioas, ino, 0, 2 * MiB, 0, writeable=True)
@@ -120,7 +119,7 @@ def test_fixed_iova_over_an_existing_map_is_eexist_and_changes_nothing(store: St
     (U64_MAX - PS + 1, PS, 0, errno.EINVAL),  # the last byte is U64_MAX: no wrap, but beyond the file
 ])
 def test_map_file_refuses_bad_ranges_with_the_kernels_errno(
-    store: Store, ctx: Context, start: int, length: int, iova: int, code: int  # noqa: F811
+    store: Store, ctx: Context, start: int, length: int, iova: int, code: int
 ) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
@@ -134,13 +133,13 @@ def test_map_file_overflow_is_eoverflow_before_the_ioas_is_looked_up(ctx: Contex
     assert errno_of(lambda: ctx.ioas_map_file(99, 1, 0, PS, 0, writeable=True)) == errno.ENOENT
 
 
-def test_map_file_of_a_directory_is_einval(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_map_file_of_a_directory_is_einval(store: Store, ctx: Context) -> None:
     ioas = ctx.ioas_alloc()
     top = store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME)
     assert errno_of(lambda: ctx.ioas_map_file(ioas, top, 0, PS, 0, writeable=True)) == errno.EINVAL
 
 
-def test_a_mapped_file_is_pinned_without_any_hwpt(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_a_mapped_file_is_pinned_without_any_hwpt(store: Store, ctx: Context) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
     ctx.ioas_map_file(ioas, ino, 0, 4 * MiB, 0, writeable=True)
@@ -149,7 +148,7 @@ def test_a_mapped_file_is_pinned_without_any_hwpt(store: Store, ctx: Context) ->
     store.truncate(ino, 0)
 
 
-def test_unmap_that_cuts_a_map_is_enoent(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_unmap_that_cuts_a_map_is_enoent(store: Store, ctx: Context) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
     ctx.ioas_map_file(ioas, ino, 0, 4 * MiB, 0, writeable=True)
@@ -165,7 +164,7 @@ def test_unmap_of_nothing_is_enoent_but_unmap_all_of_nothing_succeeds(ctx: Conte
 
 @pytest.mark.parametrize(("iova", "length"), [(1, U64_MAX), (PS, U64_MAX), (U64_MAX, 1), (U64_MAX, 0)])
 def test_unmap_with_u64_max_other_than_unmap_all_is_eoverflow_and_unmaps_nothing(
-    store: Store, ctx: Context, iova: int, length: int  # noqa: F811
+    store: Store, ctx: Context, iova: int, length: int
 ) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
@@ -174,7 +173,7 @@ def test_unmap_with_u64_max_other_than_unmap_all_is_eoverflow_and_unmaps_nothing
     assert len(ctx.ioas(ioas).areas) == 1
 
 
-def test_unmap_of_a_superset_removes_every_whole_map_inside(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_unmap_of_a_superset_removes_every_whole_map_inside(store: Store, ctx: Context) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
     ctx.ioas_map_file(ioas, ino, 0, MiB, 0, writeable=True)
@@ -191,7 +190,7 @@ def test_iova_ranges_are_the_48_bit_space_in_pages(ctx: Context) -> None:
 # ------------------------------------------------------------------ HWPT
 
 
-def test_every_map_is_mirrored_into_every_hwpt_of_the_ioas(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_every_map_is_mirrored_into_every_hwpt_of_the_ioas(store: Store, ctx: Context) -> None:
     ino = guest(store, b"vm0", 8 * MiB)
     ioas = ctx.ioas_alloc()
     dev = ctx.device_bind(RID)
@@ -207,7 +206,7 @@ def test_every_map_is_mirrored_into_every_hwpt_of_the_ioas(store: Store, ctx: Co
 
 
 def test_a_map_that_fails_in_the_second_domain_leaves_the_first_as_it_was(
-    store: Store, ctx: Context  # noqa: F811
+    store: Store, ctx: Context
 ) -> None:
     ino = guest(store, b"vm0", 4 * MiB)
     ioas = ctx.ioas_alloc()
@@ -221,7 +220,7 @@ def test_a_map_that_fails_in_the_second_domain_leaves_the_first_as_it_was(
     assert ctx.ioas(ioas).areas == []
 
 
-def test_hwpt_alloc_needs_a_bound_device_and_an_ioas(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_hwpt_alloc_needs_a_bound_device_and_an_ioas(store: Store, ctx: Context) -> None:
     ioas = ctx.ioas_alloc()
     assert errno_of(lambda: ctx.hwpt_alloc(99, ioas)) == errno.ENOENT
     dev = ctx.device_bind(RID)
@@ -245,7 +244,7 @@ def test_attach_to_a_device_id_is_einval_and_to_no_object_enoent(ctx: Context) -
 
 
 def test_attach_to_an_ioas_makes_an_automatic_hwpt_the_hardware_translates_through(
-    store: Store, io: Iommu, ctx: Context  # noqa: F811
+    store: Store, io: Iommu, ctx: Context
 ) -> None:
     ino, _ioas, _dev, hwpt, _ = attached_vm(store, ctx)
     io.enable()
@@ -254,7 +253,7 @@ def test_attach_to_an_ioas_makes_an_automatic_hwpt_the_hardware_translates_throu
     assert io.attached[RID] == ctx.hwpt(hwpt).domain.domain_id
 
 
-def test_a_second_device_on_the_same_ioas_shares_the_automatic_hwpt(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_a_second_device_on_the_same_ioas_shares_the_automatic_hwpt(store: Store, ctx: Context) -> None:
     _ino, ioas, _dev, hwpt, _ = attached_vm(store, ctx)
     dev2 = ctx.device_bind(RID2)
     assert ctx.device_attach(dev2, ioas) == hwpt
@@ -266,12 +265,12 @@ def test_binding_a_requester_twice_is_ebusy_also_from_another_context(kernel: Io
     assert errno_of(lambda: kernel.open_context().device_bind(RID)) == errno.EBUSY
 
 
-def test_binding_a_requester_the_kernel_attached_offline_is_ebusy(io: Iommu, ctx: Context) -> None:  # noqa: F811
+def test_binding_a_requester_the_kernel_attached_offline_is_ebusy(io: Iommu, ctx: Context) -> None:
     io.create_domain(7).attach(0, 3, 0)
     assert errno_of(lambda: ctx.device_bind(RID)) == errno.EBUSY
 
 
-def test_reattach_replaces_the_domain_and_drops_the_old_automatic_hwpt(store: Store, io: Iommu,  # noqa: F811
+def test_reattach_replaces_the_domain_and_drops_the_old_automatic_hwpt(store: Store, io: Iommu,
                                                                          ctx: Context) -> None:
     ino, ioas, dev, auto, size = attached_vm(store, ctx)
     h = ctx.hwpt_alloc(dev, ioas)
@@ -280,7 +279,7 @@ def test_reattach_replaces_the_domain_and_drops_the_old_automatic_hwpt(store: St
     assert errno_of(lambda: ctx.hwpt(auto)) == errno.ENOENT
 
 
-def test_detach_blocks_dma_and_a_second_detach_is_a_no_op(store: Store, io: Iommu, ctx: Context) -> None:  # noqa: F811
+def test_detach_blocks_dma_and_a_second_detach_is_a_no_op(store: Store, io: Iommu, ctx: Context) -> None:
     _ino, _ioas, dev, _hwpt, _ = attached_vm(store, ctx)
     ctx.device_detach(dev)
     assert RID not in io.attached
@@ -301,7 +300,7 @@ def test_objects_of_another_context_are_enoent(kernel: Iommufd, ctx: Context) ->
 # --------------------------------------------------------------- destroy
 
 
-def test_destroy_refuses_whatever_is_in_use(store: Store, ctx: Context) -> None:  # noqa: F811
+def test_destroy_refuses_whatever_is_in_use(store: Store, ctx: Context) -> None:
     _ino, ioas, dev, hwpt, _ = attached_vm(store, ctx)
     assert errno_of(lambda: ctx.destroy(ioas)) == errno.EBUSY
     assert errno_of(lambda: ctx.destroy(hwpt)) == errno.EBUSY
@@ -312,7 +311,7 @@ def test_destroy_refuses_whatever_is_in_use(store: Store, ctx: Context) -> None:
     assert ctx.objects == {}
 
 
-def test_a_destroyed_domain_is_freed_after_the_grace_period(store: Store, io: Iommu, kernel: Iommufd,  # noqa: F811
+def test_a_destroyed_domain_is_freed_after_the_grace_period(store: Store, io: Iommu, kernel: Iommufd,
                                                            ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
     _ino, ioas, dev, hwpt, _ = attached_vm(store, ctx)
     did = ctx.hwpt(hwpt).domain.domain_id
@@ -327,7 +326,7 @@ def test_a_destroyed_domain_is_freed_after_the_grace_period(store: Store, io: Io
 
 
 def test_closing_a_context_releases_everything_and_fsck_is_clean(
-    store: Store, io: Iommu, kernel: Iommufd, ctx: Context, image: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    store: Store, io: Iommu, kernel: Iommufd, ctx: Context, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ino, *_ = attached_vm(store, ctx)
     ctx.close()

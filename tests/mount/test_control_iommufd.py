@@ -23,7 +23,7 @@ from conftest import Mount
 
 from backing import format as fmt
 from backing import fsck, walker
-from backing.regs import Regs
+from backing.regs import Regs, default_path
 from pkfuse.uapi import Iommufd, LiveUpdate, transport, wire
 
 pytestmark = pytest.mark.mount
@@ -60,7 +60,7 @@ def guest_fd(m: Mount, flags: int = os.O_RDWR) -> int:
 def hardware_translate(image: Path, iovas: list[int], write: bool = False) -> tuple[list[int], list[int]]:
     """What the simulated device reaches: the walker over the image and its register block."""
     u64, base, npages = walker.open_image(image)
-    with Regs.open(str(image) + ".regs", create=False) as regs:
+    with Regs.open(default_path(image), create=False) as regs:
         phys, faults = walker.translate(u64, base, npages, regs, SID, np.asarray(iovas, np.uint64), write)
     return phys.tolist(), faults.tolist()
 
