@@ -33,6 +33,7 @@ from backing.errors import PkfuseError, StoreError
 from backing.iommufd import Context, Iommufd
 from pkfuse.uapi import transport, wire
 
+from . import admin
 from .preflight import EXIT_ERROR, MountError
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class ControlServer:
                 wire.VFIO_DEVICE_BIND_IOMMUFD: (wire.pkfuse_device_bind_iommufd, self._device_bind),
                 wire.VFIO_DEVICE_ATTACH_IOMMUFD_PT: (wire.pkfuse_device_attach_iommufd_pt, self._device_attach),
                 wire.VFIO_DEVICE_DETACH_IOMMUFD_PT: (wire.pkfuse_device_detach_iommufd_pt, self._device_detach),
+                **admin.handlers(self),
             },
             DEV_LIVEUPDATE: {},
         }
