@@ -138,15 +138,18 @@ KIND_DIR = 1  #: a directory
 KIND_GUEST = 2  #: a guest-RAM file (regular file; may be mapped by domains)
 KIND_IOMMU_ROOT = 3  #: iommu/root-pgtables: VT-d root table + 256 context tables
 KIND_IOMMU_DOMAIN = 4  #: iommu/dom-N: a domain header page and its page tables
+KIND_LU_STATE = 5  #: iommu/lu-state: the sessions a reboot() preserved (LU_HEADER_DTYPE ...)
 KIND_NAMES = {
     KIND_FREE: "free",
     KIND_DIR: "directory",
     KIND_GUEST: "guest-ram",
     KIND_IOMMU_ROOT: "iommu-root",
     KIND_IOMMU_DOMAIN: "iommu-domain",
+    KIND_LU_STATE: "liveupdate-state",
 }
-KINDS_WITH_PAGES = (KIND_GUEST, KIND_IOMMU_ROOT, KIND_IOMMU_DOMAIN)  #: kinds whose inodes own extents
-IOMMU_KINDS = (KIND_IOMMU_ROOT, KIND_IOMMU_DOMAIN)  #: written only by pkfuse, read-only to every user
+KINDS_WITH_PAGES = (KIND_GUEST, KIND_IOMMU_ROOT, KIND_IOMMU_DOMAIN, KIND_LU_STATE)  #: kinds whose inodes own extents
+IOMMU_KINDS = (KIND_IOMMU_ROOT, KIND_IOMMU_DOMAIN)  #: IOMMU tables (counted as such by statfs)
+DAEMON_KINDS = (*IOMMU_KINDS, KIND_LU_STATE)  #: written only by pkfuse (the kernel), read-only to every user
 
 IFLAG_ORPHAN = 1  #: unlinked while still open; freed at release or next open
 
@@ -318,6 +321,87 @@ DOMAIN_HEADER_DTYPE = np.dtype(
 )
 assert DOMAIN_HEADER_DTYPE.itemsize == 56
 DOMF_SAVED = 1  #: a fixed copy made by the save/restore flow
+
+# Live-update state (KIND_LU_STATE, iommu/lu-state): what reboot() preserved,
+# read back by the next daemon at mount (backing/lustate.py). The bytes are
+# LU_HEADER_DTYPE, then nsessions LU_SESSION_DTYPE, nfiles LU_FILE_DTYPE,
+# nhwpts LU_HWPT_DTYPE, nmaps LU_MAP_DTYPE, ndevices LU_DEVICE_DTYPE and
+# ndrops LU_DROP_DTYPE records, packed in that order from byte 0 of the file;
+# the rest of the last page is zero. A new state is written to
+# iommu/.lu-state-new and renamed over iommu/lu-state: that rename (one
+# journal transaction) is the commit point of reboot().
+LU_STATE_NAME = b"lu-state"
+LU_STATE_NEW_NAME = b".lu-state-new"
+LU_MAGIC = b"PKLUSTAT"
+LU_COMPATIBLE = b"pkfuse-luo-v1"  #: KHO-style versioned format name; restore refuses others
+LU_MAX_FILES = 128  #: files per session, as the merged LUO's session limit
+LU_HEADER_DTYPE = np.dtype(
+    [
+        ("magic", "S8"),  # LU_MAGIC
+        ("compatible", "S32"),  # LU_COMPATIBLE
+        ("boot", "<u8"),  # how many reboot()s this image has seen, this one included
+        ("nsessions", "<u4"),
+        ("nfiles", "<u4"),
+        ("nhwpts", "<u4"),
+        ("nmaps", "<u4"),
+        ("ndevices", "<u4"),
+        ("ndrops", "<u4"),
+        ("domains", "<u4"),  # LU_DOMAINS_*: where the previous daemon's domains lived
+        ("crc", "<u4"),  # zlib.crc32 of every byte after the header, up to the last record
+    ]
+)
+assert LU_HEADER_DTYPE.itemsize == 80
+LU_DOMAINS_PERSISTENT = 0  #: pkernfs: HWPT domains in image pages, adopted after the restart
+LU_DOMAINS_EPHEMERAL = 1  #: the review's: HWPT domains in host RAM; a fixed copy in the image
+LU_SESSION_DTYPE = np.dtype(
+    [
+        ("name", "S64"),  # NUL-padded, non-empty, unique
+        ("file_first", "<u4"),  # index of its first LU_FILE record
+        ("file_count", "<u4"),
+        ("hwpt_first", "<u4"),
+        ("hwpt_count", "<u4"),
+    ]
+)
+assert LU_SESSION_DTYPE.itemsize == 80
+LU_FILE_DTYPE = np.dtype(
+    [
+        ("token", "<u8"),  # the user's token, unique in its session
+        ("ino", "<u4"),  # a guest-RAM file
+        ("igen", "<u4"),  # its inode generation: a reused inode number is refused
+        ("size", "<u8"),  # bytes; frozen while preserved
+    ]
+)
+assert LU_FILE_DTYPE.itemsize == 24
+LU_HWPT_DTYPE = np.dtype(
+    [
+        ("token", "<u8"),  # the hwpt_token of IOMMU_HWPT_LU_SET_PRESERVE
+        ("domain_id", "<u2"),  # the domain the devices are attached to across the restart
+        ("pad", "<u2"),
+        ("map_first", "<u4"),  # index of its first LU_MAP record
+        ("map_count", "<u4"),
+        ("dev_first", "<u4"),  # index of its first LU_DEVICE record
+        ("dev_count", "<u4"),
+        ("pad2", "<u4"),
+    ]
+)
+assert LU_HWPT_DTYPE.itemsize == 32
+LU_MAP_DTYPE = np.dtype(
+    [
+        ("iova", "<u8"),
+        ("length", "<u8"),  # bytes, a multiple of 4 KiB
+        ("offset", "<u8"),  # byte offset in the file
+        ("ino", "<u4"),  # a file preserved in the same session
+        ("igen", "<u4"),
+        ("flags", "<u4"),  # LU_MAP_*
+        ("pad", "<u4"),
+    ]
+)
+assert LU_MAP_DTYPE.itemsize == 40
+LU_MAP_WRITE = 1  #: the device may write (IOMMU_IOAS_MAP_WRITEABLE)
+LU_DEVICE_DTYPE = np.dtype([("rid", "<u2"), ("pad", "<u2")])  # requester id attached to the HWPT
+assert LU_DEVICE_DTYPE.itemsize == 4
+LU_DROP_DTYPE = np.dtype([("domain_id", "<u2"), ("pad", "<u2")])  # an iommufd domain not preserved
+assert LU_DROP_DTYPE.itemsize == 4
 
 # Root-pgtables file (KIND_IOMMU_ROOT): file page 0 is the root table, file
 # page 1 + bus is the context table of that bus. 257 pages, made at mkfs.

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from . import format as fmt
-from . import tablecheck
+from . import lustate, tablecheck
 from .errors import Finding, FormatError
 from .fsckctx import FsckContext, owner_of
 from .journal import Journal
@@ -690,10 +690,11 @@ METADATA_CHECKS: tuple[Callable[[FsckContext], Iterator[Finding]], ...] = (
 
 
 def _deep_checks(ctx: FsckContext) -> list[Finding]:
-    """Checks of structures inside data pages (the VT-d tables, ``backing.tablecheck``);
+    """Checks of structures inside data pages (the VT-d tables, ``backing.tablecheck``;
+    the live-update state, ``backing.lustate``);
     run last, only without fatal findings, so every extent is in range and every
     owner known."""
-    return tablecheck.check_tables(ctx)
+    return tablecheck.check_tables(ctx) + lustate.check(ctx)
 
 
 def status_of(findings: list[Finding]) -> int:

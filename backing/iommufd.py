@@ -45,6 +45,7 @@ import errno
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from . import format as fmt
 from .errors import StoreError
@@ -137,6 +138,22 @@ class Device:
 Obj = Ioas | Hwpt | Device
 
 
+class Restored(Protocol):
+    """A preserved HWPT after a restart (``backing.liveupdate.RestoredHwpt``)."""
+
+    domain: Domain
+    adopted: Hwpt | None
+
+
+class LiveUpdateHooks(Protocol):
+    """What iommufd asks live update (``backing.liveupdate.LiveUpdate``, which imports this module)."""
+
+    def keeps(self, obj: Obj) -> bool: ...  # a session preserves it: a closing context leaves it
+    def may_bind(self, rid: int) -> bool: ...  # attached to a restored domain: may be bound to reclaim it
+    def adopt(self, dev: Device, ioas: Ioas) -> Restored | None: ...  # the restored HWPT a new HWPT takes over
+    def give_back(self, hwpt: Hwpt) -> bool: ...  # an adopter closes before finish: back to the session
+
+
 class Iommufd:
     """The iommufd subsystem of one daemon: contexts, bound requesters, IOAS pins.
 
@@ -151,6 +168,8 @@ class Iommufd:
         self.bound: dict[int, Context] = {}  #: rid -> the context it is bound to
         self.area_pins: dict[int, int] = {}  #: ino -> areas over it, in every context
         self.dying: list[Domain] = []  #: destroyed HWPTs' domains waiting out the grace period
+        self.lu: LiveUpdateHooks | None = None  #: set by LiveUpdate: what sessions preserve and restored
+        self.halted = False  #: reboot() committed: this kernel is gone, nothing is released any more
         self._prev_hook: Callable[[int], bool] | None = store.pin_hook
         store.pin_hook = self.pinned
 
@@ -189,11 +208,29 @@ class Iommufd:
             self.dying = left
             return wait
 
-    def close(self) -> None:
-        """Close every context (as the processes holding them exiting would), then free what died."""
+    def keeps(self, obj: Obj) -> bool:
+        """A live-update session preserves ``obj``: a closing context leaves it as it is."""
+        return self.lu is not None and self.lu.keeps(obj)
+
+    def collect(self) -> None:
+        """Release what closed contexts kept for a session that no longer preserves it."""
         with self.store.lock:
+            for ctx in [c for c in self.contexts if c.closed]:
+                ctx._release()
+
+    def close(self) -> None:
+        """Close every context (as the processes holding them exiting would), then free what died.
+
+        After a committed reboot() nothing is released: the tables stay as the
+        kexec leaves them, for the next daemon to restore."""
+        if self.halted:
+            return
+        with self.store.lock:
+            if self.lu is not None:
+                self.lu.outgoing.clear()  # an unmount without reboot(): nothing is preserved
             for ctx in list(self.contexts):
                 ctx.close()
+                ctx._release()
             if self.store.pin_hook == self.pinned:
                 self.store.pin_hook = self._prev_hook
         # the grace period is a stand-in for a flush: nothing walks after the daemon stops
@@ -397,10 +434,19 @@ class Context:
                 raise _err(errno.EINVAL, f"{pt_id} is neither an IOAS nor a HWPT")
             if isinstance(obj, Hwpt):
                 raise _err(errno.EOPNOTSUPP, f"{pt_id} is a HWPT: nesting is not supported")
-            return self._new_hwpt(obj, auto=auto).id
+            return self._new_hwpt(obj, auto=auto, dev=self.device(dev_id)).id
 
-    def _new_hwpt(self, ioas: Ioas, *, auto: bool) -> Hwpt:
+    def _new_hwpt(self, ioas: Ioas, *, auto: bool, dev: Device) -> Hwpt:
+        """A new HWPT; after a live update, the restored domain of ``dev`` if the IOAS maps
+        exactly what it maps (the pkernfs design's reclaim: adopt)."""
         io = self.fd.iommu
+        restored = self.fd.lu.adopt(dev, ioas) if self.fd.lu is not None else None
+        if restored is not None:
+            h = Hwpt(self._new_id(), ioas, restored.domain, auto=auto)
+            restored.adopted = h
+            self.objects[h.id] = h
+            ioas.hwpts.append(h)
+            return h
         domain = io.create_domain()
         try:
             for a in ioas.areas:
@@ -422,7 +468,7 @@ class Context:
                 raise _err(errno.EINVAL, f"requester id {rid:#x} is not 16 bits")
             if rid in self.fd.bound:
                 raise _err(errno.EBUSY, f"requester {rid_str(rid)} is bound to an iommufd already")
-            if rid in self.fd.iommu.attached:
+            if rid in self.fd.iommu.attached and not (self.fd.lu is not None and self.fd.lu.may_bind(rid)):
                 raise _err(errno.EBUSY, f"requester {rid_str(rid)} is attached to domain "
                                         f"{self.fd.iommu.attached[rid]}, which no iommufd owns")
             dev = Device(self._new_id(), rid)
@@ -443,12 +489,14 @@ class Context:
                 hwpt = obj
             else:
                 assert isinstance(obj, Ioas)
-                hwpt = next((h for h in obj.hwpts if h.auto), None) or self._new_hwpt(obj, auto=True)
+                hwpt = next((h for h in obj.hwpts if h.auto), None) or self._new_hwpt(obj, auto=True, dev=dev)
             old = dev.hwpt
             if old is hwpt:
                 return hwpt.id
             try:
-                self.fd.iommu.attach(hwpt.domain, *dev.bdf, replace=old is not None)
+                # a device still attached to its restored domain switches hitlessly, too
+                replace = old is not None or dev.rid in self.fd.iommu.attached
+                self.fd.iommu.attach(hwpt.domain, *dev.bdf, replace=replace)
             except BaseException:
                 self._drop_if_unused(hwpt)
                 raise
@@ -514,14 +562,36 @@ class Context:
 
     # -------------------------------------------------------------- close
 
-    def close(self, keep: Callable[[Obj], bool] = lambda obj: False) -> None:
+    def close(self) -> None:
         """Release what this context holds, as closing the fd does: devices blocked and
-        unbound, HWPTs' domains freed, areas (and their pins) dropped. Objects for
-        which ``keep`` is true (preserved by a live-update session) stay as they are."""
+        unbound, HWPTs' domains freed, areas (and their pins) dropped -- except what a
+        live-update session preserves (``Iommufd.keeps``), which stays until the session
+        is cancelled (``Iommufd.collect``) or the reboot() carries it over. After a
+        committed reboot() nothing is released."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            if not self.fd.halted:
+                self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            if self.fd.halted:
+                return
+            keep = self.fd.keeps
+            lu = self.fd.lu
+            for h in [o for o in self.objects.values() if isinstance(o, Hwpt)]:
+                if lu is not None and lu.give_back(h):
+                    # adopted from a session not yet finished: the domain, and its devices'
+                    # entries, go back to the session; only the objects go
+                    for dev_id in list(h.devices):
+                        dev = self.device(dev_id)
+                        del self.objects[dev_id]
+                        del self.fd.bound[dev.rid]
+                    h.devices.clear()
+                    h.ioas.hwpts.remove(h)
+                    del self.objects[h.id]
             for dev in [o for o in self.objects.values() if isinstance(o, Device) and not keep(o)]:
                 self._detach(dev)
                 del self.objects[dev.id]
@@ -531,6 +601,7 @@ class Context:
                     self._free_hwpt(h)
             for ioas in [o for o in self.objects.values() if isinstance(o, Ioas) and not keep(o)]:
                 if not ioas.hwpts:
+                    ioas.frozen = False
                     for a in list(ioas.areas):
                         self._drop_area(ioas, a)
                     del self.objects[ioas.id]

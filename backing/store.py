@@ -138,13 +138,15 @@ class Store:
     be atomic hold it themselves (it is reentrant).
     """
 
-    pin_hook: Callable[[int], bool] | None
+    pin_hook: Callable[[int], bool] | None  #: a domain or an IOAS maps the file: no page may go
+    frozen_hook: Callable[[int], bool] | None  #: a live-update session preserves the file: size frozen
 
     def __init__(self, path: str, fd: int, mm: mmap.mmap, read_only: bool, geometry: fmt.Geometry) -> None:
         self.path = path
         self.read_only = read_only
         self.lock = threading.RLock()
         self.pin_hook = None
+        self.frozen_hook = None
         self._fd = fd
         self._mm = mm
         # the image is npages pages; bytes a longer file holds past them are no part of it
@@ -494,15 +496,15 @@ class Store:
     def unlink(self, parent: int, name: bytes, *, keep_open: bool = False, managed: bool = False) -> int:
         """Remove a file's name; free it now, or keep it as an orphan while open.
 
-        ``managed``: pkfuse itself (backing.iommu destroying a domain) removes
-        an IOMMU file, which users may not.
+        ``managed``: pkfuse itself (backing.iommu destroying a domain, backing.lustate
+        dropping a state) removes a daemon file, which users may not.
         """
         with self.lock:
             self._writable()
             ino = self.lookup(parent, name)
             if self.inodes["kind"][ino] == fmt.KIND_DIR:
                 raise StoreError(errno.EISDIR, f"{name!r} is a directory")
-            if not (managed and self.inodes["kind"][ino] == fmt.KIND_IOMMU_DOMAIN):
+            if not (managed and self.inodes["kind"][ino] in (fmt.KIND_IOMMU_DOMAIN, fmt.KIND_LU_STATE)):
                 self._check_removable(ino)
             txn = Transaction()
             now = _now()
@@ -530,16 +532,22 @@ class Store:
             del self._children[ino]
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *,
-               noreplace: bool = False, keep_open: Callable[[int], bool] | None = None) -> int | None:
-        """Move ``parent/name`` to ``new_parent/new_name`` atomically; returns a replaced ino."""
+               noreplace: bool = False, keep_open: Callable[[int], bool] | None = None,
+               managed: bool = False) -> int | None:
+        """Move ``parent/name`` to ``new_parent/new_name`` atomically; returns a replaced ino.
+
+        ``managed``: pkfuse itself renames a live-update state over the old one
+        (its commit point), which users may not.
+        """
         with self.lock:
             self._writable()
             ino = self.lookup(parent, name)
             new_kids = self._dir(new_parent)
             _check_name(new_name)
             is_dir = self.inodes["kind"][ino] == fmt.KIND_DIR
-            # a rename moves a name, not a page: a pinned source may move
-            self._check_removable(ino, pinned_ok=True)
+            managed = managed and int(self.inodes["kind"][ino]) == fmt.KIND_LU_STATE
+            if not managed:  # a rename moves a name, not a page: a pinned source may move
+                self._check_removable(ino, pinned_ok=True)
             target = new_kids.get(new_name)
             if target is not None and noreplace:  # also onto itself, as renameat2(2) says
                 raise StoreError(errno.EEXIST, f"{new_name!r} exists")
@@ -560,7 +568,8 @@ class Store:
                     raise StoreError(errno.EISDIR, f"{new_name!r} is a directory")
                 if target_dir and self._children[target]:
                     raise StoreError(errno.ENOTEMPTY, f"{new_name!r} is not empty")
-                self._check_removable(target)
+                if not (managed and int(self.inodes["kind"][target]) == fmt.KIND_LU_STATE):
+                    self._check_removable(target)
                 keep = bool(keep_open(target)) if (keep_open and not target_dir) else False
             now = _now()
             txn = Transaction()
@@ -633,6 +642,8 @@ class Store:
             new_pages = -(-size // PS)
             if new_pages < old_pages and self._pinned(ino):
                 raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")
+            if size != int(rec["size"]):
+                self._check_size_frozen(ino)
             self._resize(ino, size, new_pages, _now(), b"")
             return self.getattr(ino)
 
@@ -652,6 +663,7 @@ class Store:
                 self._copy_in(self._file_map(ino), offset, data)
                 self.stamp_write(ino, _now())
             else:
+                self._check_size_frozen(ino)
                 self._resize(ino, end, max(-(-end // PS), int(rec["npages"])), _now(), data, offset)
             return len(data)
 
@@ -880,7 +892,7 @@ class Store:
 
     def _check_removable(self, ino: int, pinned_ok: bool = False) -> None:
         kind = int(self.inodes["kind"][ino])
-        if kind in fmt.IOMMU_KINDS or ino in (fmt.ROOT_INO,) or self._is_top_dir(ino):
+        if kind in fmt.DAEMON_KINDS or ino in (fmt.ROOT_INO,) or self._is_top_dir(ino):
             raise StoreError(errno.EPERM, f"{self.path_of(ino)!r} is managed by pkfuse")
         if not pinned_ok and self._pinned(ino):
             raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")
@@ -890,7 +902,11 @@ class Store:
         return ino in (top.get(fmt.GUEST_DIR_NAME), top.get(fmt.IOMMU_DIR_NAME))
 
     def _pinned(self, ino: int) -> bool:
-        return bool(self.pin_hook and self.pin_hook(ino))
+        return bool(self.pin_hook and self.pin_hook(ino)) or bool(self.frozen_hook and self.frozen_hook(ino))
+
+    def _check_size_frozen(self, ino: int) -> None:
+        if self.frozen_hook and self.frozen_hook(ino):
+            raise StoreError(errno.EBUSY, f"inode {ino} is preserved for live update: its size is frozen")
 
     def _spans(self, fm: _FileMap, start: int, end: int) -> list[tuple[int, int]]:
         """Image byte ranges holding file bytes [start, end)."""

@@ -1,0 +1,628 @@
+"""The Live Update Orchestrator of one daemon: sessions, freeze at reboot(), restore at mount.
+
+This is the logic behind ``/dev/liveupdate`` and IOMMU_HWPT_LU_SET_PRESERVE,
+kept apart from the socket (``pkfuse.daemon.liveupdate`` is its transport).
+It follows the merged LUO (``kernel/liveupdate``) and adds what the unmerged
+IOMMU series left open: the userspace reclaim of a preserved HWPT.
+
+Before the restart (outgoing sessions)
+--------------------------------------
+``create_session`` names a session; ``preserve_file`` adds a file on the
+mount (its size frozen and its pages pinned while preserved, as memfd
+preservation does); ``preserve_hwpt`` adds a HWPT with the devices attached
+to it -- only if every map of its IOAS is a file preserved in the same
+session -- and makes the IOAS immutable (map/unmap EBUSY). ``cancel`` (the
+session fd closed) unpreserves everything in it. A context closed while one
+of its HWPTs is preserved keeps that HWPT, its IOAS and its devices.
+
+``reboot`` serializes every session into ``iommu/lu-state``
+(``backing.lustate``, one rename: the commit point) and then halts: the
+kernel is gone, nothing is released any more, every later call is
+ESHUTDOWN. In the ephemeral design it first copies each preserved domain into
+a fixed domain in the image (DOMF_SAVED) and switches its devices to the copy
+hitlessly. A failure is EAGAIN and leaves everything as it was.
+
+After the restart (incoming sessions)
+-------------------------------------
+``restore`` (at mount) validates each session against the store and the
+IOMMU state: its files (live guest-RAM inodes of the same generation and
+size), its HWPTs' domains (present, of the design recorded, translating
+exactly the recorded maps), their devices (context entries pointing at
+that domain). A session that fails is refused with a finding: its devices
+are blocked and its domains freed, never adopted; the others proceed.
+Domains of the previous daemon that were not preserved are freed.
+
+``retrieve_session`` / ``retrieve_file`` hand them back; a preserved HWPT is
+reclaimed either by *adopt* (pkernfs: ``Context.hwpt_alloc`` for one of its
+devices from an IOAS with exactly the recorded maps takes the restored
+domain over as the new HWPT) or by *replace* (the review: the device is
+attached to a new HWPT, switching its context entry hitlessly, and the
+restored domain -- in the ephemeral design the fixed copy -- is freed at
+finish). ``finish`` is all or nothing: EBUSY until every file was retrieved
+and every HWPT reclaimed.
+
+Every method holds ``store.lock`` and raises ``StoreError`` with the
+kernel's errno.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+
+import numpy as np
+
+from . import format as fmt
+from . import lustate
+from .errors import FormatError, PkfuseError, StoreError
+from .iommu import Domain
+from .iommufd import Context, Device, Hwpt, Ioas, Iommufd
+from .lustate import SavedFile, SavedHwpt, SavedMap, SavedSession, SavedState
+from .store import Store
+
+PS = fmt.PAGE_SIZE
+
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS = 64
+NAME_MAX = 63  #: bytes of a session name (the uAPI's name[64] holds a NUL)
+MODES = {"persistent": fmt.LU_DOMAINS_PERSISTENT, "ephemeral": fmt.LU_DOMAINS_EPHEMERAL}
+
+
+def _err(code: int, msg: str) -> StoreError:
+    return StoreError(code, msg)
+
+
+@dataclasses.dataclass
+class OutgoingSession:
+    name: bytes
+    files: dict[int, SavedFile] = dataclasses.field(default_factory=dict)  #: token -> file
+    hwpts: dict[int, Hwpt] = dataclasses.field(default_factory=dict)  #: token -> preserved HWPT
+    closed: bool = False
+
+    def tokens(self) -> set[int]:
+        return set(self.files) | set(self.hwpts)
+
+
+@dataclasses.dataclass
+class RestoredHwpt:
+    """A preserved HWPT after the restart: its domain holds the devices until it is reclaimed."""
+
+    saved: SavedHwpt
+    domain: Domain
+    adopted: Hwpt | None = None  #: the new HWPT that took the domain over
+
+    def reclaimed(self) -> bool:
+        return self.adopted is not None or not self.domain.attached
+
+
+@dataclasses.dataclass
+class IncomingSession:
+    name: bytes
+    files: dict[int, SavedFile]
+    hwpts: dict[int, RestoredHwpt]
+    retrieved_files: set[int] = dataclasses.field(default_factory=set)
+    open: bool = False  #: a session fd is out (a second retrieve_session is EBUSY)
+
+    def pending(self) -> list[str]:
+        out = [f"file token {t} not retrieved" for t in sorted(set(self.files) - self.retrieved_files)]
+        out += [f"HWPT token {t} (domain {r.domain.domain_id}) not reclaimed"
+                for t, r in sorted(self.hwpts.items()) if not r.reclaimed()]
+        return out
+
+
+class LiveUpdate:
+    """The LUO of one daemon (see the module docstring). Install after ``Iommufd``."""
+
+    def __init__(self, store: Store, iommufd: Iommufd, *, mode: str = "persistent") -> None:
+        if mode not in MODES:
+            raise ValueError(f"domains must be one of {', '.join(MODES)}, not {mode!r}")
+        self.store = store
+        self.iommufd = iommufd
+        self.mode = mode
+        self.outgoing: dict[bytes, OutgoingSession] = {}
+        self.incoming: dict[bytes, IncomingSession] = {}
+        self.refused: dict[bytes, str] = {}  #: session name -> why restore refused it
+        self.findings: list[str] = []  #: what restore did, one line each
+        self.boot = 0  #: reboot()s this image has seen
+        self.rebooted = False
+        self.restored_mode = fmt.LU_DOMAINS_PERSISTENT
+        store.frozen_hook = self.frozen
+        iommufd.lu = self
+
+    # ---------------------------------------------------------- hooks
+
+    def frozen(self, ino: int) -> bool:
+        """Store.frozen_hook: a session preserves ``ino`` (size frozen, pages pinned)."""
+        return any(f.ino == ino for s in self.outgoing.values() for f in s.files.values()) or \
+            any(f.ino == ino for s in self.incoming.values() for f in s.files.values())
+
+    def keeps(self, obj: object) -> bool:
+        """Whether a closing context keeps ``obj``: a preserved HWPT, its IOAS, its devices."""
+        preserved = [h for s in self.outgoing.values() for h in s.hwpts.values()]
+        if isinstance(obj, Hwpt):
+            return any(h is obj for h in preserved)
+        if isinstance(obj, Ioas):
+            return any(h.ioas is obj for h in preserved)
+        if isinstance(obj, Device):
+            return obj.hwpt is not None and any(h is obj.hwpt for h in preserved)
+        return False
+
+    def _restored(self) -> list[RestoredHwpt]:
+        return [r for s in self.incoming.values() for r in s.hwpts.values()]
+
+    def may_bind(self, rid: int) -> bool:
+        """A requester still attached to a restored domain may be bound (to reclaim it)."""
+        return any(rid in r.saved.rids and r.domain.domain_id == self.iommufd.iommu.attached.get(rid)
+                   for r in self._restored())
+
+    def holds(self, domain_id: int) -> bool:
+        """A restored domain not yet finished: no one but its reclaim may touch it."""
+        return any(r.domain.domain_id == domain_id and r.adopted is None for r in self._restored())
+
+    def adopt(self, dev: Device, ioas: Ioas) -> RestoredHwpt | None:
+        """The restored HWPT that a new HWPT of ``dev`` from ``ioas`` takes over, if any.
+
+        Only in the pkernfs design (the domain is the live one, not a copy),
+        only for a device of that HWPT, and only if the IOAS maps exactly what
+        the domain maps: the same areas (iova, length, file, offset, write).
+        """
+        want = sorted((a.iova, a.length, a.ino, a.offset, a.writeable) for a in ioas.areas)
+        for r in self._restored():
+            if r.adopted is not None or dev.rid not in r.saved.rids or r.domain.flags & fmt.DOMF_SAVED:
+                continue
+            if r.domain.domain_id != self.iommufd.iommu.attached.get(dev.rid):
+                continue
+            if want == sorted((m.iova, m.length, m.ino, m.offset, m.write) for m in r.saved.maps):
+                return r
+        return None
+
+    def give_back(self, hwpt: Hwpt) -> bool:
+        """A context that adopted ``hwpt`` closes before the session finished: the domain
+        goes back to the session (devices stay attached), to be reclaimed again."""
+        for r in self._restored():
+            if r.adopted is hwpt:
+                r.adopted = None
+                return True
+        return False
+
+    # ------------------------------------------------- outgoing sessions
+
+    def _check_live(self) -> None:
+        if self.rebooted:
+            raise _err(errno.ESHUTDOWN, "reboot() was called: this kernel is gone")
+
+    def create_session(self, name: bytes) -> OutgoingSession:
+        with self.store.lock:
+            self._check_live()
+            if not name or len(name) > NAME_MAX or b"\0" in name:
+                raise _err(errno.EINVAL, f"session name {name!r} must be 1..{NAME_MAX} bytes without NUL")
+            if name in self.outgoing or name in self.incoming:
+                raise _err(errno.EEXIST, f"session {name.decode(errors='replace')} exists")
+            if len(self.outgoing) >= MAX_SESSIONS:
+                raise _err(errno.ENOSPC, f"{MAX_SESSIONS} sessions already")
+            s = OutgoingSession(name)
+            self.outgoing[name] = s
+            return s
+
+    def preserve_file(self, s: OutgoingSession, ino: int, token: int) -> None:
+        """PRESERVE_FD of a file on the mount: EEXIST duplicate token or file, ENOSPC full."""
+        with self.store.lock:
+            self._check_live()
+            if token in s.tokens():
+                raise _err(errno.EEXIST, f"token {token} is in use in session {s.name.decode()}")
+            if len(s.files) >= fmt.LU_MAX_FILES:
+                raise _err(errno.ENOSPC, f"session {s.name.decode()} holds {fmt.LU_MAX_FILES} files")
+            a = self.store.getattr(ino)
+            if a.kind != fmt.KIND_GUEST:
+                raise _err(errno.ENOENT, "no live-update handler for that kind of file")
+            if self.frozen(ino):
+                raise _err(errno.EEXIST, f"inode {ino} is preserved already")
+            s.files[token] = SavedFile(token, ino, a.igen, a.size)
+
+    def preserve_hwpt(self, s: OutgoingSession, ctx: Context, hwpt_id: int, token: int) -> None:
+        """IOMMU_HWPT_LU_SET_PRESERVE: ENOENT no such HWPT, EEXIST token or HWPT preserved,
+        EINVAL a map of its IOAS is not a file preserved in the session."""
+        with self.store.lock:
+            self._check_live()
+            hwpt = ctx.hwpt(hwpt_id)
+            if token in s.tokens():
+                raise _err(errno.EEXIST, f"token {token} is in use in session {s.name.decode()}")
+            if any(h is hwpt for o in self.outgoing.values() for h in o.hwpts.values()):
+                raise _err(errno.EEXIST, f"HWPT {hwpt_id} is preserved already")
+            inos = {f.ino for f in s.files.values()}
+            for a in hwpt.ioas.areas:
+                if a.ino not in inos:
+                    raise _err(errno.EINVAL, f"IOAS {hwpt.ioas.id} maps inode {a.ino} at {a.iova:#x}, which session "
+                                             f"{s.name.decode()} does not preserve")
+            s.hwpts[token] = hwpt
+            hwpt.ioas.frozen = True
+
+    def unpreserve_file(self, s: OutgoingSession, token: int) -> None:
+        """Not in the merged uAPI; used when a preserve must be undone (EBUSY if a HWPT needs it)."""
+        with self.store.lock:
+            f = s.files.get(token)
+            if f is None:
+                raise _err(errno.ENOENT, f"no file token {token}")
+            if any(a.ino == f.ino for h in s.hwpts.values() for a in h.ioas.areas):
+                raise _err(errno.EBUSY, f"a preserved HWPT maps inode {f.ino}")
+            del s.files[token]
+
+    def cancel(self, s: OutgoingSession) -> None:
+        """The outgoing session fd closed: everything in it unpreserved."""
+        with self.store.lock:
+            if s.closed or self.rebooted:
+                return
+            s.closed = True
+            self.outgoing.pop(s.name, None)
+            still = [h for o in self.outgoing.values() for h in o.hwpts.values()]
+            for h in s.hwpts.values():
+                if not any(x.ioas is h.ioas for x in still):
+                    h.ioas.frozen = False
+            self.iommufd.collect()  # what closed contexts kept for this session
+
+    # ------------------------------------------------------------ reboot
+
+    def reboot(self) -> SavedState:
+        """Freeze every session into the image (EAGAIN and nothing changed on failure)."""
+        with self.store.lock:
+            self._check_live()
+            if self.incoming:
+                names = ", ".join(n.decode(errors="replace") for n in self.incoming)
+                raise _err(errno.EAGAIN, f"sessions of the previous boot are not finished: {names}")
+            copies: list[tuple[Hwpt, Domain]] = []
+            try:
+                if self.mode == "ephemeral":
+                    copies = self._save_copies()
+                state = self._serialize({h: d for h, d in copies})
+                _write_state(self.store, state)
+            except (StoreError, PkfuseError, OSError) as exc:
+                self._unsave_copies(copies)
+                raise _err(errno.EAGAIN, f"freeze failed: {exc}") from exc
+            self.rebooted = True
+            self.iommufd.halted = True
+            self.boot = state.boot
+            log.info("reboot: %d sessions preserved, state committed (boot %d)", len(state.sessions), state.boot)
+            return state
+
+    def _save_copies(self) -> list[tuple[Hwpt, Domain]]:
+        """Ephemeral design: each preserved domain copied into a fixed one in the image,
+        its devices switched to the copy (hitless replace)."""
+        io = self.iommufd.iommu
+        out: list[tuple[Hwpt, Domain]] = []
+        try:
+            for s in self.outgoing.values():
+                for h in s.hwpts.values():
+                    fixed = io.copy_domain(h.domain)
+                    out.append((h, fixed))
+                    for rid in h.domain.attached:
+                        io.attach(fixed, rid >> 8, (rid >> 3) & 0x1F, rid & 7, replace=True)
+        except BaseException:
+            self._unsave_copies(out)
+            raise
+        return out
+
+    def _unsave_copies(self, copies: list[tuple[Hwpt, Domain]]) -> None:
+        io = self.iommufd.iommu
+        for h, fixed in copies:
+            if io.domains.get(fixed.domain_id) is not fixed:
+                continue
+            for rid in fixed.attached:
+                io.attach(h.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7, replace=True)
+            self.iommufd.dying.append(fixed)
+
+    def _serialize(self, fixed: dict[Hwpt, Domain]) -> SavedState:
+        io = self.iommufd.iommu
+        sessions = []
+        kept: set[int] = set()
+        for s in self.outgoing.values():
+            hwpts = []
+            for token, h in s.hwpts.items():
+                dom = fixed.get(h, h.domain)
+                kept.add(dom.domain_id)
+                maps = tuple(SavedMap(a.iova, a.length, a.ino, self.store.getattr(a.ino).igen, a.offset, a.writeable)
+                             for a in h.ioas.areas)
+                hwpts.append(SavedHwpt(token, dom.domain_id, maps, tuple(dom.attached)))
+            files = tuple(SavedFile(f.token, f.ino, f.igen, self.store.getattr(f.ino).size) for f in s.files.values())
+            sessions.append(SavedSession(s.name, files, tuple(hwpts)))
+        owned = {h.domain.domain_id for c in self.iommufd.contexts for h in c.objects.values()
+                 if getattr(h, "domain", None) is not None}
+        owned |= {d.domain_id for d in self.iommufd.dying}
+        drops = tuple(sorted(d for d in owned - kept if d in io.domains))
+        return SavedState(self.boot + 1, MODES[self.mode], tuple(sessions), drops)
+
+    # ----------------------------------------------------------- restore
+
+    def restore(self) -> list[str]:
+        """Load ``iommu/lu-state`` at mount: sessions validated one by one (see the module
+        docstring). Returns the findings, one line each (also kept in ``findings``)."""
+        with self.store.lock:
+            try:
+                state = _read_state(self.store)
+            except FormatError as exc:
+                self._finding(f"live-update state refused: {exc}; every session in it is lost")
+                self._block_all_unowned()
+                _remove_state(self.store)
+                return self.findings
+            if state is None:
+                return self.findings
+            self.boot = state.boot
+            self.restored_mode = state.domains
+            io = self.iommufd.iommu
+            claimed: dict[int, bytes] = {}  #: DID -> session
+            for s in state.sessions:
+                try:
+                    sess = self._restore_session(s, state.domains, claimed)
+                except StoreError as exc:
+                    self.refused[s.name] = str(exc)
+                    self._finding(f"session {s.name.decode(errors='replace')} refused: {exc}")
+                    self._block(s, claimed)
+                    continue
+                self.incoming[s.name] = sess
+                for r in sess.hwpts.values():
+                    claimed[r.domain.domain_id] = s.name
+            for did in state.drops:
+                d = io.domains.get(did)
+                if d is not None and did not in claimed:
+                    self._free(d, "not preserved")
+            self._rewrite()
+            return self.findings
+
+    def _finding(self, line: str) -> None:
+        log.warning("%s", line)
+        self.findings.append(line)
+
+    def _restore_session(self, s: SavedSession, mode: int, claimed: dict[int, bytes]) -> IncomingSession:
+        st = self.store
+        files: dict[int, SavedFile] = {}
+        for f in s.files:
+            self._check_file(f.ino, f.igen, f"file token {f.token}")
+            a = st.getattr(f.ino)
+            if a.size != f.size:
+                raise _err(errno.EINVAL, f"file token {f.token} (inode {f.ino}) is {a.size} bytes, preserved {f.size}")
+            files[f.token] = f
+        by_ino = {f.ino: f for f in s.files}
+        hwpts: dict[int, RestoredHwpt] = {}
+        io = self.iommufd.iommu
+        rids_seen: set[int] = set()
+        for h in s.hwpts:
+            what = f"HWPT token {h.token}"
+            dom = io.domains.get(h.domain_id)
+            if dom is None:
+                raise _err(errno.ENOENT, f"{what}: domain {h.domain_id} does not exist")
+            if h.domain_id in claimed or any(r.domain is dom for r in hwpts.values()):
+                raise _err(errno.EEXIST, f"{what}: domain {h.domain_id} is preserved twice")
+            saved_copy = bool(dom.flags & fmt.DOMF_SAVED)
+            if saved_copy != (mode == fmt.LU_DOMAINS_EPHEMERAL):
+                raise _err(errno.EINVAL, f"{what}: domain {h.domain_id} is {'a' if saved_copy else 'not a'} "
+                                         "fixed copy, against the design the state records")
+            for m in h.maps:
+                f = by_ino.get(m.ino)
+                if f is None or f.igen != m.igen:
+                    raise _err(errno.EINVAL, f"{what}: map at {m.iova:#x} is of inode {m.ino}, "
+                                             "not a file of the session")
+                if m.offset + m.length > f.size:
+                    raise _err(errno.EINVAL, f"{what}: map at {m.iova:#x} runs past the end of inode {m.ino}")
+            want = self._expected_runs(h.maps)
+            have = _merge([(r.iova, r.phys_addr, r.length, r.write) for r in dom.mappings()])
+            if want != have:
+                first = next((w, v) for w, v in zip(want + [None], have + [None]) if w != v)
+                raise _err(errno.EINVAL, f"{what}: domain {h.domain_id} does not translate what was preserved "
+                                         f"(first difference: preserved {_run_str(first[0])}, "
+                                         f"domain {_run_str(first[1])})")
+            for rid in h.rids:
+                if rid in rids_seen:
+                    raise _err(errno.EEXIST, f"{what}: requester {fmt.requester_name(rid)} twice")
+                rids_seen.add(rid)
+                if io.attached.get(rid) != h.domain_id:
+                    raise _err(errno.EINVAL, f"{what}: requester {fmt.requester_name(rid)} is not attached "
+                                             f"to domain {h.domain_id}")
+            hwpts[h.token] = RestoredHwpt(h, dom)
+        return IncomingSession(s.name, files, hwpts)
+
+    def _check_file(self, ino: int, igen: int, what: str) -> None:
+        st = self.store
+        if not 2 <= ino < st.geometry.inode_count:
+            raise _err(errno.ENOENT, f"{what}: inode {ino} is outside the inode table")
+        try:
+            a = st.getattr(ino)
+        except StoreError:
+            raise _err(errno.ENOENT, f"{what}: inode {ino} is free") from None
+        if a.kind != fmt.KIND_GUEST or a.igen != igen or st.is_orphan(ino):
+            raise _err(errno.ENOENT, f"{what}: inode {ino} is not the preserved file (kind "
+                                     f"{fmt.KIND_NAMES.get(a.kind, a.kind)}, generation {a.igen}, preserved {igen})")
+
+    def _expected_runs(self, maps: tuple[SavedMap, ...]) -> list[tuple[int, int, int, bool]]:
+        """(iova, phys_addr, length, write) runs that the maps make through the files' extents."""
+        runs = []
+        for m in sorted(maps, key=lambda m: m.iova):
+            for e in self.store.extents(m.ino):
+                lo, hi = max(m.offset, e.file_offset), min(m.offset + m.length, e.file_offset + e.length)
+                if lo < hi:
+                    runs.append((m.iova + lo - m.offset, e.phys_addr + lo - e.file_offset, hi - lo, m.write))
+        return _merge(runs)
+
+    def _block(self, s: SavedSession, claimed: dict[int, bytes]) -> None:
+        """A refused session: its devices blocked, its domains freed (never adopted)."""
+        io = self.iommufd.iommu
+        for h in s.hwpts:
+            d = io.domains.get(h.domain_id)
+            if d is not None and h.domain_id not in claimed:
+                self._free(d, f"of refused session {s.name.decode(errors='replace')}")
+
+    def _block_all_unowned(self) -> None:
+        """The state itself is unreadable: nothing can say which domain is whose."""
+        self._finding("domains of the previous boot are left as they are; their devices keep their entries")
+
+    def _free(self, d: Domain, why: str) -> None:
+        io = self.iommufd.iommu
+        for rid in d.attached:
+            io.detach(d, rid >> 8, (rid >> 3) & 0x1F, rid & 7)
+            self._finding(f"requester {fmt.requester_name(rid)} blocked: its domain {d.domain_id} was {why}")
+        d._quiet_after = 0.0  # a restart took longer than any walk
+        io.destroy_domain(d)
+        self._finding(f"domain {d.domain_id} freed: {why}")
+
+    def _rewrite(self) -> None:
+        """The state on disk = the incoming sessions not finished (none: no file)."""
+        if self.store.read_only:
+            return
+        if not self.incoming:
+            _remove_state(self.store)
+            return
+        sessions = tuple(SavedSession(s.name, tuple(s.files.values()), tuple(r.saved for r in s.hwpts.values()))
+                         for s in self.incoming.values())
+        _write_state(self.store, SavedState(self.boot, self.restored_mode, sessions))
+
+    # ---------------------------------------------------- incoming sessions
+
+    def retrieve_session(self, name: bytes) -> IncomingSession:
+        with self.store.lock:
+            self._check_live()
+            s = self.incoming.get(name)
+            if s is None:
+                why = self.refused.get(name)
+                raise _err(errno.ENOENT, f"no preserved session {name!r}" + (f" (refused: {why})" if why else ""))
+            if s.open:
+                raise _err(errno.EBUSY, f"session {name!r} is retrieved already")
+            s.open = True
+            return s
+
+    def retrieve_file(self, s: IncomingSession, token: int) -> SavedFile:
+        """RETRIEVE_FD: the file to hand back (the caller opens it, once, and keeps the fd)."""
+        with self.store.lock:
+            self._check_live()
+            f = s.files.get(token)
+            if f is None:
+                raise _err(errno.ENOENT, f"no file token {token} in session {s.name.decode(errors='replace')}")
+            s.retrieved_files.add(token)
+            return f
+
+    def finish(self, s: IncomingSession) -> None:
+        """FINISH: EBUSY (nothing changed) unless every object was reclaimed; then the session
+        goes, its files thaw, and the domains its devices left (a replace) are freed."""
+        with self.store.lock:
+            self._check_live()
+            if self.incoming.get(s.name) is not s:
+                raise _err(errno.ENOENT, f"session {s.name!r} is finished already")
+            pending = s.pending()
+            if pending:
+                raise _err(errno.EBUSY, f"session {s.name.decode(errors='replace')}: {'; '.join(pending)}")
+            del self.incoming[s.name]
+            for r in s.hwpts.values():
+                if r.adopted is None and self.iommufd.iommu.domains.get(r.domain.domain_id) is r.domain:
+                    self.iommufd.dying.append(r.domain)  # replaced: the restored copy goes after the grace
+            self.iommufd.reap()
+            self._rewrite()
+
+    def close_session(self, s: OutgoingSession | IncomingSession) -> None:
+        """The session fd closed: cancel an outgoing one; try to finish a retrieved one."""
+        with self.store.lock:
+            if isinstance(s, OutgoingSession):
+                self.cancel(s)
+                return
+            s.open = False
+            if self.rebooted or self.incoming.get(s.name) is not s:
+                return
+            try:
+                self.finish(s)
+            except StoreError as exc:
+                log.info("session %s closed unfinished: %s", s.name.decode(errors="replace"), exc)
+
+    # ------------------------------------------------------------- views
+
+    def describe(self) -> list[str]:
+        """One line per session, for ``.pkernfs/status`` and ``.pkernfs/iommu``."""
+        out = []
+        for s in self.outgoing.values():
+            state = "frozen" if self.rebooted else "outgoing"
+            out.append(f"session {s.name.decode(errors='replace')}: {state}, {len(s.files)} files, "
+                       f"{len(s.hwpts)} hwpts")
+        for s in self.incoming.values():
+            pending = s.pending()
+            out.append(f"session {s.name.decode(errors='replace')}: incoming{' (retrieved)' if s.open else ''}, "
+                       f"{len(s.files)} files, {len(s.hwpts)} hwpts, "
+                       + (f"{len(pending)} objects to reclaim" if pending else "ready to finish"))
+        for name, why in self.refused.items():
+            out.append(f"session {name.decode(errors='replace')}: refused: {why}")
+        return out
+
+
+def _merge(runs: list[tuple[int, int, int, bool]]) -> list[tuple[int, int, int, bool]]:
+    """Coalesce runs contiguous in IOVA and physical address with the same write bit."""
+    out: list[tuple[int, int, int, bool]] = []
+    for iova, phys, length, write in sorted(runs):
+        if out and out[-1][0] + out[-1][2] == iova and out[-1][1] + out[-1][2] == phys and out[-1][3] == write:
+            p = out[-1]
+            out[-1] = (p[0], p[1], p[2] + length, write)
+        else:
+            out.append((iova, phys, length, write))
+    return out
+
+
+def _run_str(run: tuple[int, int, int, bool] | None) -> str:
+    if run is None:
+        return "nothing"
+    iova, phys, length, write = run
+    return f"{iova:#x}+{length:#x} -> {phys:#x} {'rw' if write else 'r'}"
+
+
+# ------------------------------------------------------ the state file
+
+def _dir(store: Store) -> int:
+    return store.lookup(fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
+
+
+def _read_state(store: Store) -> SavedState | None:
+    """The committed state, None if there is none; FormatError if it does not decode."""
+    with store.lock:
+        try:
+            ino = store.lookup(_dir(store), fmt.LU_STATE_NAME)
+        except StoreError:
+            return None
+        a = store.getattr(ino)
+        if a.kind != fmt.KIND_LU_STATE:
+            raise FormatError(lustate.WHERE, 0, f"kind {fmt.KIND_NAMES.get(a.kind, a.kind)}, not liveupdate-state")
+        return lustate.decode(store.read(ino, 0, a.size))
+
+
+def _write_state(store: Store, state: SavedState) -> None:
+    """Commit ``state`` as ``iommu/lu-state`` (replacing any), in one rename (see the module docstring)."""
+    raw = lustate.encode(state)
+    with store.lock:
+        d = _dir(store)
+        _remove(store, d, fmt.LU_STATE_NEW_NAME)
+        ino = store.create(d, fmt.LU_STATE_NEW_NAME, 0o400, 0, 0, kind=fmt.KIND_LU_STATE)
+        try:
+            npages = -(-len(raw) // PS)
+            store.grow(ino, npages)  # zeroed pages; size = npages * 4 KiB
+            buf = np.zeros(npages * PS, np.uint8)
+            buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+            pages = store.image_pages(ino)
+            store.image.reshape(-1, PS)[pages] = buf.reshape(-1, PS)  # unreachable under lu-state until the rename
+            store.rename(d, fmt.LU_STATE_NEW_NAME, d, fmt.LU_STATE_NAME, managed=True)  # the commit point
+        except BaseException:
+            _remove(store, d, fmt.LU_STATE_NEW_NAME)
+            raise
+
+
+def _remove_state(store: Store) -> None:
+    """Drop the committed state (every session finished) and any half-written one."""
+    with store.lock:
+        d = _dir(store)
+        _remove(store, d, fmt.LU_STATE_NAME)
+        _remove(store, d, fmt.LU_STATE_NEW_NAME)
+
+
+def _remove(store: Store, d: int, name: bytes) -> None:
+    try:
+        ino = store.lookup(d, name)
+    except StoreError as exc:
+        if exc.errno == errno.ENOENT:
+            return
+        raise
+    if store.getattr(ino).kind != fmt.KIND_LU_STATE:
+        raise FormatError(f"iommu/{name.decode()}", 0, "is not a liveupdate-state file")
+    store.unlink(d, name, managed=True)
