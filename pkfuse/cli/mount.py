@@ -20,7 +20,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "or stderr (--foreground).",
         epilog=preflight.EXIT_DOC + "\n\n-o options: ro, rw, allow_other, allow_root, auto_unmount,\n"
                "  default_permissions (on by default; no_default_permissions turns it off),\n"
-               "  fsname=, subtype=, log=FILE, regs=FILE, control=PATH, and the usual dev/suid/exec/atime flags.",
+               "  fsname=, subtype=, log=FILE, regs=FILE, control=PATH, domains=DESIGN, and the usual dev/suid/exec/atime flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", metavar="IMAGE")
@@ -33,6 +33,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control", metavar="PATH",
                    help="control socket for iommufd and liveupdate calls (default /run/pkfuse/UUID.sock; "
                         "shown in .pkernfs/status)")
+    p.add_argument("--domains", choices=("persistent", "ephemeral"),
+                   help="where iommufd domains live: in the image (persistent, pkernfs; the default) or in "
+                        "host RAM with a fixed copy in the image made at reboot() (ephemeral, the review's)")
     p.add_argument("--debug", action="store_true", help="debug logging: every refused request with its reason")
     p.set_defaults(func=cmd_mount)
 
@@ -53,6 +56,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         opts["regs"] = args.regs
     if args.control:
         opts["control"] = args.control
+    if args.domains:
+        opts["domains"] = args.domains
     log_file = args.log or opts["log"]
     level = logging.DEBUG if args.debug else logging.INFO
     image, mnt = preflight.preflight(args.image, args.mountpoint)

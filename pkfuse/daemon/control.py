@@ -31,9 +31,11 @@ import trio
 
 from backing.errors import PkfuseError, StoreError
 from backing.iommufd import Context, Iommufd
+from backing.liveupdate import IncomingSession, LiveUpdate, OutgoingSession
 from pkfuse.uapi import transport, wire
 
 from . import admin
+from .liveupdate import LiveUpdateCalls
 from .preflight import EXIT_ERROR, MountError
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,11 @@ class FileResolver:
     FUSE request that only the trio thread can answer.
     """
 
-    def __init__(self, mount_dev: int | None) -> None:
+    def __init__(self, mount_dev: int | None, mountpoint: str | None = None,
+                 path_of: Callable[[int], bytes] | None = None) -> None:
         self.mount_dev = mount_dev
+        self.mountpoint = mountpoint
+        self.path_of = path_of  #: ino -> path in the image (Store.path_of), to open a retrieved file
 
     async def inode(self, fd: int) -> tuple[int, int]:
         """``(ino, O_ACCMODE flags)`` of ``fd``; EBADF if it is not a file on this mount."""
@@ -105,6 +110,21 @@ class FileResolver:
         if self.mount_dev is None or st.st_dev != self.mount_dev or not stat.S_ISREG(st.st_mode):
             raise StoreError(errno.EBADF, "the descriptor is not a file on this pkfuse mount")
         return st.st_ino, _accmode(fd)
+
+    async def open_inode(self, ino: int) -> int:
+        """A read-write descriptor of image inode ``ino`` opened on the mount (RETRIEVE_FD)."""
+        if self.mountpoint is None or self.path_of is None:
+            raise StoreError(errno.ENODEV, "the daemon does not know its mountpoint")
+        path = os.fsencode(self.mountpoint) + self.path_of(ino)
+
+        def _open() -> int:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            if os.fstat(fd).st_ino != ino:  # renamed over since: not the preserved file
+                os.close(fd)
+                raise StoreError(errno.EIO, f"{os.fsdecode(path)} is no longer inode {ino}")
+            return fd
+
+        return await trio.to_thread.run_sync(_open)
 
 
 async def _close(fds: list[int]) -> None:
@@ -126,11 +146,15 @@ def _accmode(fd: int) -> int:
 class Connection:
     """One accepted connection: what it opened, and the kernel object behind it."""
 
-    def __init__(self, sock: trio.socket.SocketType, peer: tuple[int, int, int]) -> None:
+    def __init__(self, sock: trio.socket.SocketType, peer: tuple[int, int, int], device: bytes | None = None,
+                 session: OutgoingSession | IncomingSession | None = None,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.sock = sock
         self.pid, self.uid, self.gid = peer
-        self.device: bytes | None = None
+        self.device: bytes | None = device
         self.ctx: Context | None = None
+        self.session = session  #: a session fd's connection: its session
+        self.on_close = on_close
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -149,10 +173,12 @@ class ControlServer:
     ``statistics()`` counts connections by what they opened and requests by errno.
     """
 
-    def __init__(self, path: str, iommufd: Iommufd, resolver: FileResolver) -> None:
+    def __init__(self, path: str, iommufd: Iommufd, resolver: FileResolver, lu: LiveUpdate | None = None) -> None:
         self.path = path
         self.iommufd = iommufd
         self.resolver = resolver
+        self.lu = lu
+        self._nursery: trio.Nursery | None = None
         self.connections: set[Connection] = set()
         self.requests = 0
         self.refused: dict[int, int] = {}  #: errno -> count
@@ -170,8 +196,12 @@ class ControlServer:
                 wire.VFIO_DEVICE_DETACH_IOMMUFD_PT: (wire.pkfuse_device_detach_iommufd_pt, self._device_detach),
                 **admin.handlers(self),
             },
-            DEV_LIVEUPDATE: {},
+            DEV_LIVEUPDATE: {},  # without live update (no LiveUpdate given): every call ENOTTY
         }
+        if lu is not None:
+            calls = LiveUpdateCalls(self, lu)
+            self._handlers.update(calls.handlers())
+            self._handlers[DEV_IOMMU].update(calls.iommu_handlers())
 
     def statistics(self) -> dict[str, Any]:
         opened = [(c.device or b"(none)").decode() for c in self.connections]
@@ -187,6 +217,7 @@ class ControlServer:
         listener = trio.socket.from_stdlib_socket(self._listener)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._reap)
                 while True:
                     sock, _ = await listener.accept()
@@ -204,9 +235,19 @@ class ControlServer:
             wait = self.iommufd.reap() if self.iommufd.dying else 0.0
             await trio.sleep(wait if wait > 0 else 0.25)
 
-    async def _serve(self, sock: trio.socket.SocketType) -> None:
+    def serve_connection(self, sock: socket.socket, device: bytes, *,
+                         session: OutgoingSession | IncomingSession | None = None,
+                         on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve a connection the daemon made itself (a session fd's other end), born open."""
+        assert self._nursery is not None, "run() first"
+        self._nursery.start_soon(self._serve, trio.socket.from_stdlib_socket(sock), device, session, on_close)
+
+    async def _serve(self, sock: trio.socket.SocketType, device: bytes | None = None,
+                     session: OutgoingSession | IncomingSession | None = None,
+                     on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        conn = Connection(sock, tuple(int.from_bytes(creds[i:i + 4], "little") for i in (0, 4, 8)))  # type: ignore[arg-type]
+        peer = tuple(int.from_bytes(creds[i:i + 4], "little") for i in (0, 4, 8))
+        conn = Connection(sock, peer, device, session, on_close)  # type: ignore[arg-type]
         self.connections.add(conn)
         try:
             while True:
@@ -220,6 +261,9 @@ class ControlServer:
         finally:
             self.connections.discard(conn)
             conn.close()
+            if conn.on_close is not None:
+                with trio.CancelScope(shield=True):
+                    await conn.on_close()
 
     async def _one(self, conn: Connection, data: bytes, anc: list[Any], flags: int) -> None:
         self.requests += 1
@@ -247,6 +291,8 @@ class ControlServer:
             await _close(out_fds)
 
     async def _dispatch(self, conn: Connection, cmd: int, payload: bytes, fds: list[int]) -> Reply:
+        if self.lu is not None and self.lu.rebooted:
+            return errno.ESHUTDOWN, b"", []  # reboot() went through: this kernel is gone
         if conn.device is None:
             if cmd != wire.PKFUSE_OPEN:
                 return errno.EBADF, b"", []

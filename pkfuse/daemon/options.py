@@ -14,19 +14,22 @@ PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions
 PASSTHROUGH_VALUE = {"fsname", "subtype"}
 #: pkfuse's own -o options
 OWN_FLAGS = {"ro", "rw", "no_default_permissions", "nodefault_permissions"}
-OWN_VALUE = {"log", "regs", "control"}
+OWN_VALUE = {"log", "regs", "control", "domains"}
+DOMAIN_DESIGNS = ("persistent", "ephemeral")  #: -o domains=: where iommufd domains live
 
 
 def parse_options(opts: Iterable[str]) -> dict[str, Any]:
     """Split ``-o a,b=c`` strings into ``{"fuse": set, "read_only": bool, "log": ..., "regs": ...}``."""
     out: dict[str, Any] = {"fuse": set(), "read_only": False, "default_permissions": True,
-                           "log": None, "regs": None, "control": None}
+                           "log": None, "regs": None, "control": None, "domains": "persistent"}
     for group in opts:
         for opt in (o.strip() for o in group.split(",")):
             if not opt:
                 continue
             key, eq, value = opt.partition("=")
             if eq and key in OWN_VALUE:
+                if key == "domains" and value not in DOMAIN_DESIGNS:
+                    raise MountError(f"-o domains={value}: want {' or '.join(DOMAIN_DESIGNS)}", EXIT_USAGE)
                 out[key] = value
             elif not eq and key in OWN_FLAGS:
                 if key in ("ro", "rw"):

@@ -69,6 +69,8 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         control = _control_server(store, iommu, opts)
         ops = Operations(store, iommu=iommu, regs_path=regs)
         ops.control_path = control.path if control is not None else None
+        if control is not None:  # the live iommufd objects in the views, with each context's pid
+            ops.iommufd, ops.connections = control.iommufd, control.connections
         options = fuse_options(image, opts)
         log.info("mounting %s on %s (options %s, pid %d, generation %d)", image, mnt,
                  ",".join(sorted(options)), os.getpid(), store.generation)
@@ -82,6 +84,7 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         try:
             if control is not None:
                 control.resolver.mount_dev = mount_device(mnt)
+                control.resolver.mountpoint = mnt
                 control.listen()  # before the mount is announced: a client never finds it missing
                 log.info("control socket %s", control.path)
             if daemonized:
@@ -138,11 +141,17 @@ def _control_server(store: Any, iommu: Any, opts: dict[str, Any]) -> ControlServ
     if opts["read_only"] or iommu is None:
         return None
     from backing.iommufd import Iommufd
+    from backing.liveupdate import LiveUpdate
 
     from .control import ControlServer, FileResolver, default_path
 
     path = os.path.abspath(opts.get("control") or default_path(store.uuid))
-    return ControlServer(path, Iommufd(store, iommu), FileResolver(None))
+    iommufd = Iommufd(store, iommu)
+    lu = LiveUpdate(store, iommufd, mode=opts.get("domains") or "persistent")
+    findings = lu.restore()  # the previous kernel's sessions, before any client can ask for them
+    log.info("live update: boot %d, %d sessions restored, %d refused%s", lu.boot, len(lu.incoming),
+             len(lu.refused), "".join(f"\n  {f}" for f in findings))
+    return ControlServer(path, iommufd, FileResolver(None, path_of=store.path_of), lu)
 
 
 async def _main(pyfuse3: Any, control: ControlServer | None) -> None:
