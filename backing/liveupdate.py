@@ -80,6 +80,7 @@ class OutgoingSession:
     name: bytes
     files: dict[int, SavedFile] = dataclasses.field(default_factory=dict)  #: token -> file
     hwpts: dict[int, Hwpt] = dataclasses.field(default_factory=dict)  #: token -> preserved HWPT
+    maps: dict[int, tuple[SavedMap, ...]] = dataclasses.field(default_factory=dict)  #: token -> its IOAS's maps
     closed: bool = False
 
     def tokens(self) -> set[int]:
@@ -237,6 +238,11 @@ class LiveUpdate:
                 if a.ino not in inos:
                     raise _err(errno.EINVAL, f"IOAS {hwpt.ioas.id} maps inode {a.ino} at {a.iova:#x}, which session "
                                              f"{s.name.decode()} does not preserve")
+            igen = {ino: self.store.getattr(ino).igen for ino in {a.ino for a in hwpt.ioas.areas}}
+            # the IOAS is immutable from now on and its files cannot go: its maps are final here,
+            # which keeps their cost (thousands for a big guest) out of reboot()
+            s.maps[token] = tuple(SavedMap(a.iova, a.length, a.offset, a.ino, igen[a.ino], a.writeable)
+                                  for a in hwpt.ioas.areas)
             s.hwpts[token] = hwpt
             hwpt.ioas.frozen = True
 
@@ -322,9 +328,7 @@ class LiveUpdate:
             for token, h in s.hwpts.items():
                 dom = fixed.get(h, h.domain)
                 kept.add(dom.domain_id)
-                maps = tuple(SavedMap(a.iova, a.length, a.ino, self.store.getattr(a.ino).igen, a.offset, a.writeable)
-                             for a in h.ioas.areas)
-                hwpts.append(SavedHwpt(token, dom.domain_id, maps, tuple(dom.attached)))
+                hwpts.append(SavedHwpt(token, dom.domain_id, s.maps[token], tuple(dom.attached)))
             files = tuple(SavedFile(f.token, f.ino, f.igen, self.store.getattr(f.ino).size) for f in s.files.values())
             sessions.append(SavedSession(s.name, files, tuple(hwpts)))
         owned = {h.domain.domain_id for c in self.iommufd.contexts for h in c.objects.values()
