@@ -343,6 +343,8 @@ class LiveUpdate:
         """Load ``iommu/lu-state`` at mount: sessions validated one by one (see the module
         docstring). Returns the findings, one line each (also kept in ``findings``)."""
         with self.store.lock:
+            if not self.store.read_only:  # a reboot() killed before its rename: never committed
+                _remove(self.store, _dir(self.store), fmt.LU_STATE_NEW_NAME)
             try:
                 state = _read_state(self.store)
             except FormatError as exc:
