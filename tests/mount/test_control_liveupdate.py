@@ -262,3 +262,33 @@ def test_the_liveupdate_example_runs_through_a_kexec(image: Path, tmp_path: Path
                 os.kill(pid, 0)
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_a_vmm_killed_with_a_preserved_session_leaks_nothing(live: Mount, image: Path) -> None:
+    """Its session fd closes with it: the session is cancelled, then its context is released."""
+    code = (
+        "import os, signal\n"
+        "from pkfuse.uapi import Iommufd, LiveUpdate\n"
+        f"fd = os.open({str(live.path / 'guest_mem' / 'vm0')!r}, os.O_RDWR)\n"
+        f"i, lu = Iommufd({str(live.path)!r}), LiveUpdate({str(live.path)!r})\n"
+        f"a = i.ioas_alloc(); i.ioas_map_file(a, fd, 0, {SIZE}, {IOVA})\n"
+        f"d = i.device_bind({RID!r}); h = i.hwpt_alloc(d, a); i.device_attach(d, h)\n"
+        "s = lu.create_session('vm0'); s.preserve_fd(fd, 1); i.hwpt_lu_set_preserve(h, 2, s)\n"
+        "print('ready', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout == "ready\n", r.stderr
+    deadline = time.monotonic() + 10
+    while True:  # released once the daemon read the end of all three connections
+        try:
+            os.truncate(live.path / "guest_mem" / "vm0", 0)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert set(hardware(image)[1]) != {0}  # the device is blocked
+    assert live.unmount() == 0
+    status, findings = fsck.check_image(str(image))
+    assert status == 0, findings
