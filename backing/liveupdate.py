@@ -539,6 +539,15 @@ class LiveUpdate:
 
     # ------------------------------------------------------------- views
 
+    def summary(self) -> str:
+        """One line: the boot, the design, each session's name and state."""
+        states = [f"{s.name.decode(errors='replace')} {'frozen' if self.rebooted else 'outgoing'}"
+                  for s in self.outgoing.values()]
+        states += [f"{s.name.decode(errors='replace')} incoming" for s in self.incoming.values()]
+        states += [f"{n.decode(errors='replace')} refused" for n in self.refused]
+        return (f"boot {self.boot}, domains {self.mode}, "
+                f"{len(states)} sessions{': ' + ', '.join(states) if states else ''}")
+
     def describe(self) -> list[str]:
         """One line per session, for ``.pkernfs/status`` and ``.pkernfs/iommu``."""
         out = []
