@@ -80,7 +80,12 @@ from backing.store import InodeAttr, Store
 from . import views
 
 if TYPE_CHECKING:  # only the daemon's serve loads the IOMMU library, and hands it in
+    from collections.abc import Collection
+
     from backing.iommu import Iommu
+    from backing.iommufd import Context, Iommufd
+
+    from .control import Connection
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +170,12 @@ class Operations(pyfuse3.Operations):
     """Request handlers over an open ``store``.
 
     ``iommu`` (a ``backing.iommu.Iommu``) and ``regs_path`` feed the
-    ``.pkernfs/iommu`` and ``status`` views. Call ``forget_all`` after the
-    session ends (it also closes the image descriptor this object opened).
+    ``.pkernfs/iommu`` and ``status`` views; so do ``iommufd`` (the control
+    socket's ``backing.iommufd.Iommufd``: its live objects) and
+    ``connections`` (the control socket's open connections: whose pid each
+    iommufd context is), which ``serve`` sets when there is a control
+    socket. Call ``forget_all`` after the session ends (it also closes the
+    image descriptor this object opened).
     """
 
     supports_dot_lookup = False
@@ -179,6 +188,8 @@ class Operations(pyfuse3.Operations):
         self.iommu = iommu  #: None: no IOMMU state (a read-only mount whose state did not load)
         self.regs_path = regs_path
         self.control_path: str | None = None  #: the control socket, shown in .pkernfs/status
+        self.iommufd: Iommufd | None = None  #: the live iommufd objects, in .pkernfs/iommu and status
+        self.connections: Collection[Connection] = ()  #: the control socket's, for each context's pid
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode
         self.handles: dict[int, Handle] = {}
@@ -232,12 +243,18 @@ class Operations(pyfuse3.Operations):
         name = VIEW_NAMES[ino]
         if name == b"status":
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
-                                      control=self.control_path).encode()
+                                      control=self.control_path, iommufd=self.iommufd).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text
             return views.render_info(self.store, self.iommu, regs_path=self.regs_path).encode()
-        return views.render_iommu(self.iommu).encode()
+        text = views.render_iommu(self.iommu)
+        if self.iommufd is not None:
+            text += views.render_iommufd(self.iommufd, self._context_pids())
+        return text.encode()
+
+    def _context_pids(self) -> dict[Context, int]:
+        return {c.ctx: c.pid for c in self.connections if c.ctx is not None}
 
     def _kind(self, ino: int) -> int:
         return self.store.getattr(ino).kind

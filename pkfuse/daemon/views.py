@@ -22,10 +22,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from backing import format as fmt
+from backing.errors import StoreError
 from backing.store import Store
 
 if TYPE_CHECKING:  # the IOMMU library is not imported for a view of the store alone
+    from collections.abc import Mapping
+
     from backing.iommu import Iommu, MappingRange
+    from backing.iommufd import Context, Iommufd
 
 PS = fmt.PAGE_SIZE
 
@@ -50,8 +54,12 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 
 
 def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | None = None,
-                  pid: int | str | None = None, control: str | None = None) -> str:
-    """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default)."""
+                  pid: int | str | None = None, control: str | None = None,
+                  iommufd: Iommufd | None = None) -> str:
+    """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default).
+
+    ``iommufd``: the daemon's live iommufd objects, counted on an ``iommufd`` line (a daemon
+    without a control socket, and ``pkfuse info IMAGE``, have none and show no such line)."""
     g = store.geometry
     with store.lock:
         s = store.statfs()
@@ -80,6 +88,8 @@ def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | 
     if control is not None:  # the /dev/iommu and /dev/liveupdate of this "kernel" (pkfuse.uapi finds it here)
         lines.append(("control_socket", control))
     lines.append(("iommu", iommu_summary(iommu)))
+    if iommufd is not None:
+        lines.append(("iommufd", iommufd_summary(iommufd)))
     width = max(len(k) for k, _ in lines)
     return "".join(f"{k + ':':{width + 1}s} {v}\n" for k, v in lines)
 
@@ -93,6 +103,17 @@ def iommu_summary(iommu: Iommu | None) -> str:
         parts.append(f"translation {'enabled' if iommu.regs.enabled else 'disabled'}")
         parts.append(f"{iommu.regs.fault_seq} faults")
     return ", ".join(parts)
+
+
+def iommufd_summary(iommufd: Iommufd) -> str:
+    """One line: ``N contexts, N ioas, N hwpts, N devices`` over every open /dev/iommu."""
+    with iommufd.store.lock:
+        counts = {"ioas": 0, "hwpt": 0, "device": 0}
+        for ctx in iommufd.contexts:
+            for obj in ctx.objects.values():
+                counts[obj.kind.value] += 1
+        return (f"{len(iommufd.contexts)} contexts, {counts['ioas']} ioas, {counts['hwpt']} hwpts, "
+                f"{counts['device']} devices")
 
 
 def metadata_regions(g: fmt.Geometry) -> list[tuple[int, int, str]]:
@@ -186,6 +207,61 @@ def render_iommu(iommu: Iommu | None) -> str:
                          f"table pages {d.table_pages} of {d.file_pages}, attached {rids}")
             lines.extend(f"  {mapping_line(m)}" for m in d.mappings())
         return "\n".join(lines) + "\n"
+
+
+def render_iommufd(iommufd: Iommufd, pids: Mapping[Context, int] | None = None) -> str:
+    """The live iommufd objects, after the domains in ``.pkernfs/iommu``: the summary line
+    (``iommufd: N contexts, ...``, as in the status), then each context (an open /dev/iommu,
+    named by the pid of the connection that opened it: ``pids``) with its IOAS and their
+    areas, its HWPTs and the DID of each one's domain, its devices (each kind by id); then
+    the destroyed HWPTs' domains still in their grace period. A section of its own, which
+    starts with an unindented ``iommufd:`` line: other live objects (live-update sessions)
+    get a render function and a section of their own after it."""
+    pids = pids or {}
+    with iommufd.store.lock:  # one moment of the objects
+        lines = [f"iommufd: {iommufd_summary(iommufd)}"]
+        for ctx in iommufd.contexts:
+            pid = pids.get(ctx)
+            who = (f"pid {pid}" if pid is not None else
+                   "a closed file (objects kept by live update)" if ctx.closed else "unknown pid")
+            lines.append(f"context of {who}: {len(ctx.objects)} objects")
+            for obj in sorted(ctx.iter_objects(), key=lambda o: _KIND_ORDER[o.kind.value]):  # stable: by id
+                lines.extend(f"  {line}" for line in _iommufd_object(iommufd, obj))
+        if iommufd.dying:
+            dids = ", ".join(str(d.domain_id) for d in iommufd.dying)
+            lines.append(f"freeing domains {dids} (destroyed HWPTs', in their grace period)")
+        return "\n".join(lines) + "\n"
+
+
+_KIND_ORDER = {"ioas": 0, "hwpt": 1, "device": 2}  #: IOAS, then HWPTs, then devices, each by id
+
+
+def _iommufd_object(iommufd: Iommufd, obj: object) -> list[str]:
+    """The lines of one IOAS, HWPT or device of a context (``render_iommufd``)."""
+    from backing.iommufd import Device, Hwpt, Ioas  # loaded already: there is an Iommufd
+
+    if isinstance(obj, Ioas):
+        hwpts = ", ".join(str(h.id) for h in obj.hwpts) or "none"
+        frozen = ", preserved" if obj.frozen else ""
+        out = [f"ioas {obj.id}: {len(obj.areas)} areas, hwpts {hwpts}{frozen}"]
+        for a in obj.areas:
+            out.append(f"  {a.iova:#014x}-{a.last:#014x} -> {_ino_path(iommufd.store, a.ino)}+{a.offset:#x} "
+                       f"{'rw' if a.writeable else 'r-'}")
+        return out
+    if isinstance(obj, Hwpt):
+        devices = ", ".join(str(d) for d in sorted(obj.devices)) or "none"
+        return [f"hwpt {obj.id}: ioas {obj.ioas.id}, DID {obj.domain.domain_id}, "
+                f"{'auto' if obj.auto else 'allocated'}, devices {devices}"]
+    assert isinstance(obj, Device)
+    attached = f"hwpt {obj.hwpt.id}" if obj.hwpt is not None else "none"
+    return [f"device {obj.id}: rid {fmt.requester_name(obj.rid)}, attached {attached}"]
+
+
+def _ino_path(store: Store, ino: int) -> str:
+    try:
+        return store.path_of(ino).decode(errors="backslashreplace").lstrip("/")
+    except StoreError:  # a view never fails for one name
+        return f"(inode {ino})"
 
 
 def mapping_line(m: MappingRange) -> str:
