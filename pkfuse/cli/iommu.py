@@ -1,12 +1,28 @@
 """``pkfuse iommu``: program and inspect the simulated VT-d IOMMU of an image.
 
 Commands that change IOMMU state (create, destroy, copy, map, unmap,
-attach, detach) open the image read-write and take its lock, exactly as the
-daemon does: they play the kernel, so they refuse while a daemon serves the
-image. ``list`` opens it read-only without the lock. ``translate`` is the
-hardware: it maps the image read-only and walks it with the register
-block, so it works while a daemon runs. ``enable``, ``disable`` and
-``faults`` touch only the register block (``IMAGE.regs`` unless --regs).
+attach, detach) play the kernel. On an image no daemon serves they open it
+read-write and take its lock, exactly as the daemon does. On an image a
+daemon serves -- named by its path (found among this namespace's
+fuse.pkfuse mounts, /proc/self/mountinfo) or by its MOUNTPOINT -- they ask
+that daemon, the kernel in charge, through its control socket (the
+``PKFUSE_DOMAIN_*`` calls of ``pkfuse.uapi.wire``): the same library calls
+on its live IOMMU, so the same checks and the same one-line errors (the
+daemon's reason comes back with ``PKFUSE_LAST_ERROR``). The daemon also
+refuses (EBUSY) to touch a domain an iommufd HWPT owns or live update holds,
+and to attach a requester an iommufd context has bound. Before connecting, values the wire
+cannot carry are refused here: a DID below 0 or above 32 bits (0 too, where
+it names a new domain: 0 means "any" on the wire), an address or length
+beyond 64 bits (a usage error, exit 2). A read-only mount has no control
+socket: those commands are refused on it.
+
+``list`` opens an unmounted image read-only without the lock; on a served
+image it prints the daemon's view, ``MOUNTPOINT/.pkernfs/iommu`` (its
+domains, then its live iommufd objects). ``translate`` is the hardware: it
+maps the image read-only and walks it with the register block, so it works
+while a daemon runs. ``enable``, ``disable`` and ``faults`` touch only the
+register block (``IMAGE.regs`` unless --regs). Given a MOUNTPOINT, these four
+use the image and register block its status names.
 
 Exit status: 0 done, 1 refused (one line on stderr), 2 usage, 3 ``translate``
 reported at least one fault.
@@ -15,22 +31,28 @@ reported at least one fault.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from backing import format as fmt
 from backing import regs as regs_mod
 from backing import walker
-from backing.errors import FormatError, ImageBusy, PkfuseError
+from backing.domainhdr import MAX_DOMAIN_ID, domain_file_name
+from backing.errors import FormatError, ImageBusy, PkfuseError, StoreError
 from backing.iommu import Iommu
 from backing.mkfs import parse_addr
 from backing.store import Store
-from pkfuse.daemon import views
+from pkfuse.daemon import mountinfo, views
+from pkfuse.uapi.admin import IommuAdmin
+from pkfuse.uapi.client import STATUS_FILE, ConnectionClosed
 
 from . import report
 
@@ -110,6 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        served = _where(args)
+        if served is not None:
+            return _LIVE_COMMANDS[args.iommu_command](args, served)
         return _COMMANDS[args.iommu_command](args)
     except UsageError as exc:
         _error(args, str(exc))
@@ -269,6 +294,229 @@ _COMMANDS = {
     "create": cmd_create, "destroy": cmd_destroy, "copy": cmd_copy, "map": cmd_map, "unmap": cmd_unmap,
     "attach": cmd_attach, "detach": cmd_detach, "list": cmd_list, "translate": cmd_translate,
     "enable": cmd_enable, "disable": cmd_disable, "faults": cmd_faults,
+}
+
+
+# ------------------------------------------------------- on a served image
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """A daemon serving the image: where it is mounted and what its status says."""
+
+    mountpoint: str
+    image: str
+    control: str | None  #: its control socket; None for a read-only mount (it serves none)
+    regs: str | None  #: its register block
+
+
+def _status(mnt: str) -> dict[str, str]:
+    """``MOUNTPOINT/.pkernfs/status`` as a dict (OSError if the daemon does not answer)."""
+    out = {}
+    for line in Path(mnt, STATUS_FILE).read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _served_at(mnt: str) -> Served:
+    st = _status(mnt)
+    if "image" not in st:
+        raise UsageError(f"{mnt}/.pkernfs/status names no image: not a pkfuse mount")
+    return Served(mnt, st["image"], st.get("control_socket") or None, st.get("iommu_regs") or None)
+
+
+def _same_file(a: os.stat_result, path: str) -> bool:
+    try:
+        b = os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _served_image(image: str) -> Served | None:
+    """The daemon serving the image file ``image``, found by its mount's source; None if none answers.
+
+    A mount whose daemon is dead (ENOTCONN) serves nothing: the image is then
+    used offline as before. A mount renamed with ``-o fsname`` is not found:
+    the offline command then meets the daemon's lock (name the MOUNTPOINT).
+    """
+    try:
+        st = os.stat(image)
+    except OSError:
+        return None  # the offline command reports it as it always has
+    for mnt, source in mountinfo.pkfuse_mounts():
+        if not _same_file(st, source):
+            continue
+        try:
+            served = _served_at(mnt)
+        except OSError:
+            continue  # a dead daemon's mount
+        if _same_file(st, served.image):
+            return served
+    return None
+
+
+def _where(args: argparse.Namespace) -> Served | None:
+    """Whether this command goes to a live daemon (its ``Served``), or runs here (None).
+
+    A MOUNTPOINT argument is a daemon's; for the hardware commands it stands
+    for the image and register block the daemon uses, which they then read
+    themselves.
+    """
+    target = args.image
+    live = args.iommu_command in _LIVE_COMMANDS
+    if mountinfo.mount_source(target) is not None:
+        served = _served_at(mountinfo.mount_path(target))
+        if live:
+            return served
+        args.image = served.image
+        if args.regs is None and served.regs is not None:
+            args.regs = served.regs
+        return None
+    return _served_image(target) if live else None
+
+
+@contextmanager
+def _admin(served: Served) -> Iterator[IommuAdmin]:
+    """A /dev/iommu connection to the daemon; its refusals become StoreErrors (``ENAME: reason``)."""
+    if served.control is None:
+        raise StoreError(errno.EROFS, f"{served.image} is served read-only on {served.mountpoint}: its daemon has "
+                                      "no control socket and changes no IOMMU state")
+    try:
+        admin = IommuAdmin(served.control)
+    except (ConnectionClosed, OSError) as exc:
+        raise StoreError(exc.errno or errno.ECONNREFUSED, f"cannot reach the daemon serving {served.image} at "
+                                                          f"{served.control}: {exc.strerror or exc}") from None
+    try:
+        yield admin
+    except ConnectionClosed:
+        raise StoreError(errno.ECONNRESET, f"the daemon serving {served.image} closed the connection") from None
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise StoreError(exc.errno, exc.strerror or os.strerror(exc.errno)) from None
+    finally:
+        admin.release()
+
+
+_U32 = (1 << 32) - 1
+
+
+def _did(did: int) -> int:
+    """A DID to look up, as the wire carries it; one it cannot carry names no domain (the library's words)."""
+    if not 0 <= did <= _U32:
+        raise StoreError(errno.ENOENT, f"no IOMMU domain {did}")
+    return did
+
+
+def _new_did(did: int | None) -> int:
+    """A DID for a new domain, 0 for any; one the wire cannot carry is refused in the library's words."""
+    if did is None:
+        return 0
+    if not 1 <= did <= _U32:
+        raise StoreError(errno.EINVAL, f"domain id {did} outside 1..{MAX_DOMAIN_ID}")
+    return did
+
+
+def _u64(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value >> 64:
+            raise UsageError(f"--{name} {value:#x} does not fit 64 bits")
+
+
+def _domain_path(did: int) -> str:
+    return f"iommu/{domain_file_name(did).decode()}"
+
+
+def live_create(args: argparse.Namespace, served: Served) -> int:
+    did = _new_did(args.did)
+    with _admin(served) as admin:
+        did = admin.domain_create(did)
+    print(f"{_domain_path(did)}: DID {did}")
+    return 0
+
+
+def live_destroy(args: argparse.Namespace, served: Served) -> int:
+    did = _did(args.did)
+    with _admin(served) as admin:
+        admin.domain_destroy(did)
+    return 0
+
+
+def live_copy(args: argparse.Namespace, served: Served) -> int:
+    src, new = _did(args.did), _new_did(args.new_did)
+    with _admin(served) as admin:
+        new = admin.domain_copy(src, new)
+    print(f"{_domain_path(new)}: DID {new}, a copy of dom-{args.did}")
+    return 0
+
+
+def live_map(args: argparse.Namespace, served: Served) -> int:
+    _u64(args, "iova", "length", "phys", "offset")
+    did = _did(args.did)
+    with _admin(served) as admin:
+        if args.file is not None:
+            admin.domain_map_file(did, args.file, args.offset, args.length, args.iova, writeable=not args.ro)
+        else:
+            admin.domain_map(did, args.iova, args.phys, args.length, writeable=not args.ro)
+    # what the offline command prints: the domain's mappings over the range, from the daemon's view
+    for line in _view_mappings(served, did):
+        first, last = (int(x, 16) for x in line.split()[0].split("-"))
+        if first < args.iova + args.length and args.iova <= last:
+            print(f"{_domain_path(did)}: {line}")
+    return 0
+
+
+def _view_mappings(served: Served, did: int) -> list[str]:
+    """The mapping lines of domain ``did`` in ``.pkernfs/iommu`` (``views.render_iommu``'s format)."""
+    lines = Path(served.mountpoint, ".pkernfs", "iommu").read_text().splitlines()
+    head = f"{_domain_path(did)}: DID {did},"
+    out: list[str] = []
+    inside = False
+    for line in lines:
+        if not line.startswith(" "):
+            inside = line.startswith(head)
+        elif inside:
+            out.append(line.strip())
+    return out
+
+
+def live_unmap(args: argparse.Namespace, served: Served) -> int:
+    _u64(args, "iova", "length")
+    did = _did(args.did)
+    with _admin(served) as admin:
+        n = admin.domain_unmap(did, args.iova, args.length)
+    print(f"unmapped {n:#x} bytes")
+    return 0
+
+
+def live_attach(args: argparse.Namespace, served: Served) -> int:
+    rid = fmt.requester_id(*parse_bdf(args.bdf))
+    did = _did(args.did)
+    with _admin(served) as admin:
+        admin.domain_attach(did, rid, replace=args.replace)
+    return 0
+
+
+def live_detach(args: argparse.Namespace, served: Served) -> int:
+    rid = fmt.requester_id(*parse_bdf(args.bdf))
+    did = _did(args.did)
+    with _admin(served) as admin:
+        admin.domain_detach(did, rid)
+    return 0
+
+
+def live_list(args: argparse.Namespace, served: Served) -> int:
+    sys.stdout.write(Path(served.mountpoint, ".pkernfs", "iommu").read_text())
+    return 0
+
+
+_LIVE_COMMANDS: dict[str, Callable[[argparse.Namespace, Served], int]] = {
+    "create": live_create, "destroy": live_destroy, "copy": live_copy, "map": live_map, "unmap": live_unmap,
+    "attach": live_attach, "detach": live_detach, "list": live_list,
 }
 
 __all__ = ["FormatError", "add_arguments", "parse_bdf", "run"]

@@ -63,3 +63,16 @@ def mount_source(mnt: str) -> str | None:
 def unescape(field: bytes) -> bytes:
     """A mountinfo field as the kernel had it (it escapes space, tab, newline and ``\\`` as octal)."""
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
+def pkfuse_mounts() -> list[tuple[str, str]]:
+    """``(mountpoint, source)`` of every fuse.pkfuse mount, in mountinfo's order (the source is
+    the image path the daemon was given, unless ``-o fsname`` renamed it)."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 1 and tail[0] == b"fuse.pkfuse":
+                out.append((os.fsdecode(unescape(fields[4])), os.fsdecode(unescape(tail[1]))))
+    return out

@@ -63,7 +63,9 @@ Where pkfuse departs from the kernel, and why
   ``open(2)`` of a device node and ``PKFUSE_REBOOT`` for
   ``reboot(LINUX_REBOOT_CMD_KEXEC)``, sent on a ``/dev/liveupdate``
   connection. Their structs follow the uAPI habits (``size`` first, flags
-  that must be 0).
+  that must be 0). ``PKFUSE_DOMAIN_*`` (0x10 up), on a ``/dev/iommu``
+  connection, are ``pkfuse iommu``'s offline commands served live: their
+  section below says how.
 
 Layout
 ------
@@ -701,6 +703,247 @@ class pkfuse_reboot(_Struct):
 
 
 PKFUSE_REBOOT = _IO(PKFUSE_TYPE, 0x01)
+
+
+# --------------------------------------------------------------------------
+# pkfuse's own commands on /dev/iommu: kernel-owned domains (type 'P', 0x10..0x18)
+# --------------------------------------------------------------------------
+# What ``pkfuse iommu create|destroy|copy|map|unmap|attach|detach`` does to an
+# unmounted image, these do to the image a daemon serves, on its live IOMMU:
+# domains named by DID (``iommu/dom-<DID>``) that belong to the kernel, not to
+# an iommufd context. They are no objects of the connection: closing it
+# releases none of them, and they stay in the image as the offline command's
+# do. The checks and errnos are the offline command's (``backing.iommu``),
+# plus two of the live kernel's own:
+#
+# - a domain an iommufd HWPT uses (or a destroyed HWPT's domain waiting out
+#   its grace period, or one live update restored that no HWPT reclaimed
+#   yet) is EBUSY for destroy, map, map_file, unmap, attach and detach; copy
+#   reads it and is allowed (save/restore of a live domain);
+# - attach of a requester that an iommufd context has bound, or that such a
+#   domain holds, is EBUSY, as VFIO_DEVICE_BIND_IOMMUFD of a requester a
+#   kernel domain holds is.
+#
+# Structs follow the uAPI habits: ``size`` first, flags enumerated (an unknown
+# bit EOPNOTSUPP), ``__reserved`` padding that must be 0 (EOPNOTSUPP), bytes
+# past ``sizeof`` zero (E2BIG). They have no older, smaller versions:
+# ``MIN_SIZE`` is ``sizeof``.
+#
+# An errno alone cannot say *which* check refused (EBUSY: attached to a
+# requester, or owned by a HWPT?), and the kernel's answer to that is a
+# message log on the file -- the new mount API's ``fsopen`` fd, read with
+# read(2). pkfuse's: a refused domain command leaves its one-line reason on
+# the connection, and ``PKFUSE_LAST_ERROR`` reads it (once) together with the
+# command and errno it belongs to. The next domain command on the connection
+# replaces or clears it. A refusal by the struct rules above (E2BIG, EINVAL
+# of a size, EOPNOTSUPP of a reserved field) happens before the command runs
+# and leaves no message.
+
+PKFUSE_DOMAIN_PATH_LENGTH = 1024  #: bytes of pkfuse_domain_map_file.path, including the terminating NUL
+PKFUSE_ERROR_MESSAGE_LENGTH = 256  #: bytes of pkfuse_last_error.out_message, including the terminating NUL
+
+
+class pkfuse_domain_map_flags(enum.IntFlag):
+    """Flags of ``pkfuse_domain_map`` and ``pkfuse_domain_map_file``; every leaf is readable."""
+
+    PKFUSE_DOMAIN_MAP_WRITEABLE = 1 << 0  #: DMA may write (the W bit); ``pkfuse iommu map`` without --ro
+
+
+class pkfuse_domain_attach_flags(enum.IntFlag):
+    """Flags of ``pkfuse_domain_attach``."""
+
+    PKFUSE_DOMAIN_ATTACH_REPLACE = 1 << 0  #: take the requester from the domain it is attached to (--replace)
+
+
+@_min_size_through("__reserved")
+class pkfuse_domain_create(_Struct):
+    """A new empty domain ``iommu/dom-<DID>`` (``pkfuse iommu create``).
+
+    flags: must be 0. domain_id: in, the DID wanted (1..65535), 0 for the
+    smallest free one; out, the DID made. EEXIST if taken, EINVAL outside
+    1..65535.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("__reserved", u32),
+    ]
+
+
+@_min_size_through("__reserved")
+class pkfuse_domain_destroy(_Struct):
+    """Unmap everything in a detached domain and free its pages (``pkfuse iommu destroy``).
+
+    flags: must be 0. EBUSY while attached; returns once the grace period
+    after its last detach has passed and the pages are free.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("__reserved", u32),
+    ]
+
+
+@_min_size_through("domain_id")
+class pkfuse_domain_copy(_Struct):
+    """A new domain with the translations of ``src_domain_id`` (``pkfuse iommu copy``).
+
+    flags: must be 0. domain_id: in, the copy's DID, 0 for the smallest
+    free one; out, the copy's DID. The copy carries DOMF_SAVED.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("src_domain_id", u32),
+        ("domain_id", u32),
+    ]
+
+
+@_min_size_through("length")
+class pkfuse_domain_map(_Struct):
+    """Map ``[iova, iova + length)`` to ``[phys_addr, ...)`` (``pkfuse iommu map --phys``).
+
+    flags: ``pkfuse_domain_map_flags``. Every physical page must be guest
+    RAM (EFAULT), the IOVA range unmapped (EEXIST), all 4 KiB aligned and
+    inside 48 bits (EINVAL). A refused map changes nothing.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("__reserved", u32),
+        ("iova", aligned_u64),
+        ("phys_addr", aligned_u64),
+        ("length", aligned_u64),
+    ]
+
+
+@_min_size_through("path")
+class pkfuse_domain_map_file(_Struct):
+    """Map ``length`` bytes of a guest file from byte ``offset`` at ``iova`` (``pkfuse iommu map --file``).
+
+    flags: ``pkfuse_domain_map_flags``. path: NUL-terminated, relative to
+    the image's root (``guest_mem/vm0``; a leading ``/`` is allowed): the
+    image's own name for the file, not a path on any mount. No such file
+    is ENOENT, one that is not guest RAM or too short EINVAL. All or
+    nothing.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("__reserved", u32),
+        ("iova", aligned_u64),
+        ("offset", aligned_u64),
+        ("length", aligned_u64),
+        ("path", u8 * PKFUSE_DOMAIN_PATH_LENGTH),
+    ]
+
+
+@_min_size_through("length")
+class pkfuse_domain_unmap(_Struct):
+    """Unmap ``[iova, iova + length)`` (``pkfuse iommu unmap``); parts of superpages are split.
+
+    flags: must be 0. length: in, bytes; out, the bytes that were mapped
+    and now are not (0 if nothing was).
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("__reserved", u32),
+        ("iova", aligned_u64),
+        ("length", aligned_u64),
+    ]
+
+
+@_min_size_through("rid")
+class pkfuse_domain_attach(_Struct):
+    """Point requester ``rid``'s context entry at the domain (``pkfuse iommu attach``).
+
+    flags: ``pkfuse_domain_attach_flags``; without REPLACE a requester
+    attached to another domain is EBUSY. rid: ``bus << 8 | dev << 3 | fn``
+    (above 16 bits EINVAL).
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("rid", u32),
+    ]
+
+
+@_min_size_through("rid")
+class pkfuse_domain_detach(_Struct):
+    """Clear requester ``rid``'s context entry (``pkfuse iommu detach``); ENOENT unless attached to the domain.
+
+    flags: must be 0.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("domain_id", u32),
+        ("rid", u32),
+    ]
+
+
+@_min_size_through("out_message")
+class pkfuse_last_error(_Struct):
+    """The reason the last domain command on this connection was refused, read once.
+
+    flags: must be 0. out_cmd, out_errno: the command and the errno of its
+    reply. out_message: one line, NUL-terminated (cut at 255 bytes), as the
+    offline command prints it after ``ENAME: ``. ENODATA if there is none:
+    the last domain command succeeded, or the message was read already.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("out_cmd", u32),
+        ("out_errno", u32),
+        ("out_message", u8 * PKFUSE_ERROR_MESSAGE_LENGTH),
+    ]
+
+
+PKFUSE_DOMAIN_CREATE = _IO(PKFUSE_TYPE, 0x10)
+PKFUSE_DOMAIN_DESTROY = _IO(PKFUSE_TYPE, 0x11)
+PKFUSE_DOMAIN_COPY = _IO(PKFUSE_TYPE, 0x12)
+PKFUSE_DOMAIN_MAP = _IO(PKFUSE_TYPE, 0x13)
+PKFUSE_DOMAIN_MAP_FILE = _IO(PKFUSE_TYPE, 0x14)
+PKFUSE_DOMAIN_UNMAP = _IO(PKFUSE_TYPE, 0x15)
+PKFUSE_DOMAIN_ATTACH = _IO(PKFUSE_TYPE, 0x16)
+PKFUSE_DOMAIN_DETACH = _IO(PKFUSE_TYPE, 0x17)
+PKFUSE_LAST_ERROR = _IO(PKFUSE_TYPE, 0x18)
+
+#: on a /dev/iommu connection, beside IOMMUFD_REQUESTS (served by pkfuse.daemon.admin)
+PKFUSE_DOMAIN_REQUESTS: dict[int, type[ctypes.Structure]] = {
+    PKFUSE_DOMAIN_CREATE: pkfuse_domain_create,
+    PKFUSE_DOMAIN_DESTROY: pkfuse_domain_destroy,
+    PKFUSE_DOMAIN_COPY: pkfuse_domain_copy,
+    PKFUSE_DOMAIN_MAP: pkfuse_domain_map,
+    PKFUSE_DOMAIN_MAP_FILE: pkfuse_domain_map_file,
+    PKFUSE_DOMAIN_UNMAP: pkfuse_domain_unmap,
+    PKFUSE_DOMAIN_ATTACH: pkfuse_domain_attach,
+    PKFUSE_DOMAIN_DETACH: pkfuse_domain_detach,
+    PKFUSE_LAST_ERROR: pkfuse_last_error,
+}
+
+for _t, _n in {pkfuse_domain_create: 16, pkfuse_domain_destroy: 16, pkfuse_domain_copy: 16,
+               pkfuse_domain_map: 40, pkfuse_domain_map_file: 1064, pkfuse_domain_unmap: 32,
+               pkfuse_domain_attach: 16, pkfuse_domain_detach: 16, pkfuse_last_error: 272}.items():
+    assert ctypes.sizeof(_t) == _n == _t.MIN_SIZE, (_t.__name__, ctypes.sizeof(_t), _n)
+del _t, _n
 
 
 # --------------------------------------------------------------------------
