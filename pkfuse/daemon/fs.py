@@ -84,6 +84,7 @@ if TYPE_CHECKING:  # only the daemon's serve loads the IOMMU library, and hands 
 
     from backing.iommu import Iommu
     from backing.iommufd import Context, Iommufd
+    from backing.liveupdate import LiveUpdate
 
     from .control import Connection
 
@@ -190,6 +191,7 @@ class Operations(pyfuse3.Operations):
         self.control_path: str | None = None  #: the control socket, shown in .pkernfs/status
         self.iommufd: Iommufd | None = None  #: the live iommufd objects, in .pkernfs/iommu and status
         self.connections: Collection[Connection] = ()  #: the control socket's, for each context's pid
+        self.liveupdate: LiveUpdate | None = None  #: the sessions, in .pkernfs/iommu and status
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode
         self.handles: dict[int, Handle] = {}
@@ -243,7 +245,8 @@ class Operations(pyfuse3.Operations):
         name = VIEW_NAMES[ino]
         if name == b"status":
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
-                                      control=self.control_path, iommufd=self.iommufd).encode()
+                                      control=self.control_path, iommufd=self.iommufd,
+                                      liveupdate=self.liveupdate).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text
@@ -251,6 +254,8 @@ class Operations(pyfuse3.Operations):
         text = views.render_iommu(self.iommu)
         if self.iommufd is not None:
             text += views.render_iommufd(self.iommufd, self._context_pids())
+        if self.liveupdate is not None:
+            text += views.render_liveupdate(self.liveupdate)
         return text.encode()
 
     def _context_pids(self) -> dict[Context, int]:
@@ -362,8 +367,8 @@ class Operations(pyfuse3.Operations):
             raise StoreError(errno.EPERM, ".pkernfs is read-only")
         if self.store.read_only:
             raise StoreError(errno.EROFS, "mounted read-only")
-        if self._kind(inode) in fmt.IOMMU_KINDS:
-            raise StoreError(errno.EPERM, "IOMMU files are written only by pkfuse")
+        if self._kind(inode) in fmt.DAEMON_KINDS:
+            raise StoreError(errno.EPERM, "IOMMU and live-update files are written only by pkfuse")
         if fields.update_size:
             self._truncating += 1  # zero-copy reads wait for it (see _image_view)
             try:
@@ -463,8 +468,8 @@ class Operations(pyfuse3.Operations):
         if writing:
             if self.store.read_only:
                 raise StoreError(errno.EROFS, "mounted read-only")
-            if kind in fmt.IOMMU_KINDS:
-                raise StoreError(errno.EPERM, "IOMMU files are written only by pkfuse")
+            if kind in fmt.DAEMON_KINDS:
+                raise StoreError(errno.EPERM, "IOMMU and live-update files are written only by pkfuse")
         fh = self._new_fh(Handle(inode, writable=writing))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 

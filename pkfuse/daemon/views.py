@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the IOMMU library is not imported for a view of the store a
 
     from backing.iommu import Iommu, MappingRange
     from backing.iommufd import Context, Iommufd
+    from backing.liveupdate import LiveUpdate
 
 PS = fmt.PAGE_SIZE
 
@@ -55,7 +56,7 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 
 def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | None = None,
                   pid: int | str | None = None, control: str | None = None,
-                  iommufd: Iommufd | None = None) -> str:
+                  iommufd: Iommufd | None = None, liveupdate: LiveUpdate | None = None) -> str:
     """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default).
 
     ``iommufd``: the daemon's live iommufd objects, counted on an ``iommufd`` line (a daemon
@@ -88,6 +89,8 @@ def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | 
     if control is not None:  # the /dev/iommu and /dev/liveupdate of this "kernel" (pkfuse.uapi finds it here)
         lines.append(("control_socket", control))
     lines.append(("iommu", iommu_summary(iommu)))
+    if liveupdate is not None:
+        lines.append(("liveupdate", liveupdate.summary()))
     if iommufd is not None:
         lines.append(("iommufd", iommufd_summary(iommufd)))
     width = max(len(k) for k, _ in lines)
@@ -314,3 +317,11 @@ def _human(n: int) -> str:
             return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def render_liveupdate(lu: LiveUpdate) -> str:
+    """The live-update section of ``.pkernfs/iommu``: an unindented ``liveupdate:`` line (as in the
+    status), then one line per session with its state and what is left to reclaim."""
+    with lu.store.lock:
+        return "\n".join([f"liveupdate: {lu.summary()}", *(f"  {line}" for line in lu.describe()),
+                          *(f"  restore: {f}" for f in lu.findings)]) + "\n"

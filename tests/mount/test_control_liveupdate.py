@@ -224,7 +224,9 @@ def test_status_shows_the_sessions(live: Mount, vmms: list[Vmm]) -> None:
     v = vmm(vmms, live)
     v.preserve(v.build())
     status = (live.path / ".pkernfs" / "status").read_text()
-    assert "session vm0: outgoing, 1 files, 1 hwpts" in status
+    line = next(x for x in status.splitlines() if x.startswith("liveupdate:"))
+    assert line.split(":", 1)[1].strip() == "boot 0, domains persistent, 1 sessions: vm0 outgoing"
+    assert "  session vm0: outgoing, 1 files, 1 hwpts" in (live.path / ".pkernfs" / "iommu").read_text()
 
 
 def _daemon_pid(mnt: Path) -> int | None:
