@@ -399,13 +399,15 @@ IOMMU_HWPT_ALLOC = _IO(IOMMUFD_TYPE, IOMMUFD_CMD_HWPT_ALLOC)
 class iommu_hwpt_lu_set_preserve(_Struct):
     """``struct iommu_hwpt_lu_set_preserve`` (unmerged series): preserve a HWPT across the kexec.
 
-    hwpt_id: the HWPT. hwpt_token: the caller's name for it upon restore; a
-    token already used in this iommufd is EADDRINUSE. The series' field is a
+    hwpt_id: the HWPT (ENOENT if none; EEXIST if preserved already).
+    hwpt_token: the caller's name for it upon restore, unique in the session
+    with its file tokens (EEXIST, as LUO's duplicate tokens). The series' field is a
     ``__u32`` (not a u64 like LUO's tokens) and pkfuse keeps it so. pkfuse
     sends the live-update session's fd with the request (one SCM_RIGHTS
     descriptor) to say which session preserves it. Allowed only if every map
     of the HWPT's IOAS is file-backed from a memfd already preserved in that
-    session; the IOAS is then immutable (map/unmap EBUSY).
+    session (EINVAL otherwise); the IOAS is then immutable (map/unmap EBUSY).
+    A descriptor that is not a session fd is EBADF.
     """
 
     _fields_ = [
