@@ -341,7 +341,7 @@ class ControlServer:
     async def _ioas_map_file(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
         F = wire.iommufd_ioas_map_flags
         known = F.IOMMU_IOAS_MAP_FIXED_IOVA | F.IOMMU_IOAS_MAP_WRITEABLE | F.IOMMU_IOAS_MAP_READABLE
-        if arg.flags & ~known:
+        if arg.flags & ~int(known):  # int: ~ of an IntFlag keeps only the bits the enum defines
             return errno.EOPNOTSUPP, b"", []
         readable = bool(arg.flags & F.IOMMU_IOAS_MAP_READABLE)
         writeable = bool(arg.flags & F.IOMMU_IOAS_MAP_WRITEABLE)
@@ -387,7 +387,7 @@ class ControlServer:
         return 0, wire.respond(arg), []
 
     async def _device_attach(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
-        if arg.flags & ~wire.vfio_device_attach_flags.VFIO_DEVICE_ATTACH_PASID:
+        if arg.flags & ~int(wire.vfio_device_attach_flags.VFIO_DEVICE_ATTACH_PASID):
             return errno.EINVAL, b"", []
         if arg.flags:  # the simulated IOMMU has no PASID tables
             return errno.EOPNOTSUPP, b"", []
@@ -395,7 +395,7 @@ class ControlServer:
         return 0, wire.respond(arg), []
 
     async def _device_detach(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
-        if arg.flags & ~wire.vfio_device_detach_flags.VFIO_DEVICE_DETACH_PASID:
+        if arg.flags & ~int(wire.vfio_device_detach_flags.VFIO_DEVICE_DETACH_PASID):
             return errno.EINVAL, b"", []
         if arg.flags:
             return errno.EOPNOTSUPP, b"", []

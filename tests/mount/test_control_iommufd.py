@@ -299,3 +299,19 @@ def test_the_default_socket_is_per_image_under_run_pkfuse_and_goes_with_the_unmo
     finally:
         assert subprocess.run([*run, "umount", str(mnt)], capture_output=True, timeout=60).returncode == 0
     assert not os.path.exists(path)
+
+
+def test_unknown_flag_bits_are_refused_as_the_kernel_does(live: Mount, iommufd: Iommufd) -> None:
+    """A bit no enum member names still counts (~ of an IntFlag used to drop it)."""
+    fd = guest_fd(live)
+    try:
+        ioas = iommufd.ioas_alloc()
+        F = wire.iommufd_ioas_map_flags
+        req = wire.new(wire.iommu_ioas_map_file, flags=int(F.IOMMU_IOAS_MAP_READABLE) | 0x8, ioas_id=ioas, fd=fd,
+                       start=0, length=PS)
+        assert errno_of(lambda: iommufd._call(wire.IOMMU_IOAS_MAP_FILE, req, [fd])) == errno.EOPNOTSUPP
+        dev = iommufd.device_bind(RID)
+        req = wire.new(wire.pkfuse_device_attach_iommufd_pt, flags=0x100, dev_id=dev, pt_id=ioas)
+        assert errno_of(lambda: iommufd._call(wire.VFIO_DEVICE_ATTACH_IOMMUFD_PT, req)) == errno.EINVAL
+    finally:
+        os.close(fd)
