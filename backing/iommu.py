@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -63,10 +64,11 @@ import numpy as np
 
 from . import format as fmt
 from . import vtd
-from .errors import FormatError, PkfuseError, StoreError
-from .regs import Regs
 from .allocator import expand_runs
 from .domainhdr import MAX_DOMAIN_ID, check_domain_file, domain_file_name
+from .ephemeral import EphemeralMemory, check_placement, default_base, image_end
+from .errors import FormatError, PkfuseError, StoreError
+from .regs import Regs
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -110,47 +112,266 @@ def _next_slots(a: int, b: int, level: int, parents: np.ndarray, children: np.nd
     return expand_runs(starts, counts), np.repeat(children, counts)
 
 
-class Domain:
-    """One IOMMU domain: a 4-level second-level tree in the file ``iommu/dom-<DID>``."""
+class TableMemory:
+    """Where one domain's table pages live: a pool of pages in one physical memory.
 
-    def __init__(self, iommu: Iommu, ino: int, name: bytes, domain_id: int, flags: int) -> None:
-        self.iommu = iommu
-        self.store = iommu.store
-        self.ino = ino
-        self.name = name.decode()
-        self.domain_id = domain_id
-        self.flags = flags
-        self.pins: dict[int, int] = {}  #: guest ino -> pages this domain maps
-        self._pages = np.zeros(0, np.int64)  #: image page of each file page
-        self._sorted = np.zeros(0, np.int64)  #: pool pages (file page >= 2), sorted
-        self._sorted_fp = np.zeros(0, np.int64)
-        self._free = np.zeros(0, bool)  #: per file page: free for allocation now
-        self._held: list[tuple[float, np.ndarray]] = []  #: (reusable after, file pages)
-        self._quiet_after = 0.0  #: destroy waits until a walker cannot be inside
-        self._refresh_pages()
+    ``pages`` is the memory page of each *slot* (the memory's ``u64`` holds
+    page ``p`` at words ``p * 512 ..``); slot ``first - 1`` is the SL-PML4,
+    the slots from ``first`` are the pool the domain's other tables come
+    from. ``ImageTables`` are the pages of the file ``iommu/dom-<DID>`` (slot
+    = file page: 0 the header, 1 the SL-PML4); ``EphemeralTables`` are pages
+    of the ephemeral memory (slot 0 the SL-PML4). Everything else -- which
+    pool pages are free, the grace period of freed ones, encoding and
+    checking pointers -- is this class, the same for both, so the mapping
+    code of ``Domain`` is written once.
+    """
 
-    # -------------------------------------------------------------- identity
+    first = 2  #: slot of the first pool page
+    ephemeral = False
+
+    def __init__(self) -> None:
+        self.pages = np.zeros(0, np.int64)  #: memory page of each slot
+        self._sorted = np.zeros(0, np.int64)  #: pool pages (slots >= first), sorted
+        self._sorted_slot = np.zeros(0, np.int64)
+        self._free = np.zeros(0, bool)  #: per slot: free for allocation now
+        self._held: list[tuple[float, np.ndarray]] = []  #: (reusable after, slots)
+
+    # ---------------------------------------------------------- the memory
+
+    base_pfn: int  #: page frame number of memory page 0
 
     @property
-    def path(self) -> str:
-        return f"iommu/{self.name}"
+    def u64(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def tables(self) -> np.ndarray:
+        """The memory as rows of 512 entries, one row per page."""
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """False once the memory the tables were in is gone (ephemeral memory poisoned)."""
+        return True
+
+    def _grow(self, k: int) -> np.ndarray:
+        """The memory page of every slot once at least ``k`` pool slots were added."""
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        """Give every page back to the memory (the grace period has passed)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- pool
 
     @property
     def pml4_page(self) -> int:
-        return int(self._pages[1])
+        return int(self.pages[self.first - 1])
 
     @property
     def pml4_phys(self) -> int:
-        return self.store.geometry.phys_addr(self.pml4_page)
+        return (self.base_pfn + self.pml4_page) << fmt.PAGE_SHIFT
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """Sorted pages that may hold this domain's tables below the SL-PML4 (``vtd.walk_tree``)."""
+        return self._sorted
 
     @property
     def table_pages(self) -> int:
         """Pages holding live tables (SL-PML4 included)."""
-        return int(self._pages.size - 1 - np.count_nonzero(self._free) - sum(h.size for _, h in self._held))
+        return int(self.pages.size - (self.first - 1) - np.count_nonzero(self._free)
+                   - sum(h.size for _, h in self._held))
+
+    def _set_pages(self, pages: np.ndarray) -> None:
+        old = self._free.size
+        free = np.zeros(pages.size, bool)
+        free[:old] = self._free
+        free[max(old, self.first):] = True
+        self.pages, self._free = pages, free
+        slots = np.arange(self.first, pages.size, dtype=np.int64)
+        order = np.argsort(pages[self.first:], kind="stable")
+        self._sorted, self._sorted_slot = pages[self.first:][order], slots[order]
+
+    def slots_of(self, pages: np.ndarray) -> np.ndarray:
+        """Slot of each pool page (all must be in the pool)."""
+        return self._sorted_slot[np.searchsorted(self._sorted, pages)]
+
+    def in_pool(self, pages: np.ndarray) -> np.ndarray:
+        if not self._sorted.size:
+            return np.zeros(pages.shape, bool)
+        pos = np.minimum(np.searchsorted(self._sorted, pages), self._sorted.size - 1)
+        return self._sorted[pos] == pages
+
+    def mark_used(self, used: np.ndarray) -> None:
+        """At open: the pool pages in ``used`` hold tables, every other one is free at once
+        (a restart takes longer than any walk: no grace needed)."""
+        free = np.ones(self.pages.size, bool)
+        free[: self.first] = False
+        free[self.slots_of(used)] = False
+        self._free[:] = free
+        self._held = []
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for when, slots in self._held:
+            if when <= now:
+                self._free[slots] = True
+            else:
+                keep.append((when, slots))
+        self._held = keep
+
+    def alloc(self, k: int) -> np.ndarray:
+        """``k`` table pages (memory pages), growing the pool if it is short. Their
+        contents are stale (or poison): the caller writes each one whole."""
+        if k == 0:
+            return np.zeros(0, np.int64)
+        self._release_held()
+        free = np.flatnonzero(self._free)
+        if free.size < k:
+            self._set_pages(self._grow(max(GROW_CHUNK, k - free.size)))
+            free = np.flatnonzero(self._free)
+        take = free[:k]
+        self._free[take] = False
+        return self.pages[take]
+
+    def hold(self, pages: np.ndarray) -> None:
+        """Return table pages to the pool after the grace period."""
+        if pages.size:
+            self._held.append((time.monotonic() + FREE_GRACE_S, self.slots_of(pages)))
+
+    # ---------------------------------------------------------- pointers
+
+    def phys_entry(self, pages: np.ndarray) -> np.ndarray:
+        """Non-leaf entries pointing at tables in memory ``pages``."""
+        return ((pages.astype(U64) + U64(self.base_pfn)) << U64(fmt.PAGE_SHIFT)) | U64(vtd.RW)
+
+    def child_pages(self, entries: np.ndarray, where: np.ndarray, path: str) -> np.ndarray:
+        """The pool page each non-leaf entry points at; FormatError for one outside the pool."""
+        child = vtd.entry_pages(entries, self.base_pfn)
+        bad = ~self.in_pool(child)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise FormatError(f"{path} table entry", int(where[i]) * 8,
+                              f"points at page {int(child[i])} outside the domain's pool")
+        return child
+
+
+class ImageTables(TableMemory):
+    """A domain's tables in the image: the pages of its file ``iommu/dom-<DID>``, grown by a
+    journaled ``Store.grow``, freed by unlinking the file."""
+
+    def __init__(self, store: Store, iommu_dir: int, ino: int, name: bytes) -> None:
+        super().__init__()
+        self.store = store
+        self.iommu_dir = iommu_dir
+        self.ino = ino
+        self.name = name
+        self.base_pfn = store.geometry.base_pfn
+        self._set_pages(store.image_pages(ino))
+
+    @property
+    def u64(self) -> np.ndarray:
+        return self.store.image_u64
+
+    @property
+    def tables(self) -> np.ndarray:
+        u = self.store.image_u64
+        return u[: u.size // 512 * 512].reshape(-1, 512)
+
+    def _grow(self, k: int) -> np.ndarray:
+        self.store.grow(self.ino, k)
+        return self.store.image_pages(self.ino)
+
+    def destroy(self) -> None:
+        self.store.unlink(self.iommu_dir, self.name, managed=True)
+
+
+class EphemeralTables(TableMemory):
+    """A domain's tables in ephemeral memory (``backing.ephemeral``): no file, no header,
+    pages taken from the memory's allocator ``GROW_CHUNK`` at a time and given back (poisoned)
+    when the domain is destroyed. Nothing of it survives a restart: after the memory is
+    poisoned (``boot_id`` changed) the tables are gone and ``alive`` is False."""
+
+    first = 1
+    ephemeral = True
+    ino = 0
+
+    def __init__(self, memory: EphemeralMemory) -> None:
+        super().__init__()
+        self.memory = memory
+        self.base_pfn = memory.base_pfn
+        self.boot_id = memory.boot_id
+        self._set_pages(memory.alloc(1 + GROW_CHUNK))
+
+    @property
+    def u64(self) -> np.ndarray:
+        return self.memory.u64
+
+    @property
+    def tables(self) -> np.ndarray:
+        return self.memory.tables
+
+    @property
+    def alive(self) -> bool:
+        return self.memory.boot_id == self.boot_id
+
+    def _grow(self, k: int) -> np.ndarray:
+        return np.concatenate([self.pages, self.memory.alloc(k)])
+
+    def destroy(self) -> None:
+        if self.alive:  # else the poison took the pages back already
+            self.memory.free(self.pages)
+
+
+class Domain:
+    """One IOMMU domain: a 4-level second-level tree in its ``TableMemory`` -- the file
+    ``iommu/dom-<DID>`` in the image, or pages of the ephemeral memory."""
+
+    def __init__(self, iommu: Iommu, memory: TableMemory, domain_id: int, flags: int) -> None:
+        self.iommu = iommu
+        self.store = iommu.store
+        self.memory = memory
+        self.name = domain_file_name(domain_id).decode()
+        self.domain_id = domain_id
+        self.flags = flags
+        self.pins: dict[int, int] = {}  #: guest ino -> pages this domain maps
+        self._quiet_after = 0.0  #: destroy waits until a walker cannot be inside
+
+    # -------------------------------------------------------------- identity
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.memory.ephemeral
+
+    @property
+    def ino(self) -> int:
+        """The domain file's inode (0 for an ephemeral domain: it has no file)."""
+        return self.memory.ino  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def path(self) -> str:
+        return f"{'ephemeral' if self.ephemeral else 'iommu'}/{self.name}"
+
+    @property
+    def pml4_page(self) -> int:
+        """The SL-PML4's page in the domain's memory (image page, or ephemeral page)."""
+        return self.memory.pml4_page
+
+    @property
+    def pml4_phys(self) -> int:
+        return self.memory.pml4_phys
+
+    @property
+    def table_pages(self) -> int:
+        """Pages holding live tables (SL-PML4 included)."""
+        return self.memory.table_pages
 
     @property
     def file_pages(self) -> int:
-        return int(self._pages.size)
+        """Pages the domain holds (its file's, or taken from the ephemeral memory)."""
+        return int(self.memory.pages.size)
 
     @property
     def attached(self) -> list[int]:
@@ -159,84 +380,31 @@ class Domain:
     def __repr__(self) -> str:
         return f"Domain({self.path}, DID {self.domain_id})"
 
-    # ---------------------------------------------------------------- pool
-
-    def _refresh_pages(self) -> None:
-        pages = self.store.image_pages(self.ino)
-        old = self._free.size
-        free = np.zeros(pages.size, bool)
-        free[:old] = self._free
-        free[max(old, 2):] = True
-        self._pages, self._free = pages, free
-        fp = np.arange(2, pages.size, dtype=np.int64)
-        order = np.argsort(pages[2:], kind="stable")
-        self._sorted, self._sorted_fp = pages[2:][order], fp[order]
-
-    def _file_pages_of(self, pages: np.ndarray) -> np.ndarray:
-        """File page of each pool image page (all must be in the pool)."""
-        pos = np.searchsorted(self._sorted, pages)
-        return self._sorted_fp[pos]
-
-    def _in_pool(self, pages: np.ndarray) -> np.ndarray:
-        if not self._sorted.size:
-            return np.zeros(pages.shape, bool)
-        pos = np.minimum(np.searchsorted(self._sorted, pages), self._sorted.size - 1)
-        return self._sorted[pos] == pages
-
-    def _release_held(self) -> None:
-        now = time.monotonic()
-        keep = []
-        for when, fps in self._held:
-            if when <= now:
-                self._free[fps] = True
-            else:
-                keep.append((when, fps))
-        self._held = keep
-
-    def _alloc(self, k: int) -> np.ndarray:
-        """``k`` table pages (image pages), growing the file if the pool is short."""
-        if k == 0:
-            return np.zeros(0, np.int64)
-        self._release_held()
-        free = np.flatnonzero(self._free)
-        if free.size < k:
-            short = k - free.size
-            self.store.grow(self.ino, max(GROW_CHUNK, short))
-            self._refresh_pages()
-            free = np.flatnonzero(self._free)
-        take = free[:k]
-        self._free[take] = False
-        return self._pages[take]
-
-    def _hold(self, pages: np.ndarray) -> None:
-        """Return table pages to the pool after the grace period."""
-        if pages.size:
-            self._held.append((time.monotonic() + FREE_GRACE_S, self._file_pages_of(pages)))
-
     # ----------------------------------------------------------- table I/O
 
     @property
+    def _pages(self) -> np.ndarray:
+        return self.memory.pages
+
+    @property
     def _u64(self) -> np.ndarray:
-        return self.store.image_u64
+        return self.memory.u64
 
     @property
     def _tables(self) -> np.ndarray:
-        u = self.store.image_u64
-        return u[: u.size // 512 * 512].reshape(-1, 512)
+        return self.memory.tables
+
+    def _alloc(self, k: int) -> np.ndarray:
+        return self.memory.alloc(k)
+
+    def _hold(self, pages: np.ndarray) -> None:
+        self.memory.hold(pages)
 
     def _phys_entry(self, pages: np.ndarray) -> np.ndarray:
-        """Non-leaf entries pointing at tables in image ``pages``."""
-        return ((pages.astype(U64) + U64(self.store.geometry.base_pfn)) << U64(fmt.PAGE_SHIFT)) | U64(vtd.RW)
+        return self.memory.phys_entry(pages)
 
     def _child_pages(self, entries: np.ndarray, where: np.ndarray) -> np.ndarray:
-        """The pool page each non-leaf entry points at; FormatError for one outside the pool."""
-        child = vtd.entry_pages(entries, self.store.geometry.base_pfn)
-        bad = ~self._in_pool(child)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise FormatError(f"{self.path} table entry", int(where[i]) * 8,
-                              f"points at page {int(child[i])} outside the domain's pool")
-        return child
+        return self.memory.child_pages(entries, where, self.path)
 
     # ------------------------------------------------------------- mapping
 
@@ -433,7 +601,7 @@ class Domain:
             # the parent entries pointing at them, from the level above
             _ps, _pt, pwhere, pent = levels[level - 1]
             pres = ((pent & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level - 1, pent)
-            child = vtd.entry_pages(pent, self.store.geometry.base_pfn)
+            child = vtd.entry_pages(pent, self.memory.base_pfn)
             hit = pres & np.isin(child, empty)
             self._u64[pwhere[hit]] = 0  # after the leaves below them were cleared
             freed.append(child[hit])
@@ -486,8 +654,10 @@ class Domain:
     # ------------------------------------------------------------- queries
 
     def walk(self) -> tuple[list[vtd.Level], list[vtd.Problem]]:
-        """The whole tree as read from the image (``vtd.walk_tree``)."""
-        return vtd.walk_tree(self._u64, self.store.geometry.base_pfn, self.pml4_page, self._sorted)
+        """The whole tree as read from the domain's memory (``vtd.walk_tree``): the levels'
+        ``tables`` and ``where`` index that memory."""
+        m = self.memory
+        return vtd.walk_tree(m.u64, m.base_pfn, m.pml4_page, m.allowed)
 
     def mappings(self) -> list[MappingRange]:
         """Every mapping, coalesced into ranges, sorted by IOVA."""
@@ -575,8 +745,13 @@ class Iommu:
         self.store = store
         self.regs = regs
         self.regs_error = ""  #: why the register block could not be opened
-        self.domains: dict[int, Domain] = {}
+        self.ephemeral: EphemeralMemory | None = None  #: where ephemeral domains' tables live
+        self._owns_ephemeral = False  #: opened by ``open`` from a path: ``close`` closes it
+        self.domains: dict[int, Domain] = {}  #: image and ephemeral domains: one DID space
         self.attached: dict[int, int] = {}  #: source id -> domain id (-1: unknown tables)
+        #: source id -> SLPTPTR of each context entry found at open pointing into memory
+        #: above the image (ephemeral memory: no tables there survived); cleared unless read-only
+        self.stale_entries: dict[int, int] = {}
         self.iommu_dir = 0
         self.root_ino = 0
         self.root_pages = np.zeros(0, np.int64)
@@ -585,20 +760,43 @@ class Iommu:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, store: Store, regs_path: str | None = None) -> Iommu:
+    def open(cls, store: Store, regs_path: str | None = None, *,
+             ephemeral: EphemeralMemory | str | os.PathLike[str] | None = None) -> Iommu:
         """Load every domain under ``/iommu`` and pin the guest files they map.
 
         Raises FormatError naming a domain whose format (magic, compatible
         string) is unknown or whose tree is malformed. A register block
         that cannot be opened does not stop the pins: it is logged, kept in
         ``regs_error``, and ``regs`` stays None.
+
+        An open is the driver starting after a restart. ``ephemeral`` is the
+        memory for ephemeral domains (``create_domain(ephemeral=True)``): an
+        open ``EphemeralMemory`` (the caller closes it) or a path (opened
+        here at ``ephemeral.default_base``, closed by ``close``; EBUSY if
+        another daemon has it). On a read-write store it is poisoned first
+        -- what the restart did to host RAM -- then used fresh; and every
+        context entry pointing into memory above the image (the previous
+        daemon's ephemeral domains: nothing there survived, whether or not
+        this open has ephemeral memory) is logged and cleared, blocking
+        that device, and kept in ``stale_entries``. A read-only store
+        changes nothing: such entries show as attached to unknown tables
+        (-1), and a path is opened read-only if the file exists (for
+        ``translate``); one that cannot be is logged and left out.
+        EINVAL if the memory overlaps the image or lies below it.
         """
         io = cls(store, None)
-        with store.lock:
-            io._load()
-            io._prev_pin_hook = store.pin_hook
-            store.pin_hook = io.pinned
-            store.free_orphans()  # deferred by Store.open until the pins are known
+        mem = io._open_ephemeral(ephemeral)
+        try:
+            if mem is not None and not store.read_only and not mem.read_only:
+                mem.poison()
+            with store.lock:
+                io._load()
+                io._prev_pin_hook = store.pin_hook
+                store.pin_hook = io.pinned
+                store.free_orphans()  # deferred by Store.open until the pins are known
+        except BaseException:
+            io._close_ephemeral()
+            raise
         if regs_path:
             try:
                 io.regs = Regs.open(regs_path)
@@ -607,9 +805,42 @@ class Iommu:
                 log.error("IOMMU register block %s not opened: %s", regs_path, exc)
         return io
 
+    def _open_ephemeral(self, ephemeral: EphemeralMemory | str | os.PathLike[str] | None) -> EphemeralMemory | None:
+        """``open``'s ephemeral memory, placement checked (not poisoned yet)."""
+        st = self.store
+        if ephemeral is None:
+            return None
+        try:
+            if isinstance(ephemeral, EphemeralMemory):
+                self.ephemeral = ephemeral
+            elif not st.read_only:
+                self.ephemeral = EphemeralMemory.open(ephemeral, base_phys=default_base(st.geometry))
+                self._owns_ephemeral = True
+            elif os.path.exists(ephemeral):
+                self.ephemeral = EphemeralMemory.open(ephemeral, read_only=True)
+                self._owns_ephemeral = True
+            else:
+                return None
+            check_placement(st.geometry, self.ephemeral.base_phys, self.ephemeral.npages)
+        except (PkfuseError, OSError) as exc:
+            self._close_ephemeral()
+            if not st.read_only:
+                raise
+            log.warning("ephemeral memory %s not opened: %s", os.fspath(ephemeral) if not isinstance(
+                ephemeral, EphemeralMemory) else ephemeral.path, exc)
+            return None
+        return self.ephemeral
+
+    def _close_ephemeral(self) -> None:
+        if self.ephemeral is not None and self._owns_ephemeral:
+            self.ephemeral.close()
+        self.ephemeral, self._owns_ephemeral = None, False
+
     def close(self) -> None:
         """Put back the pin hook that ``open`` replaced (only if ours is still the one
-        installed: a hook installed after ours is left alone) and close the registers."""
+        installed: a hook installed after ours is left alone) and close the registers
+        (and the ephemeral memory, if ``open`` opened it). Ephemeral domains are not
+        detached: a restart finds their context entries and clears them."""
         with self.store.lock:
             if self.store.pin_hook == self.pinned:
                 self.store.pin_hook = self._prev_pin_hook
@@ -617,6 +848,7 @@ class Iommu:
         if self.regs is not None:
             self.regs.close()
             self.regs = None
+        self._close_ephemeral()
 
     def __enter__(self) -> Iommu:
         return self
@@ -650,16 +882,12 @@ class Iommu:
         if verdict.domain_id is None:
             return self._half_made(name, path, verdict.half_made)
         did = verdict.domain_id
-        dom = Domain(self, ino, name, did, verdict.flags)
+        dom = Domain(self, ImageTables(st, self.iommu_dir, ino, name), did, verdict.flags)
         levels, problems = dom.walk()
         if problems:
             p = problems[0]
             raise FormatError(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
-        used = np.concatenate([lv.tables for lv in levels])
-        free = np.ones(dom._pages.size, bool)
-        free[:2] = False
-        free[dom._file_pages_of(used[1:])] = False
-        dom._free[:] = free  # a restart takes longer than any walk: no grace needed
+        dom.memory.mark_used(np.concatenate([lv.tables for lv in levels[1:]]))
         dom.pins = self._count_owners(*vtd.leaf_frames(levels))
         return dom
 
@@ -672,17 +900,22 @@ class Iommu:
 
     def _scan_context_entries(self) -> None:
         u64 = self.store.image_u64
-        by_pml4 = {d.pml4_page: d.domain_id for d in self.domains.values()}
+        above = image_end(self.store.geometry)  # ephemeral memory is at or above it
+        by_pml4 = {d.pml4_phys: d.domain_id for d in self.domains.values()}
         root = self.root_pages[0] * 512
         re_lo = u64[root : root + 512 : 2]
         self.attached = {}
+        self.stale_entries = {}
         for bus in np.flatnonzero(re_lo & U64(fmt.RE_LO_P)).tolist():
             ct = int(self.root_pages[1 + bus])
             lo = u64[ct * 512 : ct * 512 + 512 : 2]
             devfns = np.flatnonzero(lo & U64(fmt.CE_LO_P))
-            pages = vtd.entry_pages(lo[devfns], self.store.geometry.base_pfn)  # each one's SL-PML4
-            for devfn, page in zip(devfns.tolist(), pages.tolist()):
-                did = by_pml4.get(page, -1)
+            ptrs = lo[devfns] & U64(fmt.CE_LO_SLPTPTR_MASK)  # each one's SL-PML4
+            for devfn, ptr in zip(devfns.tolist(), ptrs.tolist()):
+                if ptr >= above:
+                    self._stale_entry((bus << 8) | devfn, ct * 512 + devfn * 2, ptr)
+                    continue
+                did = by_pml4.get(ptr, -1)
                 self.attached[(bus << 8) | devfn] = did
                 hi_where = ct * 512 + devfn * 2 + 1
                 if did > 0 and vtd.context_entry_fields(0, int(u64[hi_where]))["DID"] != did \
@@ -690,14 +923,44 @@ class Iommu:
                     # killed inside a replacing attach, between its two stores: finish it
                     u64[hi_where] = vtd.context_entry(0, did)[1]
 
-    def _writable(self, *domains: Domain) -> None:
+    def _stale_entry(self, sid: int, where: int, ptr: int) -> None:
+        """A context entry pointing into ephemeral memory, found at open: its tables did not
+        survive the restart. Cleared (P first), unless the store is read-only."""
+        u64 = self.store.image_u64
+        did = vtd.context_entry_fields(0, int(u64[where + 1]))["DID"]
+        mem = self.ephemeral
+        what = "this boot's ephemeral memory, just poisoned" if mem is not None and \
+            mem.base_phys <= ptr < mem.end_phys else "memory above the image (ephemeral)"
+        self.stale_entries[sid] = ptr
+        if self.store.read_only:
+            log.warning("requester %s: context entry (DID %d) points at %#x in %s, whose tables did not "
+                        "survive the restart; left as is on a read-only store", fmt.requester_name(sid), did, ptr, what)
+            self.attached[sid] = -1
+            return
+        log.warning("requester %s: context entry (DID %d) points at %#x in %s, whose tables did not survive "
+                    "the restart; cleared, the device is blocked", fmt.requester_name(sid), did, ptr, what)
+        u64[where] = 0  # P drops in one store
+        u64[where + 1] = 0
+
+    def _writable(self, *domains: Domain, dead_ok: bool = False) -> None:
         """Refuse a change to a read-only image, or to a Domain object whose file
-        was destroyed (its pages may belong to another file by now)."""
+        was destroyed (its pages may belong to another file by now), or -- unless
+        ``dead_ok`` (detach, destroy) -- to an ephemeral domain whose memory was
+        poisoned since it was made."""
         if self.store.read_only:
             raise _errno(errno.EROFS, "image opened read-only")
         for d in domains:
             if self.domains.get(d.domain_id) is not d:
                 raise _errno(errno.ENOENT, f"{d.path} is not a live domain")
+            if not dead_ok and not d.memory.alive:
+                raise _errno(errno.ENOENT, f"{d.path}: its ephemeral memory was poisoned (a restart) since")
+
+    def _need_ephemeral(self) -> EphemeralMemory:
+        if self.ephemeral is None:
+            raise _errno(errno.ENODEV, "no ephemeral memory was opened (Iommu.open(..., ephemeral=...))")
+        if self.ephemeral.read_only:
+            raise _errno(errno.EROFS, f"ephemeral memory {self.ephemeral.path} opened read-only")
+        return self.ephemeral
 
     # --------------------------------------------------------------- pins
 
@@ -799,8 +1062,16 @@ class Iommu:
         except KeyError:
             raise _errno(errno.ENOENT, f"no IOMMU domain {domain_id}") from None
 
-    def create_domain(self, domain_id: int | None = None, *, flags: int = 0) -> Domain:
-        """A new empty domain ``iommu/dom-<DID>`` (smallest free DID >= 1 by default)."""
+    def create_domain(self, domain_id: int | None = None, *, flags: int = 0, ephemeral: bool = False) -> Domain:
+        """A new empty domain (smallest free DID >= 1 by default; EEXIST for a DID in use).
+
+        By default its tables are the file ``iommu/dom-<DID>`` in the image,
+        which a restart keeps. With ``ephemeral`` they are pages of the
+        ephemeral memory (ENODEV unless ``open`` was given one, ENOMEM when
+        it is full): no file, nothing a restart keeps, the same API. Image
+        and ephemeral domains share one DID space, so a context entry's DID
+        names one domain of either kind.
+        """
         with self.store.lock:
             self._writable()
             if domain_id is None:
@@ -809,6 +1080,12 @@ class Iommu:
                 raise _errno(errno.EINVAL, f"domain id {domain_id} outside 1..{MAX_DOMAIN_ID}")
             if domain_id in self.domains:
                 raise _errno(errno.EEXIST, f"IOMMU domain {domain_id} exists")
+            if ephemeral:
+                tables = EphemeralTables(self._need_ephemeral())
+                tables.tables[tables.pml4_page] = 0  # an empty SL-PML4 (the page held poison)
+                dom = Domain(self, tables, domain_id, flags)
+                self.domains[domain_id] = dom
+                return dom
             name = domain_file_name(domain_id)
             ino = self.store.create(self.iommu_dir, name, 0o444, 0, 0, kind=fmt.KIND_IOMMU_DOMAIN)
             try:
@@ -816,7 +1093,7 @@ class Iommu:
             except BaseException:
                 self.store.unlink(self.iommu_dir, name, managed=True)
                 raise
-            dom = Domain(self, ino, name, domain_id, flags)
+            dom = Domain(self, ImageTables(self.store, self.iommu_dir, ino, name), domain_id, flags)
             hdr = np.zeros(1, fmt.DOMAIN_HEADER_DTYPE)
             hdr["compatible"], hdr["domain_id"], hdr["address_width"] = fmt.DOMAIN_COMPATIBLE, domain_id, fmt.CE_AW_48
             hdr["flags"], hdr["pml4_file_page"], hdr["magic"] = flags, 1, fmt.DOMAIN_MAGIC
@@ -828,8 +1105,9 @@ class Iommu:
             return dom
 
     def destroy_domain(self, domain: Domain) -> None:
-        """Free every page of ``domain`` by unlinking its file, once no walk can be inside
-        (EBUSY while attached); its pins go with it.
+        """Free every page of ``domain`` -- unlink its file, or give its pages back to the
+        ephemeral memory -- once no walk can be inside (EBUSY while attached); its pins
+        go with it.
 
         Waits out the grace period after the last detach (up to
         ``FREE_GRACE_S``) *without* holding ``store.lock``: other store and
@@ -848,22 +1126,25 @@ class Iommu:
         period since the last detach has passed, else changes nothing and returns the
         seconds left (a trio caller sleeps them with ``trio.sleep`` and calls again)."""
         with self.store.lock:
-            self._writable(domain)
+            self._writable(domain, dead_ok=True)
             if domain.attached:
                 rids = ", ".join(fmt.requester_name(s) for s in domain.attached)
                 raise _errno(errno.EBUSY, f"{domain.path} is attached to {rids}")
             wait = domain._quiet_after - time.monotonic()
             if wait > 0:  # a walk that read its context entry before the detach
                 return wait
-            self.store.unlink(self.iommu_dir, domain.name.encode(), managed=True)
+            domain.memory.destroy()
             del self.domains[domain.domain_id]
             domain.pins.clear()
             return 0.0
 
-    def copy_domain(self, src: Domain, domain_id: int | None = None) -> Domain:
-        """A new domain (flag DOMF_SAVED) with the same translations as ``src``."""
+    def copy_domain(self, src: Domain, domain_id: int | None = None, *, ephemeral: bool = False) -> Domain:
+        """A new domain with the same translations as ``src``, of either kind from either:
+        in the image with flag DOMF_SAVED (what a live-update freeze makes of an
+        ephemeral domain), or with ``ephemeral`` in the ephemeral memory, flags 0 (what
+        a restore makes of the saved one)."""
         with self.store.lock:
-            dst = self.create_domain(domain_id, flags=fmt.DOMF_SAVED)
+            dst = self.create_domain(domain_id, flags=0 if ephemeral else fmt.DOMF_SAVED, ephemeral=ephemeral)
             try:
                 self.copy_into(src, dst)
             except BaseException:
@@ -872,7 +1153,8 @@ class Iommu:
             return dst
 
     def copy_into(self, src: Domain, dst: Domain) -> None:
-        """Make the empty domain ``dst`` translate exactly as ``src`` (a full copy of the tree)."""
+        """Make the empty domain ``dst`` translate exactly as ``src`` (a full copy of the tree,
+        from either memory into either: pointers are re-encoded for ``dst``'s memory)."""
         with self.store.lock:
             self._writable(src, dst)
             levels, problems = src.walk()
@@ -885,22 +1167,22 @@ class Iommu:
             new = dst._alloc(old.size)
             order = np.argsort(old)
             old_sorted, new_sorted = old[order], new[order]
-            tables = dst._tables
-            base_pfn = self.store.geometry.base_pfn
+            src_tables, dst_tables = src._tables, dst._tables
+            src_base, dst_base = src.memory.base_pfn, dst.memory.base_pfn
             contents = []
             for level, lv in enumerate(levels[:3]):
-                block = tables[lv.tables].copy()
+                block = src_tables[lv.tables].copy()
                 ptr = ((block & U64(vtd.RW)) != 0) & ~vtd.is_leaf(level, block)
-                moved = new_sorted[np.searchsorted(old_sorted, vtd.entry_pages(block[ptr], base_pfn))]
+                moved = new_sorted[np.searchsorted(old_sorted, vtd.entry_pages(block[ptr], src_base))]
                 # the same entry (R/W and all) pointing at the copy of its table
-                block[ptr] = (block[ptr] & ~U64(fmt.SL_ADDR_MASK)) | ((moved.astype(U64) + U64(base_pfn)) << U64(12))
+                block[ptr] = (block[ptr] & ~U64(fmt.SL_ADDR_MASK)) | ((moved.astype(U64) + U64(dst_base)) << U64(12))
                 contents.append(block)
-            contents.append(tables[levels[3].tables].copy())
+            contents.append(src_tables[levels[3].tables].copy())
             if old.size:
-                tables[new] = np.concatenate(contents[1:])  # unreachable until the SL-PML4 below
+                dst_tables[new] = np.concatenate(contents[1:])  # unreachable until the SL-PML4 below
             pml4 = contents[0][0]
             used = np.flatnonzero(pml4)  # dst may be attached: one 8-byte store per entry
-            self.store.image_u64[dst.pml4_page * 512 + used] = pml4[used]
+            dst._u64[dst.pml4_page * 512 + used] = pml4[used]
             for ino, n in src.pins.items():
                 dst.pins[ino] = dst.pins.get(ino, 0) + n
 
@@ -956,7 +1238,7 @@ class Iommu:
     def detach(self, domain: Domain, bus: int, dev: int, fn: int) -> None:
         """Clear the requester's context entry (ENOENT unless attached to ``domain``)."""
         with self.store.lock:
-            self._writable(domain)
+            self._writable(domain, dead_ok=True)
             sid, _ct, where = self._context_where(bus, dev, fn)
             if self.attached.get(sid) != domain.domain_id:
                 raise _errno(errno.ENOENT, f"requester {fmt.requester_name(sid)} is not attached to {domain.path}")
@@ -988,9 +1270,11 @@ class Iommu:
 
     def translate(self, bus: int, dev: int, fn: int, iovas: Iterable[int] | np.ndarray,
                   write: bool | np.ndarray = False) -> tuple[np.ndarray, np.ndarray]:
-        """Run the hardware walker over this store's image (see ``backing.walker``)."""
+        """Run the hardware walker over this store's image and the ephemeral memory, if
+        open (see ``backing.walker``)."""
         from .walker import translate
 
         g = self.store.geometry
+        mem = self.ephemeral.region() if self.ephemeral is not None else None
         return translate(self.store.image_u64, g.base_phys, g.npages, self._need_regs(),
-                         fmt.requester_id(bus, dev, fn), np.asarray(iovas, U64), write)
+                         fmt.requester_id(bus, dev, fn), np.asarray(iovas, U64), write, ephemeral=mem)

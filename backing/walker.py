@@ -2,8 +2,9 @@
 
 It does what VT-d hardware does for an untranslated request from a
 requester (source id = bus:dev.fn), and reads nothing but the register
-block and the image (so it runs in any process, against the image mapped
-read-only, while the daemon changes the tables):
+block and physical memory -- the image and, when given, the ephemeral
+memory (``backing.ephemeral``) -- so it runs in any process, against both
+files mapped read-only, while the daemon changes the tables:
 
 1. GSTS.TES clear: the request is blocked (FR_TRANSLATION_DISABLED).
 2. RTADDR -> root entry of the bus: present? reserved bits clear?
@@ -18,9 +19,15 @@ read-only, while the daemon changes the tables):
    of R/W over all levels.
 5. An IOVA at or above 2**48 faults with FR_ADDR_BEYOND_AW.
 
-pkfuse's physical memory is the image: a pointer outside it faults
+pkfuse's physical memory is the image range ``[base_phys, base_phys +
+npages * 4096)`` and, when ``translate`` is given ``ephemeral``, the
+ephemeral range (above the image, with a hole between): any table or leaf
+may be in either, as in host RAM, so a context entry whose SLPTPTR is in
+ephemeral memory walks the tables there. A pointer into neither faults
 (root table FR_ROOT_TABLE_INVALID, context table FR_CONTEXT_TABLE_INVALID,
-next table or leaf FR_NEXT_PT_INVALID) -- never an IndexError.
+next table or leaf FR_NEXT_PT_INVALID) -- never an IndexError. Poisoned
+ephemeral memory (all-ones entries) faults with FR_PT_RSVD at the first
+entry read.
 
 Every bit is decoded by ``backing.vtd`` (the module the domain code and
 fsck use), so the walker and fsck cannot disagree on an entry.
@@ -28,6 +35,9 @@ fsck use), so the walker and fsck cannot disagree on an entry.
 Faults are appended to the register block's fault log (unless the context
 entry has FPD set), not raised. A batch is translated level by level with
 numpy gathers; the work per level shrinks as IOVAs fault or reach a leaf.
+Where every IOVA's table at a level is in one memory (always, for tables
+pkfuse writes: a domain's tables are all in one memory) the level is one
+gather from that memory's array; a level whose tables are in both is split.
 """
 
 from __future__ import annotations
@@ -38,8 +48,12 @@ import numpy as np
 
 from . import format as fmt
 from . import vtd
+from .ephemeral import EPHEMERAL_HEADER_DTYPE, EPHEMERAL_MAGIC
 from .errors import FormatError
 from .regs import Regs
+
+#: one range of physical memory as the walker reads it: (u64 words, base_phys, npages)
+Region = tuple[np.ndarray, int, int]
 
 U64 = np.uint64
 _RW = U64(vtd.RW)
@@ -62,30 +76,45 @@ def open_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, int, int]:
     return image[: npages * fmt.PAGE_SIZE].view("<u8").view(np.ndarray), int(sb["base_phys"]), npages
 
 
+def open_ephemeral(path: str | os.PathLike[str]) -> Region:
+    """Map an ephemeral memory file read-only for a walker: (u64, base_phys, npages).
+
+    Good for one boot of the daemon: the header's ``boot_id`` changes at
+    every restart (and ``base_phys`` may), then map it again."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    raw = mm[: EPHEMERAL_HEADER_DTYPE.itemsize]
+    if raw.size < EPHEMERAL_HEADER_DTYPE.itemsize or bytes(raw[:8]) != EPHEMERAL_MAGIC:
+        raise FormatError("ephemeral.magic", 0, f"{os.fspath(path)} is not a pkfuse ephemeral memory file")
+    hdr = raw.view(EPHEMERAL_HEADER_DTYPE)[0]
+    npages = min(int(hdr["npages"]), mm.size // fmt.PAGE_SIZE - 1)
+    return (mm[fmt.PAGE_SIZE : (1 + npages) * fmt.PAGE_SIZE].view("<u8").view(np.ndarray),
+            int(hdr["base_phys"]), npages)
+
+
 def translate(image_u64: np.ndarray, base_phys: int, npages: int, regs: Regs, source_id: int,
-              iovas: np.ndarray, write: bool | np.ndarray = False) -> tuple[np.ndarray, np.ndarray]:
+              iovas: np.ndarray, write: bool | np.ndarray = False, *,
+              ephemeral: Region | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Translate ``iovas`` for requester ``source_id``: (phys uint64, fault uint16).
 
     ``fault`` is 0 where the translation succeeded, else the FR_* reason;
     ``phys`` is 0 where it faulted. ``write`` is the request type, one
-    for all or one per IOVA.
+    for all or one per IOVA. ``ephemeral`` is the ephemeral memory's
+    region (``EphemeralMemory.region()`` or ``open_ephemeral``); without it
+    physical memory is the image alone.
     """
     iovas = np.ascontiguousarray(iovas, dtype=U64).ravel()
-    if type(image_u64) is not np.ndarray:
-        image_u64 = image_u64.view(np.ndarray)
     n = iovas.size
     phys = np.zeros(n, U64)
     fault = np.zeros(n, np.uint16)
     wr = np.broadcast_to(np.asarray(write, bool), (n,))
     if n == 0:
         return phys, fault
-    npages = min(npages, image_u64.size // fmt.VTD_PT_ENTRIES)
-    base_pfn = base_phys >> fmt.PAGE_SHIFT
-    reason, fpd, slpt_page = _context(image_u64, base_pfn, npages, regs, source_id)
+    mem = _Memory(image_u64, base_phys, npages, ephemeral)
+    reason, fpd, slpt = _context(mem, regs, source_id)
     if reason:
         fault[:] = reason
     else:
-        _walk(image_u64, base_pfn, npages, slpt_page, iovas, wr, phys, fault)
+        _walk(mem, slpt[0], slpt[1], iovas, wr, phys, fault)
     if not fpd:
         bad = np.flatnonzero(fault)
         if bad.size:
@@ -93,44 +122,69 @@ def translate(image_u64: np.ndarray, base_phys: int, npages: int, regs: Regs, so
     return phys, fault
 
 
-def _page(phys_addr: int, base_pfn: int, npages: int) -> int | None:
-    page = (phys_addr >> fmt.PAGE_SHIFT) - base_pfn
-    return page if 0 <= page < npages else None
+class _Memory:
+    """Physical memory for one translate call: region 0 the image, region 1 (if given)
+    the ephemeral memory; per region a plain ndarray of words, its first pfn, its pages."""
+
+    __slots__ = ("u", "base", "n")
+
+    def __init__(self, image_u64: np.ndarray, base_phys: int, npages: int, ephemeral: Region | None) -> None:
+        regions = [(image_u64, base_phys, npages)] + ([ephemeral] if ephemeral is not None else [])
+        self.u: list[np.ndarray] = []
+        self.base: list[int] = []
+        self.n: list[int] = []
+        for u, b, n in regions:
+            if type(u) is not np.ndarray:  # memmap's __getitem__ costs more than the gathers
+                u = u.view(np.ndarray)
+            self.u.append(u)
+            self.base.append(b >> fmt.PAGE_SHIFT)
+            self.n.append(min(n, u.size // fmt.VTD_PT_ENTRIES))
+
+    def locate(self, phys_addr: int) -> tuple[int, int] | None:
+        """(region, page) of the page holding ``phys_addr``; None outside every region."""
+        pfn = phys_addr >> fmt.PAGE_SHIFT
+        for r, (b, n) in enumerate(zip(self.base, self.n)):
+            if 0 <= pfn - b < n:
+                return r, pfn - b
+        return None
+
+    def word(self, where: tuple[int, int], index: int) -> int:
+        return int(self.u[where[0]][where[1] * 512 + index])
 
 
-def _context(image_u64: np.ndarray, base_pfn: int, npages: int, regs: Regs, source_id: int,
-             ) -> tuple[int, bool, int]:
-    """Steps 1-3 for one requester: (fault reason or 0, FPD, SL-PML4 image page)."""
+def _context(mem: _Memory, regs: Regs, source_id: int) -> tuple[int, bool, tuple[int, int]]:
+    """Steps 1-3 for one requester: (fault reason or 0, FPD, (region, page) of the SL-PML4)."""
+    none = (0, 0)
     if not regs.gsts & fmt.GSTS_TES:
-        return fmt.FR_TRANSLATION_DISABLED, False, 0
-    rt = _page(regs.rtaddr, base_pfn, npages)
+        return fmt.FR_TRANSLATION_DISABLED, False, none
+    rt = mem.locate(regs.rtaddr)
     if rt is None or regs.rtaddr % fmt.PAGE_SIZE:
-        return fmt.FR_ROOT_TABLE_INVALID, False, 0
+        return fmt.FR_ROOT_TABLE_INVALID, False, none
     bus, devfn = (source_id >> 8) & 0xFF, source_id & 0xFF
-    re = vtd.root_entry_fields(int(image_u64[rt * 512 + bus * 2]), int(image_u64[rt * 512 + bus * 2 + 1]))
+    re = vtd.root_entry_fields(mem.word(rt, bus * 2), mem.word(rt, bus * 2 + 1))
     if not re["P"]:
-        return fmt.FR_ROOT_NOT_PRESENT, False, 0
+        return fmt.FR_ROOT_NOT_PRESENT, False, none
     if re["rsvd_lo"] or re["rsvd_hi"]:
-        return fmt.FR_ROOT_RSVD, False, 0
-    ct = _page(re["CTP"], base_pfn, npages)
+        return fmt.FR_ROOT_RSVD, False, none
+    ct = mem.locate(re["CTP"])
     if ct is None:
-        return fmt.FR_CONTEXT_TABLE_INVALID, False, 0
-    ce = vtd.context_entry_fields(int(image_u64[ct * 512 + devfn * 2]), int(image_u64[ct * 512 + devfn * 2 + 1]))
+        return fmt.FR_CONTEXT_TABLE_INVALID, False, none
+    ce = vtd.context_entry_fields(mem.word(ct, devfn * 2), mem.word(ct, devfn * 2 + 1))
     if not ce["P"]:
-        return fmt.FR_CONTEXT_NOT_PRESENT, False, 0
+        return fmt.FR_CONTEXT_NOT_PRESENT, False, none
     fpd = bool(ce["FPD"])
     if ce["rsvd_lo"] or ce["rsvd_hi"]:
-        return fmt.FR_CONTEXT_RSVD, fpd, 0
+        return fmt.FR_CONTEXT_RSVD, fpd, none
     if ce["TT"] != fmt.CE_TT_UNTRANSLATED or ce["AW"] != fmt.CE_AW_48:
-        return fmt.FR_CONTEXT_INVALID, fpd, 0
-    slpt = _page(ce["SLPTPTR"], base_pfn, npages)
+        return fmt.FR_CONTEXT_INVALID, fpd, none
+    slpt = mem.locate(ce["SLPTPTR"])
     if slpt is None:
-        return fmt.FR_NEXT_PT_INVALID, fpd, 0
+        return fmt.FR_NEXT_PT_INVALID, fpd, none
     return 0, fpd, slpt
 
 
-def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iovas: np.ndarray,
-          wr: np.ndarray, phys: np.ndarray, fault: np.ndarray) -> None:
+def _walk(mem: _Memory, region: int, slpt_page: int, iovas: np.ndarray, wr: np.ndarray, phys: np.ndarray,
+          fault: np.ndarray) -> None:
     """Step 4 for a batch; fills ``phys`` and ``fault`` in place."""
     beyond = (iovas >> U64(fmt.VTD_IOVA_BITS)) != 0
     if beyond.any():
@@ -139,12 +193,19 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
         iv, w = iovas[idx], wr[idx]
     else:
         idx, iv, w = None, iovas, wr  # None: the identity (fast path, no gathers)
-    tbl = np.int64(slpt_page) * 512  # u64 index of entry 0 of each IOVA's current table
+    two = len(mem.u) > 1
+    base_pfn, npages = mem.base[0], mem.n[0]
+    base, n0 = np.uint64(base_pfn), U64(npages)
+    if two:
+        base1, n1 = U64(mem.base[1]), U64(mem.n[1])
+        shift1 = mem.base[1] - base_pfn  # image page - this = ephemeral page
+    reg: int | np.ndarray = region  # memory of each IOVA's current table: one for all, or per IOVA
+    tbl = np.int64(slpt_page) * 512  # word index (in that memory) of entry 0 of each IOVA's current table
     allow = np.ones(iv.size, bool)  # AND of the needed access right over the levels
     need = np.where(w, _W, _R)
-    base = np.uint64(base_pfn)
     for level in range(fmt.VTD_LEVELS):
-        e = image_u64[tbl + ((iv >> _SHIFTS[level]) & _IDX).astype(np.int64)]
+        at = tbl + ((iv >> _SHIFTS[level]) & _IDX).astype(np.int64)
+        e = mem.u[reg][at] if isinstance(reg, int) else _gather(mem, reg, at)
         allow &= (e & need) != 0
         present = (e & _RW) != 0
         leaf = present & vtd.is_leaf(level, e)
@@ -165,7 +226,9 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
             iv_l = iv if every else iv[done]
             pa = (e_l & _LEAF_ADDR[level]) | (iv_l & U64((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
             allowed = allow if every else allow[done]
-            inside = ((pa >> _PAGE_SHIFT) - base) < U64(npages)  # wraps below base: huge -> outside
+            inside = ((pa >> _PAGE_SHIFT) - base) < n0  # wraps below base: huge -> outside
+            if two:
+                inside |= ((pa >> _PAGE_SHIFT) - base1) < n1
             good = allowed & inside
             if not good.all():
                 w_l = w if every else w[done]
@@ -184,15 +247,30 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
             phys[tgt] = pa
         cont = ok & ~leaf
         if level < 3:
-            nxt = vtd.entry_pages(e[cont], base_pfn)
-            outside = nxt.view(U64) >= U64(npages)  # a page below the image wraps to a huge one
+            nxt = vtd.entry_pages(e[cont], base_pfn)  # image pages
+            in0 = nxt.view(U64) < n0  # a page below the image wraps to a huge one
+            if two:
+                nxt1 = nxt - shift1  # ephemeral pages
+                in1 = nxt1.view(U64) < n1
+                outside = ~(in0 | in1)
+            else:
+                outside = ~in0
             if outside.any():
                 sub = np.flatnonzero(cont)[outside]
                 if fr is None:
                     fr = np.zeros(e.size, np.uint16)
                 fr[sub] = fmt.FR_NEXT_PT_INVALID
                 cont[sub] = False
-                nxt = nxt[~outside]
+                inside = ~outside
+                nxt, in0 = nxt[inside], in0[inside]
+                if two:
+                    nxt1 = nxt1[inside]
+            nreg: int | np.ndarray = 0
+            if two and not in0.all():
+                if not in0.any():
+                    nreg, nxt = 1, nxt1
+                else:  # tables in both memories at this level
+                    nreg, nxt = (~in0).astype(np.int8), np.where(in0, nxt, nxt1)
         if fr is not None:
             bad = fr != 0
             if bad.any():
@@ -200,9 +278,19 @@ def _walk(image_u64: np.ndarray, base_pfn: int, npages: int, slpt_page: int, iov
                 fault[tgt] = fr[bad]
         if level == 3 or not cont.any():
             return
+        reg = nreg
         if cont.all():
             tbl = nxt * 512
             continue
         idx = np.flatnonzero(cont) if idx is None else idx[cont]
         iv, w, allow, need = iv[cont], w[cont], allow[cont], need[cont]
         tbl = nxt * 512
+
+
+def _gather(mem: _Memory, reg: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Words ``at[i]`` of memory ``reg[i]`` (a level whose tables are in both memories)."""
+    e = np.empty(at.size, U64)
+    in1 = reg.astype(bool)
+    e[~in1] = mem.u[0][at[~in1]]
+    e[in1] = mem.u[1][at[in1]]
+    return e
