@@ -159,11 +159,17 @@ class Iommufd:
 
     Install with ``Iommufd(store, iommu)`` after ``Iommu.open``; ``close``
     puts the previous pin hook back. Every method holds ``store.lock``.
+    ``ephemeral``: HWPT domains are made in the IOMMU's ephemeral memory (the
+    review's design; ``Iommu.open(..., ephemeral=...)`` must have opened it),
+    not in ``iommu/dom-<DID>`` files of the image (pkernfs's).
     """
 
-    def __init__(self, store: Store, iommu: Iommu) -> None:
+    def __init__(self, store: Store, iommu: Iommu, *, ephemeral: bool = False) -> None:
+        if ephemeral and getattr(iommu, "ephemeral", None) is None:
+            raise StoreError(errno.EINVAL, "ephemeral domains need the IOMMU opened with ephemeral memory")
         self.store = store
         self.iommu = iommu
+        self.ephemeral = ephemeral
         self.contexts: list[Context] = []
         self.bound: dict[int, Context] = {}  #: rid -> the context it is bound to
         self.area_pins: dict[int, int] = {}  #: ino -> areas over it, in every context
@@ -447,7 +453,7 @@ class Context:
             self.objects[h.id] = h
             ioas.hwpts.append(h)
             return h
-        domain = io.create_domain()
+        domain = io.create_domain(ephemeral=True) if self.fd.ephemeral else io.create_domain()
         try:
             for a in ioas.areas:
                 domain.map_file(a.ino, a.offset, a.length, a.iova, write=a.writeable)

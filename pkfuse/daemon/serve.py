@@ -118,7 +118,9 @@ def _open_iommu(store: Store, image: str, opts: dict[str, Any]) -> tuple[Iommu |
     it nothing would stop a truncate or unlink of guest pages that a
     domain's tables still point at. So state that does not load refuses a
     read-write mount; a read-only mount serves the files and says why in
-    the log and in ``.pkernfs/status``.
+    the log and in ``.pkernfs/status``. With ``-o domains=ephemeral`` the
+    HWPT domains' tables go to ``IMAGE.ephemeral`` (host RAM outside the
+    reserved range), which the open poisons: nothing there survives a restart.
     """
     from backing import iommu as iommu_mod
     from backing import regs as regs_mod
@@ -126,8 +128,13 @@ def _open_iommu(store: Store, image: str, opts: dict[str, Any]) -> tuple[Iommu |
     regs: str | None = os.path.abspath(opts.get("regs") or regs_mod.default_path(image))
     if opts["read_only"] and regs and not os.path.exists(regs):
         regs = None
+    ephemeral = None
+    if opts.get("domains") == "ephemeral" and not opts["read_only"]:
+        from backing import ephemeral as ephemeral_mod
+
+        ephemeral = ephemeral_mod.default_path(image)  # host RAM outside the reserved range
     try:
-        return iommu_mod.Iommu.open(store, regs), regs
+        return iommu_mod.Iommu.open(store, regs, ephemeral=ephemeral), regs
     except (PkfuseError, OSError) as exc:
         if not opts["read_only"]:
             raise MountError(f"the IOMMU state of {image} does not load ({exc}); guest files could not be "
@@ -147,8 +154,9 @@ def _control_server(store: Any, iommu: Any, opts: dict[str, Any]) -> ControlServ
     from .control import ControlServer, FileResolver, default_path
 
     path = os.path.abspath(opts.get("control") or default_path(store.uuid))
-    iommufd = Iommufd(store, iommu)
-    lu = LiveUpdate(store, iommufd, mode=opts.get("domains") or "persistent")
+    mode = opts.get("domains") or "persistent"
+    iommufd = Iommufd(store, iommu, ephemeral=mode == "ephemeral")
+    lu = LiveUpdate(store, iommufd, mode=mode)
     findings = lu.restore()  # the previous kernel's sessions, before any client can ask for them
     log.info("live update: boot %d, %d sessions restored, %d refused%s", lu.boot, len(lu.incoming),
              len(lu.refused), "".join(f"\n  {f}" for f in findings))
