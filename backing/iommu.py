@@ -1,26 +1,48 @@
-"""IOMMU domains in the image: VT-d second-level page tables that survive a restart.
+"""IOMMU domains: VT-d second-level page tables, in the image (kept by a restart) or in
+ephemeral memory (not kept).
 
 Objects
 -------
 ``Iommu`` is the kernel's IOMMU driver state for one open store: the
 root-pgtables file (VT-d root table in file page 0, context table of bus
-``b`` in file page ``1 + b``), every domain file ``iommu/dom-<DID>``, the
-per-guest-file pin counts (installed as ``store.pin_hook``) and, optionally,
-the simulated register block. ``Domain`` is one domain: file page 0 its
-header (``format.DOMAIN_HEADER_DTYPE``, KHO-style compatible string), file
-page 1 its SL-PML4, the other file pages its pool of table pages.
+``b`` in file page ``1 + b``), every domain, the per-guest-file pin counts
+(installed as ``store.pin_hook``) and, optionally, the simulated register
+block and the ephemeral memory (``backing.ephemeral``). ``Domain`` is one
+domain; where its tables live is its ``TableMemory``:
 
-Nothing about a domain lives outside the image. Which pool pages are in use
-is *derived*: ``Iommu.open`` walks each tree from its SL-PML4 and every
-pool page not reachable is free (this also reclaims tables that a kill
-cut off in the middle of a map). Table entries hold physical addresses.
+* ``ImageTables`` -- the file ``iommu/dom-<DID>``: file page 0 its header
+  (``format.DOMAIN_HEADER_DTYPE``, KHO-style compatible string), file page
+  1 its SL-PML4, the other file pages its pool of table pages. Nothing
+  about such a domain lives outside the image. Which pool pages are in use
+  is *derived*: ``Iommu.open`` walks each tree from its SL-PML4 and every
+  pool page not reachable is free (this also reclaims tables that a kill
+  cut off in the middle of a map).
+* ``EphemeralTables`` -- pages of the ephemeral memory, host RAM outside
+  the reserved range (issue 11, "Where domains live": normal domains live
+  there, only the fixed domain a live-update freeze fills lives in the
+  image). No file and no header: the domain is process state, and nothing
+  of it survives a restart -- ``Iommu.open`` poisons that memory and clears
+  every context entry pointing into it (anything at or above the image's
+  end), blocking the device. Its pages never come from the image.
+
+Both kinds have one API and one mapping code (the memory object only
+allocates pages, holds freed ones for the grace period and encodes
+pointers), share one DID space (``Iommu.domains``), pin guest files alike,
+attach alike (a replacing attach between the kinds is hitless) and copy
+into each other (``copy_domain``: ephemeral -> image with DOMF_SAVED is
+the freeze; image -> ephemeral the restore). Table entries hold physical
+addresses: of image pages, or of ephemeral pages; leaves always point at
+guest pages in the image.
 
 Ordering (what a walker in another process may observe)
 -------------------------------------------------------
 * A new table page is written completely (all 512 entries, as whole rows)
   before any entry that makes it reachable; every change to a reachable
   table is one aligned 8-byte store. So a concurrent walk sees each entry
-  either old or new, never torn, and never a half-filled table.
+  either old or new, never torn, and never a half-filled table. (A page of
+  ephemeral memory handed out holds poison, never zeros: nothing relies on
+  a fresh page being empty -- a new ephemeral domain's SL-PML4 is zeroed
+  before the domain exists.)
 * Splitting a superpage builds the equivalent next-level table first and
   swaps the parent entry with one store: translations do not change.
 * Unmap clears leaves first, then the pointers to tables that became
@@ -32,15 +54,16 @@ Ordering (what a walker in another process may observe)
 * Root and context entries: attach makes the bus's root entry present
   first (its context table was zeroed at mkfs), then writes the context
   entry's hi word (DID, AW), then its lo word (SLPTPTR, TT, P) last; detach
-  (and a replacing attach) clears lo first so P drops in one store. A kill
-  between the two stores leaves a non-present entry with an old hi word,
-  which hardware ignores and fsck accepts.
+  clears lo first so P drops in one store. A kill between the two stores
+  leaves a non-present entry with an old hi word, which hardware ignores
+  and fsck accepts. A replacing attach switches lo in one store (the entry
+  stays present) and then hi (see ``Iommu.attach``), between the kinds too.
 
 Crash consistency: pool growth is a journaled ``Store.grow``; table writes
 need no journal because of the ordering above -- after a kill, every
 translation is old or new and unreachable pages are free at the next open.
 A domain file whose header magic is still zero (killed during creation) is
-removed at open.
+removed at open. Ephemeral tables need no crash story: a kill loses them all.
 
 Superpages: ``map`` uses 1 GiB (SL-PDPE) and 2 MiB (SL-PDE) leaves wherever
 the IOVA slot is wholly inside the request and IOVA and physical address
@@ -693,7 +716,8 @@ class Domain:
                 if not e & vtd.RW:
                     return None
                 if level == 3 or (level and e & fmt.SL_PS):
-                    return (int(vtd.entry_pages(e)) << fmt.PAGE_SHIFT) | (iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1))
+                    offset = iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1)
+                    return (int(vtd.entry_pages(e)) << fmt.PAGE_SHIFT) | offset
                 table = int(self._child_pages(np.array([e], U64), np.array([where]))[0])
             return None
 
@@ -862,7 +886,8 @@ class Iommu:
         self.root_ino = st.lookup(self.iommu_dir, fmt.ROOT_PGTABLES_NAME)
         attr = st.getattr(self.root_ino)
         if attr.kind != fmt.KIND_IOMMU_ROOT or attr.npages != fmt.ROOT_PGTABLES_PAGES:
-            raise FormatError("iommu/root-pgtables", 0, f"kind {attr.kind}, {attr.npages} pages: not the VT-d root table file")
+            raise FormatError("iommu/root-pgtables", 0,
+                              f"kind {attr.kind}, {attr.npages} pages: not the VT-d root table file")
         self.root_pages = st.image_pages(self.root_ino)
         for name, ino in st.children(self.iommu_dir):
             if st.getattr(ino).kind != fmt.KIND_IOMMU_DOMAIN:

@@ -14,10 +14,18 @@ Checks, one function each:
 * ``check_root_entries``: present root entries have reserved bits clear and
   point at the context table of their bus (file page 1 + bus); others are 0.
 * ``check_context_entries``: present context entries have reserved bits
-  clear, TT untranslated, AW 48-bit, SLPTPTR at the SL-PML4 of a domain
-  and that domain's DID; non-present entries have a zero lo word (the hi
-  word may outlive a detach cut short by a kill); a present entry on a bus
-  whose root entry is clear is unreachable (reported).
+  clear, TT untranslated, AW 48-bit, and SLPTPTR at the SL-PML4 of a
+  domain file or at or above the image's end -- ephemeral memory
+  (``backing.ephemeral``, always placed above the image): tables that a
+  restart does not keep, which the next read-write ``Iommu.open`` clears;
+  accepted, as the crash state of a daemon that ran ephemeral domains. A
+  DID other than the domain's is a replacing attach cut between its two
+  stores (table pointer first, then DID; ``Iommu.open`` finishes it), and
+  the old DID may be an ephemeral domain's, which the image does not name:
+  accepted, but DID 0 (no domain's, ever) is reported. Non-present entries
+  have a zero lo word (the hi word may outlive a detach cut short by a
+  kill); a present entry on a bus whose root entry is clear is unreachable
+  (reported).
 * ``check_domain_header``: in /iommu, and ``domainhdr``'s rule (the one
   ``Iommu.open`` applies): name dom-<DID>, two pages at least, magic,
   compatible string, DID = file name, address width, SL-PML4 at file page 1.
@@ -143,12 +151,12 @@ def check_root_entries(ctx: FsckContext, root_pages: np.ndarray) -> Iterator[Fin
     lo, hi = w[0::2], w[1::2]
     for bus in range(fmt.VTD_ROOT_ENTRIES):
         off = (rt * 512 + bus * 2) * 8
-        l, h = int(lo[bus]), int(hi[bus])
-        if not l & fmt.RE_LO_P:
-            if l or h:
-                yield Finding(f"{_ROOT} root entry {bus:02x}", off, f"not present but holds {h:#x}:{l:#x}")
+        lw, hw = int(lo[bus]), int(hi[bus])
+        if not lw & fmt.RE_LO_P:
+            if lw or hw:
+                yield Finding(f"{_ROOT} root entry {bus:02x}", off, f"not present but holds {hw:#x}:{lw:#x}")
             continue
-        f = vtd.root_entry_fields(l, h)
+        f = vtd.root_entry_fields(lw, hw)
         if f["rsvd_lo"] or f["rsvd_hi"]:
             yield Finding(f"{_ROOT} root entry {bus:02x}", off,
                           f"reserved bits set: lo {f['rsvd_lo']:#x} hi {f['rsvd_hi']:#x}")
@@ -160,7 +168,7 @@ def check_root_entries(ctx: FsckContext, root_pages: np.ndarray) -> Iterator[Fin
 
 def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: list[_Domain]) -> Iterator[Finding]:
     by_pml4 = {ctx.geometry.phys_addr(int(d.pages[1])): d for d in domains if d.domain_id is not None}
-    live_dids = {d.domain_id for d in domains if d.domain_id is not None}
+    above = ctx.geometry.base_phys + ctx.geometry.npages * PS  # ephemeral memory: at or above
     re_lo = _words(ctx, int(root_pages[0]))[0::2]
     ctables = ctx.image_u64.reshape(-1, 512)[root_pages[1:]]  # (256, 512)
     lo, hi = ctables[:, 0::2], ctables[:, 1::2]
@@ -171,9 +179,9 @@ def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: lis
         yield Finding(_ce(bus, devfn), _ce_off(root_pages, bus, devfn),
                       f"not present but holds {int(hi[bus, devfn]):#x}:{int(lo[bus, devfn]):#x}")
     for bus, devfn in zip(*np.nonzero(present)):
-        l, h = int(lo[bus, devfn]), int(hi[bus, devfn])
+        lw, hw = int(lo[bus, devfn]), int(hi[bus, devfn])
         where, off = _ce(bus, devfn), _ce_off(root_pages, bus, devfn)
-        f = vtd.context_entry_fields(l, h)
+        f = vtd.context_entry_fields(lw, hw)
         if not int(re_lo[bus]) & fmt.RE_LO_P:
             yield Finding(where, off, "present, but the root entry of its bus is not: unreachable")
         if f["rsvd_lo"] or f["rsvd_hi"]:
@@ -182,14 +190,13 @@ def check_context_entries(ctx: FsckContext, root_pages: np.ndarray, domains: lis
             yield Finding(where, off, f"translation type {f['TT']:#b} is not untranslated (0b00)")
         if f["AW"] != fmt.CE_AW_48:
             yield Finding(where, off, f"address width {f['AW']:#b} is not 48-bit (0b010)")
+        if f["DID"] == 0:
+            yield Finding(where, off, "DID 0 is no domain's")
+        if f["SLPTPTR"] >= above:
+            continue  # an ephemeral domain's: not kept by a restart, cleared at the next open
         dom = by_pml4.get(f["SLPTPTR"])
         if dom is None:
             yield Finding(where, off, f"SLPTPTR {f['SLPTPTR']:#x} is not the SL-PML4 of any domain")
-        elif f["DID"] != dom.domain_id and f["DID"] not in live_dids:
-            # the DID of another live domain is a replacing attach killed between its two
-            # stores (the table pointer first, then the DID): Iommu.open finishes it
-            yield Finding(where, off, f"DID {f['DID']} but SLPTPTR is the SL-PML4 of {dom.path} "
-                          f"(DID {dom.domain_id})")
 
 
 def _ce(bus: int, devfn: int) -> str:
@@ -251,7 +258,8 @@ def check_domain_leaves(ctx: FsckContext, dom: _Domain, reach: tuple[np.ndarray,
         else np.zeros(page.shape, bool)
     for i in np.flatnonzero(inside & ~guest).tolist():
         owner, kind = ctx.page_owner(np.array([page[i]]))
-        what = "a free page" if int(owner[0]) == 0 else fmt.KIND_NAMES.get(int(kind[0]), "?") + f" inode {int(owner[0])}"
+        what = "a free page" if int(owner[0]) == 0 else \
+            fmt.KIND_NAMES.get(int(kind[0]), "?") + f" inode {int(owner[0])}"
         yield Finding(f"{dom.path} leaf", int(w[i]) * 8,
                       f"maps {n[i]} pages at {int(p[i]) << 12:#x}, not all guest RAM (starts in {what})")
 

@@ -2,7 +2,9 @@
 
 A module that imports the ``store`` and ``io`` fixtures defines its own
 ``image`` fixture (a path to a fresh image of the size it needs); ``io``
-opens the IOMMU with the register block beside the image.
+opens the IOMMU with the register block beside the image; ``eio`` opens it
+with the ephemeral memory beside the image too (``IMAGE.ephemeral``, the
+default size), so it can make ephemeral domains.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from backing import ephemeral, vtd
 from backing import format as fmt
-from backing import vtd
 from backing.iommu import Domain, Iommu
 from backing.regs import default_path
 from backing.store import Store
@@ -33,10 +35,19 @@ def io(store: Store, image: Path) -> Iterator[Iommu]:
     i.close()
 
 
+@pytest.fixture
+def eio(store: Store, image: Path) -> Iterator[Iommu]:
+    i = Iommu.open(store, default_path(image), ephemeral=ephemeral.default_path(image))
+    yield i
+    i.close()
+
+
 def entry_where(store: Store, dom: Domain, iova: int, level: int) -> int:
-    """u64 index in the image of the entry of ``dom`` that translates ``iova`` at ``level``."""
+    """u64 index, in the domain's memory (``dom.memory.u64``: the image's ``image_u64`` for a
+    domain file), of the entry of ``dom`` that translates ``iova`` at ``level``."""
+    u64, base_pfn = dom.memory.u64, dom.memory.base_pfn
     table = dom.pml4_page
     for lvl in range(level):
         where = table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[lvl]) % 512
-        table = int(vtd.entry_pages(store.image_u64[where], store.geometry.base_pfn))
+        table = int(vtd.entry_pages(u64[where], base_pfn))
     return table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[level]) % 512
