@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backing import ephemeral
 from backing import format as fmt
 from backing.errors import StoreError
 from backing.mkfs import mkfs, parse_addr, parse_size
@@ -174,6 +175,9 @@ def test_parse_addr_rejects_garbage(text: str) -> None:
 # ------------------------------------------------------- FORMAT.md mirrors format.py
 
 FORMAT_MD = Path(fmt.__file__).with_name("FORMAT.md")
+#: where FORMAT.md's dtypes and constants are defined: the image's specification, and the
+#: ephemeral memory file's header (not part of the image, so not in format.py)
+SPEC_MODULES = (fmt, ephemeral)
 
 
 def documented_field_tables(text: str) -> dict[str, list[tuple[int, int, str]]]:
@@ -200,10 +204,9 @@ def documented_field_tables(text: str) -> dict[str, list[tuple[int, int, str]]]:
 
 def test_format_md_field_tables_match_every_dtype() -> None:
     tables = documented_field_tables(FORMAT_MD.read_text())
-    dtypes = {name for name in dir(fmt) if name.endswith("_DTYPE")}
-    assert tables.keys() == dtypes
-    for name in dtypes:
-        dtype = getattr(fmt, name)
+    dtypes = {name: getattr(m, name) for m in SPEC_MODULES for name in dir(m) if name.endswith("_DTYPE")}
+    assert tables.keys() == dtypes.keys()
+    for name, dtype in dtypes.items():
         want = [(off, ft.itemsize, field) for field, (ft, off) in dtype.fields.items()]
         assert tables[name] == want, name
 
@@ -212,4 +215,5 @@ def test_format_md_constants_have_format_py_values() -> None:
     stated = re.findall(r"`([A-Z][A-Z0-9_]+) = (0x[0-9A-Fa-f_]+|\d+)`", FORMAT_MD.read_text())
     assert len(stated) >= 8  # the VT-d masks and ADDR_MASK
     for name, value in stated:
-        assert getattr(fmt, name) == int(value, 0), name
+        (module,) = [m for m in SPEC_MODULES if hasattr(m, name)]
+        assert getattr(module, name) == int(value, 0), name
