@@ -11,6 +11,12 @@ timed on a fresh domain, best of a few runs, and includes growing the
 domain file (a journaled Store.grow) and writing every table page. The
 walker runs over the 4 KiB mapping (the worst case: four levels for every
 IOVA), on uniformly random IOVAs inside the guest.
+
+The same for an ephemeral domain (tables in ``IMAGE.ephemeral``, sized for
+one 4 KiB-leaf tree of the guest): its map, the copy into the image that a
+live-update freeze makes, the walker through its tables, and the poison an
+open does (a restart: the file's pages already in memory; the first poison
+of the fresh sparse file is in the detail).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import time
 
 import numpy as np
 
+from backing import ephemeral, walker
 from backing import format as fmt
 from backing import regs as regs_mod
-from backing import walker
 from backing.iommu import Iommu
 from backing.mkfs import mkfs
 from backing.store import Store
@@ -36,11 +42,12 @@ PS = fmt.PAGE_SIZE
 BATCH = 1 << 16
 
 
-def _timed_maps(io: Iommu, iova: int, phys: int, length: int, runs: int) -> tuple[float, int]:
+def _timed_maps(io: Iommu, iova: int, phys: int, length: int, runs: int, *,
+                ephemeral: bool = False) -> tuple[float, int]:
     """Best time of ``runs`` maps on fresh domains; returns it and the table pages used."""
     best, pages = float("inf"), 0
     for _ in range(runs):
-        d = io.create_domain()
+        d = io.create_domain(ephemeral=ephemeral)
         t = time.perf_counter()
         d.map(iova, phys, length)
         best = min(best, time.perf_counter() - t)
@@ -106,3 +113,50 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 d.detach(0, 3, 0)
                 io.disable()
                 del u64
+            _ephemeral(report, store, path, base, guest_size, label, runs)
+
+
+def _ephemeral(report: Report, store: Store, path: str, base: int, guest_size: int, label: str, runs: int) -> None:
+    npages = guest_size // PS // 512 + 1024  # one tree of 4 KiB leaves, a pool and slack
+    with ephemeral.EphemeralMemory.open(ephemeral.default_path(path), base_phys=ephemeral.default_base(
+            store.geometry), npages=npages) as mem:
+        t = time.perf_counter()
+        mem.poison()
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        mem.poison()
+        report.add(f"poison {npages * PS >> 20} MiB of ephemeral memory (a restart)", (time.perf_counter() - t) * 1e3,
+                   "ms", detail=f"first, sparse file: {first * 1e3:.1f} ms")
+        with Iommu.open(store, regs_mod.default_path(path), ephemeral=mem) as io:
+            t4k, p4k = _timed_maps(io, PS, base, guest_size, runs, ephemeral=True)
+            report.add(f"map {label} guest, 4 KiB leaves, ephemeral domain", t4k, "s", below=1,
+                       detail=f"{p4k} table pages")
+            d = io.create_domain(ephemeral=True)
+            d.map(PS, base, guest_size)
+            t = time.perf_counter()
+            saved = io.copy_domain(d)
+            report.add(f"copy a {label} ephemeral domain of 4 KiB leaves into the image (freeze)",
+                       time.perf_counter() - t, "s")
+            io.destroy_domain(saved)
+            d.attach(0, 3, 0)
+            io.enable()
+            u64, base_phys, npg = walker.open_image(path)  # as another process would
+            region = walker.open_ephemeral(mem.path)
+            assert io.regs is not None
+            rng = np.random.default_rng(5)
+            sid = fmt.requester_id(0, 3, 0)
+            batches = [rng.integers(PS, guest_size, BATCH).astype(np.uint64) for _ in range(8)]
+            best = float("inf")
+            for rep in range(5):
+                for iovas in batches:
+                    t = time.perf_counter()
+                    _, fault = walker.translate(u64, base_phys, npg, io.regs, sid, iovas, rep % 2 == 1,
+                                                ephemeral=region)
+                    best = min(best, time.perf_counter() - t)
+                    assert not fault.any()
+            report.add("walker translations/s, 64K batches, 4 KiB leaves, ephemeral tables", BATCH / best, "/s",
+                       at_least=1e7)
+            d.detach(0, 3, 0)
+            io.disable()
+            io.destroy_domain(d)
+            del u64, region
