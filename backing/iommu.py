@@ -151,6 +151,7 @@ class TableMemory:
 
     first = 2  #: slot of the first pool page
     ephemeral = False
+    ino = 0  #: the domain file's inode (image tables only)
 
     def __init__(self) -> None:
         self.pages = np.zeros(0, np.int64)  #: memory page of each slot
@@ -319,7 +320,6 @@ class EphemeralTables(TableMemory):
 
     first = 1
     ephemeral = True
-    ino = 0
 
     def __init__(self, memory: EphemeralMemory) -> None:
         super().__init__()
@@ -371,7 +371,7 @@ class Domain:
     @property
     def ino(self) -> int:
         """The domain file's inode (0 for an ephemeral domain: it has no file)."""
-        return self.memory.ino  # type: ignore[attr-defined, no-any-return]
+        return self.memory.ino
 
     @property
     def path(self) -> str:
