@@ -347,7 +347,7 @@ LU_HEADER_DTYPE = np.dtype(
         ("ndevices", "<u4"),
         ("ndrops", "<u4"),
         ("domains", "<u4"),  # LU_DOMAINS_*: where the previous daemon's domains lived
-        ("crc", "<u4"),  # zlib.crc32 of every byte after the header, up to the last record
+        ("crc", "<u4"),  # zlib.crc32 of the header (this field 0) and every record byte after it
     ]
 )
 assert LU_HEADER_DTYPE.itemsize == 80

@@ -165,7 +165,7 @@ class Iommufd:
     """
 
     def __init__(self, store: Store, iommu: Iommu, *, ephemeral: bool = False) -> None:
-        if ephemeral and getattr(iommu, "ephemeral", None) is None:
+        if ephemeral and iommu.ephemeral is None:
             raise StoreError(errno.EINVAL, "ephemeral domains need the IOMMU opened with ephemeral memory")
         self.store = store
         self.iommu = iommu
@@ -450,6 +450,7 @@ class Context:
         if restored is not None:
             h = Hwpt(self._new_id(), ioas, restored.domain, auto=auto)
             restored.adopted = h
+            ioas.frozen = True  # until finish: a session given back must be what was preserved
             self.objects[h.id] = h
             ioas.hwpts.append(h)
             return h

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -95,8 +96,14 @@ class RestoredHwpt:
     domain: Domain
     adopted: Hwpt | None = None  #: the new HWPT that took the domain over
 
-    def reclaimed(self) -> bool:
-        return self.adopted is not None or not self.domain.attached
+    def reclaimed(self, device_hwpt: Callable[[int], Hwpt | None]) -> bool:
+        """Adopted, with every requester still attached to the domain attached through the
+        adopter (a requester left without a device object could never be bound again);
+        or replaced: no requester left on the domain. ``device_hwpt(rid)``: the HWPT the
+        bound device of ``rid`` is attached to, if any."""
+        if self.adopted is not None:
+            return all(device_hwpt(rid) is self.adopted for rid in self.domain.attached)
+        return not self.domain.attached
 
 
 @dataclasses.dataclass
@@ -107,10 +114,10 @@ class IncomingSession:
     retrieved_files: set[int] = dataclasses.field(default_factory=set)
     open: bool = False  #: a session fd is out (a second retrieve_session is EBUSY)
 
-    def pending(self) -> list[str]:
+    def pending(self, device_hwpt: Callable[[int], Hwpt | None]) -> list[str]:
         out = [f"file token {t} not retrieved" for t in sorted(set(self.files) - self.retrieved_files)]
         out += [f"HWPT token {t} (domain {r.domain.domain_id}) not reclaimed"
-                for t, r in sorted(self.hwpts.items()) if not r.reclaimed()]
+                for t, r in sorted(self.hwpts.items()) if not r.reclaimed(device_hwpt)]
         return out
 
 
@@ -153,6 +160,14 @@ class LiveUpdate:
 
     def _restored(self) -> list[RestoredHwpt]:
         return [r for s in self.incoming.values() for r in s.hwpts.values()]
+
+    def _device_hwpt(self, rid: int) -> Hwpt | None:
+        """The HWPT the device object bound to ``rid`` is attached to, if any."""
+        ctx = self.iommufd.bound.get(rid)
+        if ctx is None:
+            return None
+        dev = next((o for o in ctx.objects.values() if isinstance(o, Device) and o.rid == rid), None)
+        return dev.hwpt if dev is not None else None
 
     def may_bind(self, rid: int) -> bool:
         """A requester still attached to a restored domain may be bound (to reclaim it)."""
@@ -513,11 +528,14 @@ class LiveUpdate:
             self._check_live()
             if self.incoming.get(s.name) is not s:
                 raise _err(errno.ENOENT, f"session {s.name!r} is finished already")
-            pending = s.pending()
+            pending = s.pending(self._device_hwpt)
             if pending:
                 raise _err(errno.EBUSY, f"session {s.name.decode(errors='replace')}: {'; '.join(pending)}")
             del self.incoming[s.name]
+            preserved = [h for o in self.outgoing.values() for h in o.hwpts.values()]
             for r in s.hwpts.values():
+                if r.adopted is not None and not any(h.ioas is r.adopted.ioas for h in preserved):
+                    r.adopted.ioas.frozen = False  # reclaimed: the VMM owns its maps again
                 if r.adopted is None and self.iommufd.iommu.domains.get(r.domain.domain_id) is r.domain:
                     self.iommufd.dying.append(r.domain)  # replaced: the restored copy goes after the grace
             self.iommufd.reap()
@@ -556,7 +574,7 @@ class LiveUpdate:
             out.append(f"session {s.name.decode(errors='replace')}: {state}, {len(s.files)} files, "
                        f"{len(s.hwpts)} hwpts")
         for s in self.incoming.values():
-            pending = s.pending()
+            pending = s.pending(self._device_hwpt)
             out.append(f"session {s.name.decode(errors='replace')}: incoming{' (retrieved)' if s.open else ''}, "
                        f"{len(s.files)} files, {len(s.hwpts)} hwpts, "
                        + (f"{len(pending)} objects to reclaim" if pending else "ready to finish"))

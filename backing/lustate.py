@@ -105,7 +105,7 @@ def encode(state: SavedState) -> bytes:
     hdr["magic"], hdr["compatible"], hdr["boot"], hdr["domains"] = fmt.LU_MAGIC, fmt.LU_COMPATIBLE, state.boot, state.domains
     for (count, _), a in zip(_ARRAYS, arrays):
         hdr[count] = a.size
-    hdr["crc"] = zlib.crc32(body)
+    hdr["crc"] = zlib.crc32(body, zlib.crc32(hdr.tobytes()))  # over the header (crc 0) and the records
     return hdr.tobytes() + body
 
 
@@ -133,10 +133,12 @@ def decode(raw: bytes | memoryview, where: str = WHERE) -> SavedState:
                               f"{n} records of {dtype.itemsize} bytes run past the file's {len(raw)} bytes")
         arrays.append(np.frombuffer(raw, dtype, n, off))
         off += n * dtype.itemsize
-    crc = zlib.crc32(raw[hsize:off])
+    zeroed = np.frombuffer(raw, fmt.LU_HEADER_DTYPE, 1).copy()
+    zeroed["crc"] = 0
+    crc = zlib.crc32(raw[hsize:off], zlib.crc32(zeroed.tobytes()))
     if crc != int(hdr["crc"]):
         raise FormatError(f"{where} header.crc", fmt.LU_HEADER_DTYPE.fields["crc"][1],
-                          f"records checksum to {crc:#010x}, header says {int(hdr['crc']):#010x}")
+                          f"header and records checksum to {crc:#010x}, header says {int(hdr['crc']):#010x}")
     sessions_a, files_a, hwpts_a, maps_a, devices_a, drops_a = arrays
     offsets = {}
     o = hsize
