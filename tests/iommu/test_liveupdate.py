@@ -446,3 +446,16 @@ def test_the_state_codec_round_trips(boots: list[Boot], image: Path) -> None:
         dt.itemsize for dt in (fmt.LU_SESSION_DTYPE, fmt.LU_FILE_DTYPE, fmt.LU_HWPT_DTYPE, fmt.LU_MAP_DTYPE,
                                fmt.LU_DEVICE_DTYPE))
     assert np.frombuffer(raw, fmt.LU_HEADER_DTYPE, 1)["nsessions"][0] == 1
+
+
+def test_a_reboot_that_cannot_commit_is_eagain_and_changes_nothing(boots: list[Boot], image: Path) -> None:
+    b = boot(boots, image)
+    ctx, _ino, ioas, _hwpt = preserved_vm(b)
+    filler = b.guest(b"filler", 0)
+    b.store.truncate(filler, b.store.statfs().free_pages * PS)  # no page left for iommu/lu-state
+    assert errno_of(lambda: b.lu.reboot()) == errno.EAGAIN
+    assert not b.lu.rebooted and list(b.lu.outgoing) == [b"vm0"]  # the session goes on, frozen as before
+    assert ctx.ioas(ioas).frozen and _read_state(b.store) is None
+    b.store.truncate(filler, 0)
+    b.lu.reboot()  # and commits once there is room
+    assert _read_state(b.store) is not None
