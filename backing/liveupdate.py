@@ -261,16 +261,6 @@ class LiveUpdate:
             s.hwpts[token] = hwpt
             hwpt.ioas.frozen = True
 
-    def unpreserve_file(self, s: OutgoingSession, token: int) -> None:
-        """Not in the merged uAPI; used when a preserve must be undone (EBUSY if a HWPT needs it)."""
-        with self.store.lock:
-            f = s.files.get(token)
-            if f is None:
-                raise _err(errno.ENOENT, f"no file token {token}")
-            if any(a.ino == f.ino for h in s.hwpts.values() for a in h.ioas.areas):
-                raise _err(errno.EBUSY, f"a preserved HWPT maps inode {f.ino}")
-            del s.files[token]
-
     def cancel(self, s: OutgoingSession) -> None:
         """The outgoing session fd closed: everything in it unpreserved."""
         with self.store.lock:
@@ -458,8 +448,9 @@ class LiveUpdate:
     def _expected_runs(self, maps: tuple[SavedMap, ...]) -> list[tuple[int, int, int, bool]]:
         """(iova, phys_addr, length, write) runs that the maps make through the files' extents."""
         runs = []
+        extents = {ino: self.store.extents(ino) for ino in {m.ino for m in maps}}  # once per file, not per map
         for m in sorted(maps, key=lambda m: m.iova):
-            for e in self.store.extents(m.ino):
+            for e in extents[m.ino]:
                 lo, hi = max(m.offset, e.file_offset), min(m.offset + m.length, e.file_offset + e.length)
                 if lo < hi:
                     runs.append((m.iova + lo - m.offset, e.phys_addr + lo - e.file_offset, hi - lo, m.write))
