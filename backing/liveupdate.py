@@ -240,7 +240,8 @@ class LiveUpdate:
 
     def preserve_hwpt(self, s: OutgoingSession, ctx: Context, hwpt_id: int, token: int) -> None:
         """IOMMU_HWPT_LU_SET_PRESERVE: ENOENT no such HWPT, EEXIST token or HWPT preserved,
-        EINVAL a map of its IOAS is not a file preserved in the session."""
+        EBUSY it adopted a domain of an unfinished session, EINVAL a map of its IOAS is not a
+        file preserved in the session."""
         with self.store.lock:
             self._check_live()
             hwpt = ctx.hwpt(hwpt_id)
@@ -248,6 +249,10 @@ class LiveUpdate:
                 raise _err(errno.EEXIST, f"token {token} is in use in session {s.name.decode()}")
             if any(h is hwpt for o in self.outgoing.values() for h in o.hwpts.values()):
                 raise _err(errno.EEXIST, f"HWPT {hwpt_id} is preserved already")
+            if any(r.adopted is hwpt for r in self._restored()):
+                # its IOAS stays frozen until the old session finishes; a cancel of this one
+                # must not be able to unfreeze it under a domain the old session still holds
+                raise _err(errno.EBUSY, f"HWPT {hwpt_id} adopted a domain of a session not finished yet")
             inos = {f.ino for f in s.files.values()}
             for a in hwpt.ioas.areas:
                 if a.ino not in inos:

@@ -43,9 +43,8 @@ fsck finds the image clean with every page back in the pool.
 The tests at the bottom of this file are the bugs this machine found, now
 fixed: an adopter's IOAS is frozen until its session finishes, finish waits
 until every requester on an adopted domain is attached through the adopter,
-and the state's CRC covers its header. One is open (xfail): a cancel
-unfreezes an adopter's IOAS; the machine never makes the call that leads
-there (preserve_hwpt of an adopter, which succeeds only for an empty one).
+the state's CRC covers its header, and a HWPT that adopted a domain of an
+unfinished session cannot be preserved (EBUSY: a cancel unfroze its IOAS).
 """
 
 from __future__ import annotations
@@ -633,14 +632,12 @@ class LiveUpdateMachine(RuleBasedStateMachine):
             want = errno.EEXIST
         elif self.preserved(vm):
             want = errno.EEXIST
+        elif self.adopter_pending(vm):
+            want = errno.EBUSY  # test_a_cancel_does_not_unfreeze_an_adopters_ioas
         elif any(SLOTS[k].f not in s.files.values() for k in vm.maps):
             want = errno.EINVAL  # a map of a file the session does not preserve
         else:
             want = None
-        if want is None and self.adopter_pending(vm):
-            # an adopter of an empty restored HWPT: test_a_cancel_does_not_unfreeze_an_adopters_ioas
-            event("preserve_hwpt skipped: an adopter before finish")
-            return
         self.attempt(f"preserve_hwpt({s.name!r}, hwpt {hwpt_id}, token {token})",
                      lambda: self.b.lu.preserve_hwpt(s.real, vm.ctx, hwpt_id, token), want)
         event(f"preserve_hwpt {errno.errorcode[want] if want else 'ok'}")
@@ -1133,8 +1130,7 @@ TestLiveUpdateAgainstModel = LiveUpdateMachine.TestCase
 
 # ------------------------------------------------- bugs the machine found
 #
-# The fixed ones as regression tests (the machine covers them too); the open one (xfail) is a
-# path the machine skips (see its module docstring).
+# As regression tests (the machine covers them too).
 
 RID, RID2 = RIDS[0], RIDS[1]
 
@@ -1216,10 +1212,6 @@ def test_an_adopter_that_remaps_before_finish_gives_back_a_changed_domain(
     assert [(m.iova, m.length) for m in ctx2.hwpt(hwpt2).domain.mappings()] == [(1 << 30, 2 * MiB)]
 
 
-@pytest.mark.xfail(strict=True, reason="cancel unfreezes the IOAS of every HWPT in the session, also one an "
-                                       "adoption froze until its incoming session finishes: the adopter of an "
-                                       "empty restored HWPT preserves and cancels it, maps, and a close gives "
-                                       "the session a domain that translates what was never preserved")
 def test_a_cancel_does_not_unfreeze_an_adopters_ioas(
         make_image: Callable[..., Path], boots: list[Boot], clock: Clock) -> None:
     path = make_image("64M")
@@ -1242,8 +1234,9 @@ def test_a_cancel_does_not_unfreeze_an_adopters_ioas(
     ctx2.device_attach(dev2, hwpt2)
     assert ctx2.hwpt(hwpt2).domain.domain_id == did and ctx2.ioas(ioas2).frozen  # adopted, frozen until finish
     s2 = b.lu.create_session(b"next")
-    with contextlib.suppress(StoreError):  # EBUSY until vm0 finished would be one fix
+    with pytest.raises(StoreError) as refused:  # until vm0 finished: a cancel could unfreeze it
         b.lu.preserve_hwpt(s2, ctx2, hwpt2, 1)
+    assert refused.value.errno == errno.EBUSY
     b.lu.cancel(s2)
     with contextlib.suppress(StoreError):  # EBUSY: the adoption still holds the IOAS
         ctx2.ioas_map_file(ioas2, ino, 0, PS, 1 << 30, writeable=True)
