@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from backing.errors import PkfuseError
+
 #: (vcpu index, port, value) -> True to keep that vCPU running, False to stop it there
 PortHandler = Callable[[int, int, int], bool]
 
@@ -30,7 +32,7 @@ class GuestRam(Protocol):
     array: np.ndarray
 
 
-class EngineError(RuntimeError):
+class EngineError(PkfuseError):
     """The engine cannot do what was asked (one line: which capability or call, and why)."""
 
 
