@@ -151,3 +151,10 @@ fi
 # where PYTHONDONTWRITEBYTECODE is set every daemon start would compile
 # ~8,000 lines again (~60 ms of a mount). compileall skips current .pyc files.
 "$VENV/bin/python" -m compileall -q "$ROOT/backing" "$ROOT/pkfuse" >&2
+# The VMM's guest program: build/guest/guest.bin from guest/ with gcc, ld and
+# objcopy. pkfuse/vmm/guest.py holds the one recipe; it rebuilds only when a
+# source (or the recipe) changed and prints nothing when the binary is current.
+if ! guest_error="$("$VENV/bin/python" -m pkfuse.vmm.guest 2>&1)"; then
+    echo "setup: error: ${guest_error##*$'\n'}" >&2
+    exit 1
+fi
