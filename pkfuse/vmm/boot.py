@@ -64,7 +64,14 @@ USER_CODE = Segment(0, 0xFFFFFFFF, abi.SEL_USER_CODE, 0xB, 1, 3, 0, 1, 1, 1)
 USER_DATA = Segment(0, 0xFFFFFFFF, abi.SEL_USER_DATA, 0x3, 1, 3, 1, 1, 0, 1)
 KERNEL_CODE = Segment(0, 0xFFFFFFFF, abi.SEL_KERNEL_CODE, 0xB, 1, 0, 0, 1, 1, 1)
 KERNEL_DATA = Segment(0, 0xFFFFFFFF, abi.SEL_KERNEL_DATA, 0x3, 1, 0, 1, 1, 0, 1)
-TSS = Segment(abi.TSS_GPA, 0x67, abi.SEL_TSS, 0xB, 1, 0, 0, 0, 0, 0)  # 64-bit TSS, busy
+# The TSS carries an I/O permission bitmap allowing every port: under PVM (../shared/KVM-NOTES.md) the
+# guest's RFLAGS.IOPL reads 0 at CPL 3 whatever the VMM sets, so an OUT is allowed by the bitmap or not at
+# all (measured: #GP, i.e. a triple fault, without it). On VT-x, IOPL 3 allows it before the bitmap is read.
+TSS_IOMAP_OFFSET = 0x68  #: iomap_base (the u16 at TSS + 0x66): the bitmap right after the 104-byte TSS
+TSS_IOMAP_BYTES = 0x10000 // 8  #: one bit per port, 0 = allowed; then one 0xFF byte, as the SDM asks
+TSS_LIMIT = TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES  #: inclusive: the terminating byte is the last
+assert abi.TSS_GPA + TSS_LIMIT < abi.PML4_GPA
+TSS = Segment(abi.TSS_GPA, TSS_LIMIT, abi.SEL_TSS, 0xB, 1, 0, 0, 0, 0, 0)  # 64-bit TSS, busy
 LDT = Segment(0, 0, 0, 0x2, 0, 0, 0, 0, 0, 0)  # unusable
 
 
@@ -175,7 +182,9 @@ def write_boot(ram: np.ndarray, params: GuestParams, text: bytes, *, fresh: bool
     ram[abi.PD_GPA:abi.PD_GPA + pds.nbytes] = pds.view(np.uint8)
     g = gdt()
     ram[abi.GDT_GPA:abi.GDT_GPA + g.nbytes] = g.view(np.uint8)
-    ram[abi.TSS_GPA:abi.TSS_GPA + 0x68] = 0
+    ram[abi.TSS_GPA:abi.TSS_GPA + TSS_LIMIT] = 0
+    ram[abi.TSS_GPA + 0x66:abi.TSS_GPA + 0x68] = np.frombuffer(TSS_IOMAP_OFFSET.to_bytes(2, "little"), np.uint8)
+    ram[abi.TSS_GPA + TSS_LIMIT] = 0xFF
     ram[abi.GUEST_TEXT_GPA:abi.GUEST_TEXT_GPA + len(text)] = np.frombuffer(text, np.uint8)
     if fresh:
         ram[abi.VCPU_STATE_GPA:abi.VCPU_STATE_GPA + abi.MAX_VCPUS * abi.VCPU_STATE_STRIDE] = 0
