@@ -140,6 +140,7 @@ class Store:
 
     pin_hook: Callable[[int], bool] | None  #: a domain or an IOAS maps the file: no page may go
     frozen_hook: Callable[[int], bool] | None  #: a live-update session preserves the file: size frozen
+    map_hook: Callable[[int], bool] | None  #: a VMM maps the file (backing.guestmmap): size frozen, pages kept
 
     def __init__(self, path: str, fd: int, mm: mmap.mmap, read_only: bool, geometry: fmt.Geometry) -> None:
         self.path = path
@@ -147,6 +148,7 @@ class Store:
         self.lock = threading.RLock()
         self.pin_hook = None
         self.frozen_hook = None
+        self.map_hook = None
         self._fd = fd
         self._mm = mm
         # the image is npages pages; bytes a longer file holds past them are no part of it
@@ -303,6 +305,10 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        """The store's descriptor of the image (read-write unless ``read_only``); the store owns it."""
+        return self._fd
+
     @property
     def generation(self) -> int:
         return int(self._sb["generation"][0])
@@ -386,6 +392,16 @@ class Store:
                 Extent(fp * PS, base + p * PS, n * PS, p)
                 for fp, p, n in zip(fm.file_pages.tolist(), fm.pages.tolist(), fm.counts.tolist())
             ]
+
+    def extent_runs(self, ino: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(first file page, first image page, pages)`` of each of ``ino``'s extents, sorted by
+        file page: ``extents`` as int64 arrays (copies), for callers that handle thousands."""
+        with self.lock:
+            if int(self._inode(ino)["kind"]) not in fmt.KINDS_WITH_PAGES:
+                e = np.zeros(0, np.int64)
+                return e, e.copy(), e.copy()
+            fm = self._file_map(ino)
+            return fm.file_pages.copy(), fm.pages.copy(), fm.counts.copy()
 
     def image_pages(self, ino: int) -> np.ndarray:
         """Image page of each of ``ino``'s pages, in file order (int64; empty for a directory)."""
@@ -640,10 +656,10 @@ class Store:
                 raise StoreError(errno.EFBIG if size > 0 else errno.EINVAL, f"size {size} out of range")
             old_pages = int(rec["npages"])
             new_pages = -(-size // PS)
-            if new_pages < old_pages and self._pinned(ino):
-                raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")
             if size != int(rec["size"]):
                 self._check_size_frozen(ino)
+            if new_pages < old_pages and self._pinned(ino):
+                raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")
             self._resize(ino, size, new_pages, _now(), b"")
             return self.getattr(ino)
 
@@ -895,18 +911,22 @@ class Store:
         if kind in fmt.DAEMON_KINDS or ino in (fmt.ROOT_INO,) or self._is_top_dir(ino):
             raise StoreError(errno.EPERM, f"{self.path_of(ino)!r} is managed by pkfuse")
         if not pinned_ok and self._pinned(ino):
-            raise StoreError(errno.EBUSY, f"inode {ino} is mapped by an IOMMU domain")
+            raise StoreError(errno.EBUSY, f"inode {ino} is pinned: an IOMMU domain or a VMM maps it, "
+                                          "or live update preserves it")
 
     def _is_top_dir(self, ino: int) -> bool:
         top = self._children.get(fmt.ROOT_INO, {})
         return ino in (top.get(fmt.GUEST_DIR_NAME), top.get(fmt.IOMMU_DIR_NAME))
 
     def _pinned(self, ino: int) -> bool:
-        return bool(self.pin_hook and self.pin_hook(ino)) or bool(self.frozen_hook and self.frozen_hook(ino))
+        return bool(self.pin_hook and self.pin_hook(ino)) or bool(self.frozen_hook and self.frozen_hook(ino)) \
+            or bool(self.map_hook and self.map_hook(ino))
 
     def _check_size_frozen(self, ino: int) -> None:
         if self.frozen_hook and self.frozen_hook(ino):
             raise StoreError(errno.EBUSY, f"inode {ino} is preserved for live update: its size is frozen")
+        if self.map_hook and self.map_hook(ino):
+            raise StoreError(errno.EBUSY, f"inode {ino} is mapped as guest memory: its size is fixed while mapped")
 
     def _spans(self, fm: _FileMap, start: int, end: int) -> list[tuple[int, int]]:
         """Image byte ranges holding file bytes [start, end)."""

@@ -6,7 +6,10 @@ accepted connection is an open file of the kernel: its first message opens
 ``/dev/iommu`` (a ``backing.iommufd.Context``) or ``/dev/liveupdate``. This
 module only decodes requests, checks the extensibility rules and flags the
 kernel checks at its ioctl entry, and turns ``StoreError`` into the errno of
-the reply; the kernel logic is ``backing.iommufd``.
+the reply; the kernel logic is ``backing.iommufd``. ``PKFUSE_GUEST_MMAP``
+(``mmap(2)`` of a guest file) is served on every connection, whatever it
+opened; its logic and pins are ``backing.guestmmap``, and closing the
+connection drops the pins it took.
 
 Calls run on the trio thread, holding ``store.lock`` for their length (a map
 of 1 GiB in 4 KiB leaves holds it ~20 ms): FUSE requests wait that long. The
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -30,6 +34,7 @@ from typing import Any
 import trio
 
 from backing.errors import PkfuseError, StoreError
+from backing.guestmmap import GuestMaps
 from backing.iommufd import Context, Iommufd
 from backing.liveupdate import IncomingSession, LiveUpdate, OutgoingSession
 from pkfuse.uapi import transport, wire
@@ -183,6 +188,7 @@ class ControlServer:
         self.requests = 0
         self.refused: dict[int, int] = {}  #: errno -> count
         self._listener: socket.socket | None = None
+        self.guest_maps = GuestMaps(iommufd.store)  #: PKFUSE_GUEST_MMAP's pins, by connection
         self._handlers: dict[bytes, dict[int, tuple[type, Handler]]] = {
             DEV_IOMMU: {
                 wire.IOMMU_DESTROY: (wire.iommu_destroy, self._destroy),
@@ -202,6 +208,8 @@ class ControlServer:
             calls = LiveUpdateCalls(self, lu)
             self._handlers.update(calls.handlers())
             self._handlers[DEV_IOMMU].update(calls.iommu_handlers())
+        for table in self._handlers.values():  # a system call on a file: served whatever was opened
+            table[wire.PKFUSE_GUEST_MMAP] = (wire.pkfuse_guest_mmap, self._guest_mmap)
 
     def statistics(self) -> dict[str, Any]:
         opened = [(c.device or b"(none)").decode() for c in self.connections]
@@ -228,6 +236,7 @@ class ControlServer:
                 os.unlink(self.path)
             for conn in list(self.connections):
                 conn.close()
+                self.guest_maps.release(conn)
 
     async def _reap(self) -> None:
         """Free destroyed domains once their grace period has passed (the IOTLB-flush stand-in)."""
@@ -261,6 +270,7 @@ class ControlServer:
         finally:
             self.connections.discard(conn)
             conn.close()
+            self.guest_maps.release(conn)  # the file's mappings are no longer this connection's
             if conn.on_close is not None:
                 with trio.CancelScope(shield=True):
                     await conn.on_close()
@@ -401,3 +411,46 @@ class ControlServer:
             return errno.EOPNOTSUPP, b"", []
         self._ctx(conn).device_detach(arg.dev_id)
         return 0, wire.respond(arg), []
+
+    # ------------------------------------------------------ every connection
+
+    async def _guest_mmap(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
+        if arg.flags:
+            return errno.EOPNOTSUPP, b"", []
+        if len(fds) != 1:
+            return errno.EBADF, b"", []
+        ino, accmode = await self.resolver.inode(fds[0])
+        mapping = self.guest_maps.mmap(conn, ino, accmode)
+        try:
+            image, table = _guest_mmap_fds(self.iommufd.store.fileno(), mapping.extents.tobytes())
+        except BaseException:
+            self.guest_maps.release_one(conn, ino)
+            raise
+        arg.out_num_extents = mapping.extents.size
+        arg.out_length = mapping.length
+        arg.out_phys_base = mapping.phys_base
+        return 0, wire.respond(arg), [image, table]
+
+
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+def _guest_mmap_fds(image_fd: int, table: bytes) -> tuple[int, int]:
+    """GUEST_MMAP's reply descriptors: the image reopened O_RDWR (a file description of the
+    caller's own, the same file even if its path changed) and a sealed memfd of ``table``.
+    Neither is on our mount, so both are made on the trio thread."""
+    image = os.open(f"/proc/self/fd/{image_fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        memfd = os.memfd_create(wire.PKFUSE_MMAP_EXTENTS_NAME.decode(), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(table)
+            while view:
+                view = view[os.write(memfd, view):]
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(memfd)
+            raise
+    except BaseException:
+        os.close(image)
+        raise
+    return image, memfd

@@ -82,6 +82,7 @@ from . import views
 if TYPE_CHECKING:  # only the daemon's serve loads the IOMMU library, and hands it in
     from collections.abc import Collection
 
+    from backing.guestmmap import GuestMaps
     from backing.iommu import Iommu
     from backing.iommufd import Context, Iommufd
     from backing.liveupdate import LiveUpdate
@@ -192,6 +193,7 @@ class Operations(pyfuse3.Operations):
         self.iommufd: Iommufd | None = None  #: the live iommufd objects, in .pkernfs/iommu and status
         self.connections: Collection[Connection] = ()  #: the control socket's, for each context's pid
         self.liveupdate: LiveUpdate | None = None  #: the sessions, in .pkernfs/iommu and status
+        self.guest_maps: GuestMaps | None = None  #: PKFUSE_GUEST_MMAP's pins, in .pkernfs/status
         self.lookups: defaultdict[int, int] = defaultdict(int)  #: kernel lookup count per inode
         self.open_count: defaultdict[int, int] = defaultdict(int)  #: open handles per inode
         self.handles: dict[int, Handle] = {}
@@ -246,7 +248,7 @@ class Operations(pyfuse3.Operations):
         if name == b"status":
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
                                       control=self.control_path, iommufd=self.iommufd,
-                                      liveupdate=self.liveupdate).encode()
+                                      liveupdate=self.liveupdate, guest_maps=self.guest_maps).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text

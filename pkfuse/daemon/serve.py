@@ -72,6 +72,7 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
         if control is not None:  # the live iommufd objects in the views, with each context's pid
             ops.iommufd, ops.connections = control.iommufd, control.connections
             ops.liveupdate = control.lu
+            ops.guest_maps = control.guest_maps
         options = fuse_options(image, opts)
         log.info("mounting %s on %s (options %s, pid %d, generation %d)", image, mnt,
                  ",".join(sorted(options)), os.getpid(), store.generation)

@@ -28,6 +28,7 @@ from backing.store import Store
 if TYPE_CHECKING:  # the IOMMU library is not imported for a view of the store alone
     from collections.abc import Mapping
 
+    from backing.guestmmap import GuestMaps
     from backing.iommu import Iommu, MappingRange
     from backing.iommufd import Context, Iommufd
     from backing.liveupdate import LiveUpdate
@@ -56,11 +57,13 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 
 def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | None = None,
                   pid: int | str | None = None, control: str | None = None,
-                  iommufd: Iommufd | None = None, liveupdate: LiveUpdate | None = None) -> str:
+                  iommufd: Iommufd | None = None, liveupdate: LiveUpdate | None = None,
+                  guest_maps: GuestMaps | None = None) -> str:
     """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default).
 
     ``iommufd``: the daemon's live iommufd objects, counted on an ``iommufd`` line (a daemon
-    without a control socket, and ``pkfuse info IMAGE``, have none and show no such line)."""
+    without a control socket, and ``pkfuse info IMAGE``, have none and show no such line).
+    ``guest_maps``: the PKFUSE_GUEST_MMAP pins, on a ``guest_mmaps`` line (likewise)."""
     g = store.geometry
     with store.lock:
         s = store.statfs()
@@ -93,6 +96,10 @@ def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | 
         lines.append(("liveupdate", liveupdate.summary()))
     if iommufd is not None:
         lines.append(("iommufd", iommufd_summary(iommufd)))
+    if guest_maps is not None:
+        st = guest_maps.statistics()
+        lines.append(("guest_mmaps", f"{st['files']} files mapped, {st['pins']} mappings, "
+                                     f"{st['holders']} connections"))
     width = max(len(k) for k, _ in lines)
     return "".join(f"{k + ':':{width + 1}s} {v}\n" for k, v in lines)
 

@@ -12,7 +12,16 @@
 
 from __future__ import annotations
 
-from pkfuse.uapi.client import ConnectionClosed, Iommufd, LiveUpdate, Session, find_control_socket, parse_rid
+from pkfuse.uapi.client import (
+    ConnectionClosed,
+    GuestMapping,
+    Iommufd,
+    LiveUpdate,
+    Session,
+    find_control_socket,
+    parse_rid,
+)
 from pkfuse.uapi.wire import WireError
 
-__all__ = ["ConnectionClosed", "Iommufd", "LiveUpdate", "Session", "WireError", "find_control_socket", "parse_rid"]
+__all__ = ["ConnectionClosed", "GuestMapping", "Iommufd", "LiveUpdate", "Session", "WireError",
+           "find_control_socket", "parse_rid"]

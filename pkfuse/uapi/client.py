@@ -3,7 +3,8 @@
 ``Iommufd`` is an open ``/dev/iommu`` (with the VFIO cdev device calls, made
 on the iommufd connection because a pkfuse device is a requester id, not an
 fd); ``LiveUpdate`` is the open ``/dev/liveupdate``; ``Session`` a live-update
-session fd. Each is one SEQPACKET connection to the daemon, and closing it is
+session fd. ``guest_mmap`` (``mmap(2)`` of a guest file) is a call of every
+one of them: the file stays pinned while that connection is open. Each is one SEQPACKET connection to the daemon, and closing it is
 closing the file. A call either returns its result or raises
 ``OSError(errno, os.strerror(errno))`` with the errno the daemon (the
 kernel) answered; a reply that breaks the protocol is ``OSError(EPROTO)``,
@@ -21,7 +22,9 @@ anything is sent.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -34,7 +37,8 @@ from typing import Protocol, TypeVar
 from pkfuse.uapi import transport, wire
 from pkfuse.uapi.transport import ConnectionClosed
 
-__all__ = ["ConnectionClosed", "Iommufd", "LiveUpdate", "Session", "find_control_socket", "parse_rid"]
+__all__ = ["ConnectionClosed", "GuestMapping", "Iommufd", "LiveUpdate", "Session", "find_control_socket",
+           "parse_rid"]
 
 _S = TypeVar("_S", bound=ctypes.Structure)
 
@@ -104,6 +108,49 @@ def _connect(path: str) -> socket.socket:
 
 def _protocol_error(detail: str) -> OSError:
     return OSError(errno.EPROTO, f"{os.strerror(errno.EPROTO)}: {detail}")
+
+
+@dataclasses.dataclass
+class GuestMapping:
+    """PKFUSE_GUEST_MMAP's answer: what a shared mapping of the guest file is made of.
+
+    Map ``length`` bytes of ``image_fd`` at ``image_offset`` for each extent
+    ``(file_offset, image_offset, length)`` (sorted, tiling the file's pages;
+    ``pkfuse.vmm.memory.GuestMemory.map_file`` does it) and close
+    ``image_fd``: the caller owns it. ``phys_base`` is the physical address
+    of image offset 0; ``length`` the file's size in bytes.
+    """
+
+    image_fd: int
+    extents: list[tuple[int, int, int]]
+    length: int
+    phys_base: int
+
+    def close(self) -> None:
+        """Close ``image_fd`` (mappings made from it stay). Idempotent."""
+        if self.image_fd >= 0:
+            os.close(self.image_fd)
+            self.image_fd = -1
+
+
+_EXTENT_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+def _read_extent_table(fd: int, count: int) -> list[tuple[int, int, int]]:
+    """The sealed memfd's ``pkfuse_guest_extent`` array: exactly ``count`` entries, sealed, else EPROTO."""
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _EXTENT_SEALS != _EXTENT_SEALS:
+        raise _protocol_error("the extent table is not sealed")
+    width = ctypes.sizeof(wire.pkfuse_guest_extent)
+    size = os.fstat(fd).st_size
+    if size != count * width:
+        raise _protocol_error(f"extent table of {size} bytes, out_num_extents says {count}")
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.pread(fd, size - len(data), len(data))
+        if not chunk:
+            raise _protocol_error("extent table ended early")
+        data += chunk
+    return wire.decode_guest_extents(bytes(data))
 
 
 class _FailedWithStruct(OSError):
@@ -178,6 +225,28 @@ class _Connection:
         if len(payload) < ksize or (len(payload) > ksize and not array):
             raise _protocol_error(f"{struct_type.__name__} reply of {len(payload)} bytes, {ksize} expected")
         return struct_type.from_buffer_copy(payload[:ksize]), payload[ksize:]
+
+    # ---- a system call on a file, on every connection ----------------------
+
+    def guest_mmap(self, fd: FileLike) -> GuestMapping:
+        """PKFUSE_GUEST_MMAP, standing for ``mmap(MAP_SHARED, PROT_READ | PROT_WRITE)`` of the guest file.
+
+        ``fd``: the file opened O_RDWR on the mount (EACCES otherwise; EBADF
+        if it is not a file on the mount, EINVAL if not guest RAM or empty).
+        The file is pinned (its size fixed, unlink EBUSY) until this
+        connection closes. The caller owns the returned ``image_fd``.
+        """
+        n = _fileno(fd)
+        out, _, fds = self._call(wire.PKFUSE_GUEST_MMAP, wire.new(wire.pkfuse_guest_mmap), [n], want_fds=2)
+        image, table = fds
+        try:
+            extents = _read_extent_table(table, out.out_num_extents)
+        except BaseException:
+            os.close(image)
+            raise
+        finally:
+            os.close(table)
+        return GuestMapping(image, extents, out.out_length, out.out_phys_base)
 
     def _open(self, path: bytes) -> None:
         try:

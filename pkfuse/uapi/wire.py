@@ -65,7 +65,20 @@ Where pkfuse departs from the kernel, and why
   connection. Their structs follow the uAPI habits (``size`` first, flags
   that must be 0). ``PKFUSE_DOMAIN_*`` (0x10 up), on a ``/dev/iommu``
   connection, are ``pkfuse iommu``'s offline commands served live: their
-  section below says how.
+  section below says how. ``PKFUSE_GUEST_MMAP`` stands for ``mmap(2)`` of
+  a guest-RAM file (``MAP_SHARED``, ``PROT_READ | PROT_WRITE``), which the
+  kernel serves by pointing the VMA at the file's physical pages and pkfuse
+  cannot (``direct_io`` makes a shared mapping through the mount ENODEV).
+  It is a system call on a file, not an ioctl of a device: it is served on
+  every connection (``FILE_REQUESTS``). The file travels as the request's
+  one SCM_RIGHTS descriptor. Pointers do not cross the socket and a
+  datagram is at most 4096 bytes while a 16 GiB guest may have 8192
+  extents, so the reply carries two descriptors: the image (``O_RDWR``),
+  whose pages the caller maps itself at the extents, and a sealed memfd
+  (``F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL``) holding
+  the ``pkfuse_guest_extent`` array, where the kernel would copy to a user
+  pointer. The mapped file is pinned while the connection is open (its
+  section below says how).
 
 Layout
 ------
@@ -94,6 +107,7 @@ import ctypes
 import enum
 import errno as _errno
 import os
+import struct
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -708,6 +722,79 @@ PKFUSE_REBOOT = _IO(PKFUSE_TYPE, 0x01)
 
 
 # --------------------------------------------------------------------------
+# pkfuse's own command on every connection: mmap(2) of a guest-RAM file (type 'P', 0x02)
+# --------------------------------------------------------------------------
+# The kernel's mmap of a pkernfs file hands the VMA the file's physical pages.
+# pkfuse's daemon cannot hand another process a mapping, so it hands out what
+# the mapping is made of -- the image and where in it the file's pages are --
+# and the caller maps each extent of the image over its part of one reserved
+# range (``pkfuse.vmm.memory.GuestMemory.map_file``). The checks are mmap's,
+# in do_mmap's order:
+#
+# - exactly one descriptor, a regular file on this mount, else EBADF;
+# - opened for reading and writing, else EACCES (a shared writable mapping
+#   of a descriptor not open for writing is EACCES; so is any mapping of one
+#   not open for reading);
+# - a guest-RAM file with at least one byte, else EINVAL: IOMMU files, the
+#   live-update state and ``.pkernfs`` views are no memory a VMM may map
+#   (pkfuse says EINVAL, as for a length of 0, rather than ENODEV: through
+#   the mount they are read-only, so EACCES comes first anyway).
+#
+# The pin: the kernel tears a truncated file's pages out of every VMA
+# (``unmap_mapping_range``); pkfuse cannot unmap another process's mapping,
+# so while the connection that made the call is open the file's size is
+# fixed and it keeps its pages: truncate (up or down), a write past its end,
+# unlink and a rename over it give EBUSY. Each call adds one pin; closing the
+# connection (or its process dying) drops all of its pins. There is no
+# munmap call: a mapping outlives nothing but its connection.
+
+PKFUSE_MMAP_EXTENTS_NAME = b"pkfuse-guest-extents"  #: the memfd's name (``/proc/PID/fd`` shows it)
+
+
+@_min_size_through("out_phys_base")
+class pkfuse_guest_mmap(_Struct):
+    """``mmap(2)`` of the guest-RAM file sent with the request (its one SCM_RIGHTS descriptor).
+
+    flags: must be 0 (EOPNOTSUPP). __reserved: must be 0 (EOPNOTSUPP).
+    out_num_extents: the entries of the ``pkfuse_guest_extent`` array in
+    the reply's second descriptor (a sealed memfd of exactly that many
+    entries), sorted by ``file_offset``, tiling ``[0, round_up(out_length,
+    4096))`` with runs contiguous in both the file and the image merged.
+    out_length: the file's size in bytes. out_phys_base: the physical
+    address of image offset 0 (an extent's physical address is
+    ``out_phys_base + image_offset``). The reply's first descriptor is the
+    image, open ``O_RDWR``. EBADF, EACCES, EINVAL as the section above says;
+    on success the file is pinned until the connection closes.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("flags", u32),
+        ("out_num_extents", u32),
+        ("__reserved", u32),
+        ("out_length", aligned_u64),
+        ("out_phys_base", aligned_u64),
+    ]
+
+
+class pkfuse_guest_extent(_Struct):
+    """One entry of PKFUSE_GUEST_MMAP's extent array: ``length`` bytes at ``file_offset`` are at
+    ``image_offset`` of the image. All three are multiples of 4096."""
+
+    _fields_ = [
+        ("file_offset", aligned_u64),
+        ("image_offset", aligned_u64),
+        ("length", aligned_u64),
+    ]
+
+
+PKFUSE_GUEST_MMAP = _IO(PKFUSE_TYPE, 0x02)
+
+assert ctypes.sizeof(pkfuse_guest_mmap) == 32 == pkfuse_guest_mmap.MIN_SIZE
+assert ctypes.sizeof(pkfuse_guest_extent) == 24
+
+
+# --------------------------------------------------------------------------
 # pkfuse's own commands on /dev/iommu: kernel-owned domains (type 'P', 0x10..0x18)
 # --------------------------------------------------------------------------
 # What ``pkfuse iommu create|destroy|copy|map|unmap|attach|detach`` does to an
@@ -974,6 +1061,8 @@ SIZES: dict[type[ctypes.Structure], int] = {
     liveupdate_session_finish: 8,
     pkfuse_open: 72,
     pkfuse_reboot: 8,
+    pkfuse_guest_mmap: 32,
+    pkfuse_guest_extent: 24,
 }
 for _t, _n in SIZES.items():
     assert ctypes.sizeof(_t) == _n, (_t.__name__, ctypes.sizeof(_t), _n)
@@ -1023,8 +1112,14 @@ SESSION_REQUESTS: dict[int, type[ctypes.Structure]] = {
     LIVEUPDATE_SESSION_FINISH: liveupdate_session_finish,
 }
 
+#: on every connection, whatever it opened: system calls on a file, not ioctls of a device
+FILE_REQUESTS: dict[int, type[ctypes.Structure]] = {
+    PKFUSE_GUEST_MMAP: pkfuse_guest_mmap,
+}
+
 #: descriptors a request carries (every other request carries none)
 REQUEST_FDS: dict[int, int] = {
+    PKFUSE_GUEST_MMAP: 1,  # the guest-RAM file to map
     IOMMU_IOAS_MAP_FILE: 1,  # the file to map
     IOMMU_HWPT_LU_SET_PRESERVE: 1,  # the session that preserves the HWPT
     LIVEUPDATE_SESSION_PRESERVE_FD: 1,  # the file to preserve
@@ -1035,6 +1130,7 @@ REPLY_FDS: dict[int, int] = {
     LIVEUPDATE_IOCTL_CREATE_SESSION: 1,  # the session connection
     LIVEUPDATE_IOCTL_RETRIEVE_SESSION: 1,
     LIVEUPDATE_SESSION_RETRIEVE_FD: 1,  # the retrieved file
+    PKFUSE_GUEST_MMAP: 2,  # the image (O_RDWR), the sealed memfd of the extent array
 }
 
 
@@ -1177,3 +1273,23 @@ def encode_iova_ranges(ranges: list[tuple[int, int]]) -> bytes:
     """The ``iommu_iova_range`` array that follows an IOVA_RANGES reply's struct."""
     array = (iommu_iova_range * len(ranges))(*(iommu_iova_range(start, last) for start, last in ranges))
     return bytes(array)
+
+
+def decode_guest_extents(data: bytes) -> list[tuple[int, int, int]]:
+    """The ``pkfuse_guest_extent`` array of a GUEST_MMAP reply's memfd, as (file_offset, image_offset, length).
+
+    ``len(data)`` must be a multiple of 24, else ``WireError(EINVAL)``.
+    """
+    width = ctypes.sizeof(pkfuse_guest_extent)
+    if len(data) % width:
+        raise WireError(_errno.EINVAL, f"{len(data)} bytes is not an array of pkfuse_guest_extent")
+    return list(_GUEST_EXTENT.iter_unpack(data))
+
+
+def encode_guest_extents(extents: list[tuple[int, int, int]]) -> bytes:
+    """The ``pkfuse_guest_extent`` array of ``(file_offset, image_offset, length)`` triples."""
+    return b"".join(_GUEST_EXTENT.pack(*e) for e in extents)
+
+
+_GUEST_EXTENT = struct.Struct("<QQQ")  #: pkfuse_guest_extent's bytes (its layout is asserted at import)
+assert _GUEST_EXTENT.size == ctypes.sizeof(pkfuse_guest_extent)

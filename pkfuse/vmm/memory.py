@@ -13,17 +13,30 @@ Invariants: the extents tile ``[0, size)`` exactly (no gap: a ``PROT_NONE``
 hole inside a KVM memory slot makes ``KVM_RUN`` fail with EFAULT); every
 extent is page-aligned in the file and the image. ``close`` unmaps the whole
 range in one call.
+
+Where the extents come from: ``GuestMemory.map_file`` asks the daemon
+(``PKFUSE_GUEST_MMAP``, the control call standing for the kernel's mmap of a
+pkernfs file), which checks that the caller may write the file, answers with
+the image and the file's extents as image offsets, and pins the file (its
+size fixed, unlink EBUSY) until the connection that asked is closed: keep that
+connection open for as long as the mapping lives. ``of_file`` maps a plain
+file (no mount, no pin). The cost is one ``mmap`` per merged extent, each
+splitting the reserved range: it grows with extents, not bytes.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pkfuse.uapi.client import GuestMapping
 
 _libc = ctypes.CDLL(None, use_errno=True)  # no find_library: it forks ldconfig (~6 ms)
 _libc.mmap.restype = ctypes.c_void_p
@@ -41,6 +54,12 @@ PAGE_SIZE = mmap.PAGESIZE
 PROT_NONE = 0
 
 
+class MmapClient(Protocol):
+    """What ``map_file`` needs of a control connection (``pkfuse.uapi.Iommufd`` has it, as every one does)."""
+
+    def guest_mmap(self, fd: int) -> GuestMapping: ...
+
+
 class Extent(NamedTuple):
     """``length`` bytes at ``file_offset`` of the guest file are at ``image_offset`` of the image."""
 
@@ -53,30 +72,58 @@ class GuestMemoryError(ValueError):
     """The extents cannot form the guest's range (says which extent and why)."""
 
 
-def _check_extents(extents: Sequence[Extent], size: int) -> None:
-    at = 0
-    for i, e in enumerate(sorted(extents)):
-        if e.file_offset != at:
-            raise GuestMemoryError(f"extent {i} starts at file offset {e.file_offset:#x}, expected {at:#x}: "
-                                   "the extents must tile the guest range with no gap or overlap")
-        if e.length <= 0 or (e.file_offset | e.image_offset | e.length) % PAGE_SIZE:
-            raise GuestMemoryError(f"extent {i} ({e.file_offset:#x}, {e.image_offset:#x}, {e.length:#x}) "
-                                   "is empty or not page-aligned")
-        at += e.length
+def _as_array(extents: Sequence[Extent] | np.ndarray) -> np.ndarray:
+    """``extents`` as an (n, 3) int64 array of (file_offset, image_offset, length) rows, sorted by
+    file offset: tuples, ``Extent``s, or a structured array with those three fields."""
+    if isinstance(extents, np.ndarray) and extents.dtype.names:
+        rows = np.stack([extents[f].astype(np.int64) for f in Extent._fields], axis=1)
+    else:
+        rows = np.asarray(extents, dtype=np.int64).reshape(-1, 3)
+    return rows[np.argsort(rows[:, 0], kind="stable")]
+
+
+def _check_rows(rows: np.ndarray, size: int) -> None:
+    """Raise ``GuestMemoryError`` naming the first extent (in file order) that breaks the tiling."""
+    fo, io, n = rows[:, 0], rows[:, 1], rows[:, 2]
+    expected = np.r_[0, np.cumsum(n)[:-1]] if rows.size else np.zeros(0, np.int64)
+    bad_start = fo != expected
+    bad_shape = (n <= 0) | ((fo | io | n) % PAGE_SIZE != 0)
+    bad = np.flatnonzero(bad_start | bad_shape)
+    if bad.size:
+        i = int(bad[0])
+        e = Extent(*(int(x) for x in rows[i]))
+        if bad_start[i]:
+            raise GuestMemoryError(f"extent {i} starts at file offset {e.file_offset:#x}, expected "
+                                   f"{int(expected[i]):#x}: the extents must tile the guest range with no gap "
+                                   "or overlap")
+        raise GuestMemoryError(f"extent {i} ({e.file_offset:#x}, {e.image_offset:#x}, {e.length:#x}) "
+                               "is empty or not page-aligned")
+    at = int(n.sum()) if rows.size else 0
     if at != size:
         raise GuestMemoryError(f"the extents cover {at:#x} bytes, the guest is {size:#x}")
 
 
+def _merge_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows contiguous in both the file and the image joined: one mmap call each (rows sorted)."""
+    if len(rows) < 2:
+        return rows
+    fo, io, n = rows[:, 0], rows[:, 1], rows[:, 2]
+    joins = (fo[1:] == fo[:-1] + n[:-1]) & (io[1:] == io[:-1] + n[:-1])
+    starts = np.flatnonzero(np.r_[True, ~joins])
+    ends = np.r_[starts[1:], len(rows)]
+    out = rows[starts].copy()
+    out[:, 2] = fo[ends - 1] + n[ends - 1] - fo[starts]
+    return out
+
+
+def _check_extents(extents: Sequence[Extent], size: int) -> None:
+    """``GuestMemoryError`` (one line, naming the extent) unless ``extents`` tile ``[0, size)`` in pages."""
+    _check_rows(_as_array(extents), size)
+
+
 def _merge(extents: Sequence[Extent]) -> list[Extent]:
     """Runs contiguous in both the file and the image as one extent: one mmap call each."""
-    out: list[Extent] = []
-    for e in sorted(extents):
-        if out and out[-1].file_offset + out[-1].length == e.file_offset \
-                and out[-1].image_offset + out[-1].length == e.image_offset:
-            out[-1] = out[-1]._replace(length=out[-1].length + e.length)
-        else:
-            out.append(e)
-    return out
+    return [Extent(*e) for e in _merge_rows(_as_array(extents)).tolist()]
 
 
 class GuestMemory:
@@ -84,14 +131,22 @@ class GuestMemory:
 
     ``address`` is the host virtual address of guest-physical 0, ``array`` a
     uint8 numpy array over the range, ``view`` a memoryview of it. The fd is
-    not kept: the mappings hold the file.
+    not kept: the mappings hold the file. ``extents``: ``Extent``s or
+    ``(file_offset, image_offset, length)`` tuples, or a structured array
+    with those fields. ``phys_base``: the physical address of image offset 0
+    (``phys_addr`` needs it; None for a plain file).
     """
 
-    def __init__(self, fd: int, extents: Sequence[Extent], size: int) -> None:
-        extents = [Extent(*e) for e in extents]
-        _check_extents(extents, size)
+    def __init__(self, fd: int, extents: Sequence[Extent] | np.ndarray, size: int, *,
+                 phys_base: int | None = None) -> None:
+        rows = _as_array(extents)
+        _check_rows(rows, size)
         self.size = size
-        self.extents = _merge(extents)
+        rows = _merge_rows(rows)
+        flat = rows.tolist()
+        self.extents = [Extent(*e) for e in flat]
+        self.phys_base = phys_base
+        self._starts = [e[0] for e in flat]  #: file offsets, for phys_addr's bisect
         base = _libc.mmap(None, size, PROT_NONE,
                           mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if base in (None, MAP_FAILED):
@@ -99,13 +154,13 @@ class GuestMemory:
             raise OSError(err, f"reserving {size:#x} bytes of address space: {os.strerror(err)}")
         self.address: int = base
         try:
-            for e in self.extents:
-                got = _libc.mmap(base + e.file_offset, e.length, mmap.PROT_READ | mmap.PROT_WRITE,
-                                 mmap.MAP_SHARED | MAP_FIXED, fd, e.image_offset)
-                if got != base + e.file_offset:
+            map_, prot, flags = _libc.mmap, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED
+            for file_offset, image_offset, length in flat:  # the hot loop: one syscall per extent
+                want = base + file_offset
+                if map_(want, length, prot, flags, fd, image_offset) != want:
                     err = ctypes.get_errno()
-                    raise OSError(err, f"mmap of image offset {e.image_offset:#x} (+{e.length:#x}) at guest-physical "
-                                       f"{e.file_offset:#x}: {os.strerror(err)}")
+                    raise OSError(err, f"mmap of image offset {image_offset:#x} (+{length:#x}) at guest-physical "
+                                       f"{file_offset:#x}: {os.strerror(err)}")
         except BaseException:
             _libc.munmap(base, size)
             raise
@@ -118,6 +173,32 @@ class GuestMemory:
     def of_file(cls, fd: int, size: int) -> GuestMemory:
         """A plain file as guest RAM (one extent): for engines' tests and machines without a mount."""
         return cls(fd, [Extent(0, 0, size)], size)
+
+    @classmethod
+    def map_file(cls, client: MmapClient, guest_fd: int) -> GuestMemory:
+        """The guest-RAM file ``guest_fd`` (opened O_RDWR on the mount) as one contiguous range.
+
+        ``client``: an open control connection (``pkfuse.uapi.Iommufd``, or
+        any other); it makes PKFUSE_GUEST_MMAP, and the file stays pinned
+        while it is open. The range is the file's pages: its size rounded up
+        to a page. The image descriptor the call returned is closed once
+        mapped. Raises the call's ``OSError`` (EBADF, EACCES, EINVAL).
+        """
+        m = client.guest_mmap(guest_fd)
+        try:
+            size = -(-m.length // PAGE_SIZE) * PAGE_SIZE
+            return cls(m.image_fd, m.extents, size, phys_base=m.phys_base)
+        finally:
+            m.close()
+
+    def phys_addr(self, gpa: int) -> int:
+        """The physical address (the image's, as the IOMMU sees it) of guest-physical ``gpa``."""
+        if self.phys_base is None:
+            raise GuestMemoryError("this guest memory is a plain file: it has no physical addresses")
+        if not 0 <= gpa < self.size:
+            raise GuestMemoryError(f"guest-physical {gpa:#x} is outside the guest's {self.size:#x} bytes")
+        e = self.extents[bisect.bisect_right(self._starts, gpa) - 1]
+        return self.phys_base + e.image_offset + gpa - e.file_offset
 
     def populate(self) -> None:
         """Fault every page in for writing now (MADV_POPULATE_WRITE), off the guest's first touch."""

@@ -52,6 +52,12 @@ LAYOUTS: dict[type[ctypes.Structure], tuple[int, list[tuple[str, int]]]] = {
     w.liveupdate_session_finish: (8, [("size", 0), ("reserved", 4)]),
     w.pkfuse_open: (72, [("size", 0), ("flags", 4), ("path", 8)]),
     w.pkfuse_reboot: (8, [("size", 0), ("flags", 4)]),
+    w.pkfuse_guest_mmap: (
+        32,
+        [("size", 0), ("flags", 4), ("out_num_extents", 8), ("__reserved", 12), ("out_length", 16),
+         ("out_phys_base", 24)],
+    ),
+    w.pkfuse_guest_extent: (24, [("file_offset", 0), ("image_offset", 8), ("length", 16)]),
 }
 
 # The kernel's min_size: offsetofend of IOCTL_OP's last field (iommufd main.c,
@@ -74,7 +80,7 @@ MIN_SIZES: dict[type[ctypes.Structure], int] = {
     w.liveupdate_session_finish: 8,
 }
 
-COMMAND_STRUCTS = [t for t in LAYOUTS if t is not w.iommu_iova_range]
+COMMAND_STRUCTS = [t for t in LAYOUTS if t not in (w.iommu_iova_range, w.pkfuse_guest_extent)]  # array entries
 
 
 @pytest.mark.parametrize("struct_type", list(LAYOUTS), ids=lambda t: t.__name__)
@@ -96,7 +102,7 @@ def test_min_size_is_the_kernels(struct_type: type[ctypes.Structure]) -> None:
 
 def test_pkfuse_structs_have_no_smaller_version() -> None:
     for t in (w.pkfuse_device_bind_iommufd, w.pkfuse_device_attach_iommufd_pt, w.pkfuse_device_detach_iommufd_pt,
-              w.pkfuse_open, w.pkfuse_reboot):
+              w.pkfuse_open, w.pkfuse_reboot, w.pkfuse_guest_mmap):
         assert t.MIN_SIZE == ctypes.sizeof(t), t.__name__
 
 
@@ -119,6 +125,7 @@ def test_ioctl_numbers_are_asm_generic_io_encodings() -> None:
     assert w.LIVEUPDATE_SESSION_FINISH == 0xBA42
     assert w.PKFUSE_OPEN == 0x5000
     assert w.PKFUSE_REBOOT == 0x5001
+    assert w.PKFUSE_GUEST_MMAP == 0x5002
 
 
 def test_ioc_nr_and_type_invert_io() -> None:
@@ -128,7 +135,8 @@ def test_ioc_nr_and_type_invert_io() -> None:
 
 
 def test_every_command_number_is_distinct_across_connection_kinds() -> None:
-    tables = (w.OPEN_REQUESTS, w.IOMMUFD_REQUESTS, w.LIVEUPDATE_REQUESTS, w.SESSION_REQUESTS)
+    tables = (w.OPEN_REQUESTS, w.IOMMUFD_REQUESTS, w.LIVEUPDATE_REQUESTS, w.SESSION_REQUESTS, w.FILE_REQUESTS,
+              w.PKFUSE_DOMAIN_REQUESTS)
     numbers = [cmd for table in tables for cmd in table]
     assert len(numbers) == len(set(numbers))
 
@@ -241,6 +249,7 @@ RESERVED = [
     (w.iommu_hwpt_alloc, "__reserved2"),
     (w.pkfuse_device_attach_iommufd_pt, "__reserved"),
     (w.liveupdate_session_finish, "reserved"),
+    (w.pkfuse_guest_mmap, "__reserved"),
 ]
 
 
@@ -283,3 +292,30 @@ def test_iova_ranges_array_of_a_partial_entry_is_einval() -> None:
     with pytest.raises(w.WireError) as e:
         w.decode_iova_ranges(bytes(20))
     assert e.value.errno == errno.EINVAL
+
+
+def test_guest_extents_array_round_trips() -> None:
+    extents = [(0, 0x40_0000, 0x20_0000), (0x20_0000, 0x1000, 0x1000)]
+    data = w.encode_guest_extents(extents)
+    assert len(data) == 2 * ctypes.sizeof(w.pkfuse_guest_extent)
+    assert w.decode_guest_extents(data) == extents
+    entry = w.pkfuse_guest_extent.from_buffer_copy(data[24:])
+    assert (entry.file_offset, entry.image_offset, entry.length) == extents[1]
+
+
+def test_guest_extents_array_of_a_partial_entry_is_einval() -> None:
+    with pytest.raises(w.WireError) as e:
+        w.decode_guest_extents(bytes(25))
+    assert e.value.errno == errno.EINVAL
+
+
+def test_the_daemons_extent_dtype_is_the_wire_struct() -> None:
+    from backing.guestmmap import GUEST_EXTENT_DTYPE
+
+    assert GUEST_EXTENT_DTYPE.itemsize == ctypes.sizeof(w.pkfuse_guest_extent)
+    assert [(n, GUEST_EXTENT_DTYPE.fields[n][1]) for n in GUEST_EXTENT_DTYPE.names] == \
+        [(n, w.offsetof(w.pkfuse_guest_extent, n)) for n, _ in w.pkfuse_guest_extent._fields_]
+
+
+def test_guest_mmap_carries_one_fd_and_answers_with_two() -> None:
+    assert w.REQUEST_FDS[w.PKFUSE_GUEST_MMAP] == 1 and w.REPLY_FDS[w.PKFUSE_GUEST_MMAP] == 2
