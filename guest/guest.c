@@ -256,22 +256,32 @@ static void write_page(uint64_t gpa, uint64_t pass)
         q[i] = (gpa + 8 * i) ^ key;
 }
 
-/* MODE_RUN: the step of abi.py, for ever. counter, checksum and pages live in registers. */
+/* Step 1's check: RAM holds what the registers hold, else ERROR_ROLLBACK naming the field. */
+static inline void check_state(vstate *st, uint64_t counter, uint64_t sum, uint64_t pages)
+{
+    if (st->counter != counter)
+        stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, counter));
+    if (st->checksum != sum)
+        stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, checksum));
+    if (st->pages != pages)
+        stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, pages));
+}
+
+/* MODE_RUN: the step of abi.py, for ever. counter, checksum and pages live in registers.
+ * The check of step 1 is made again before each store of the state block (a vCPU restored
+ * from registers of another instant may resume anywhere in a step: it is caught before its
+ * first store there, not one step later, when its own stores would have made RAM agree). */
 static void __attribute__((noreturn)) run(uint64_t vcpu, vstate *st, const struct dma *dma, uint64_t area,
                                           uint64_t dirty_pages, uint64_t dma_every)
 {
     uint64_t counter = st->counter, sum = st->checksum, pages = st->pages;
     for (;;) {
         /* 1. RAM must hold what the registers hold */
-        if (st->counter != counter)
-            stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, counter));
-        if (st->checksum != sum)
-            stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, checksum));
-        if (st->pages != pages)
-            stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, pages));
+        check_state(st, counter, sum, pages);
         /* 2. one page of the area, then the page count */
         if (dirty_pages) {
             write_page(area + (pages % dirty_pages) * PAGE_SIZE, pages / dirty_pages);
+            check_state(st, counter, sum, pages);
             st->pages = ++pages;
         }
         /* 3. the ring */
@@ -280,8 +290,11 @@ static void __attribute__((noreturn)) run(uint64_t vcpu, vstate *st, const struc
             dma_post(dma);
         }
         /* 4. checksum, then counter */
+        check_state(st, counter, sum, pages);
         sum += (counter + 1) * K + vcpu;
         st->checksum = sum;
+        if (st->counter != counter)
+            stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, counter));
         st->counter = ++counter;
     }
 }

@@ -35,7 +35,10 @@ The step (mode RUN), one iteration of vCPU i's loop, in store order:
 
 1. check that its state in RAM equals what its registers hold (``counter``,
    ``checksum``, ``pages``): a vCPU restored from registers older or newer
-   than its RAM stops with ERROR_ROLLBACK;
+   than its RAM stops with ERROR_ROLLBACK (the check is made again before
+   each store of steps 2 and 4: a vCPU restored in the middle of a step
+   would otherwise store its own values first, and RAM would agree with
+   them by step 1 of the next);
 2. when dirty_pages > 0: write page ``pages % dirty_pages`` of its area, every
    qword = ``pattern(gpa, pages // dirty_pages)``; then store ``pages + 1``;
 3. every ``dma_every`` steps: collect completed descriptors of its ring
@@ -57,6 +60,23 @@ DMA_READ: reads the buffer, which the guest filled with it), stores
 ``result`` (the sum of the buffer's qwords mod 2**64) and the status, then
 ``consumed + 1``. The guest checks ``result`` and, for a DMA_WRITE, the
 buffer itself.
+
+The guest's side of the ring, in store order (what a kill may cut, and a
+cold boot completes). A post, when ``produced - dma_completed < entries``:
+the slot's status FREE, its fields (seq = produced, op DMA_WRITE for an even
+seq, DMA_READ for an odd one, the buffer of slot seq % entries), the buffer
+for a DMA_READ, status POSTED, ``produced + 1``, ``dma_posted + 1``. A
+collection, for each seq from ``dma_completed`` below ``consumed``:
+``dma_ok`` or ``dma_errors + 1``, ``dma_completed + 1``, the slot's status
+FREE. At the first start the guest writes the ring header (magic last, the
+vCPU's DMA counters zeroed with it).
+
+A start at the entry point over a state: ``started + 1`` every time,
+``boots + 1`` unless the state is fresh (never started, no step, no page).
+ERROR_ROLLBACK and ERROR_TORN are sticky: a start over them stops again
+with the same error (only a fresh state clears them); a start with a valid
+config clears an old ERROR_CONFIG. ERROR_CONFIG's error_value is the
+offset of the bad field in CONFIG.
 """
 
 from __future__ import annotations
