@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-AREAS = ("store", "mount", "iommu", "control", "crash")  #: modules of this package, run in this order
+AREAS = ("store", "mount", "iommu", "control", "vmm", "crash")  #: modules of this package, run in this order
 
 
 @dataclasses.dataclass

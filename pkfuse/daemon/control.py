@@ -270,7 +270,8 @@ class ControlServer:
         finally:
             self.connections.discard(conn)
             conn.close()
-            self.guest_maps.release(conn)  # the file's mappings are no longer this connection's
+            if not self.iommufd.halted:  # after reboot() nothing is released: the mappings outlive the kernel
+                self.guest_maps.release(conn)  # the file's mappings are no longer this connection's
             if conn.on_close is not None:
                 with trio.CancelScope(shield=True):
                     await conn.on_close()

@@ -184,6 +184,13 @@ def test_the_call_is_served_on_a_liveupdate_connection(live: Mount, vm0: int) ->
         assert m.length == GUEST
 
 
+def test_the_call_is_served_on_a_session_fd(live: Mount, vm0: int) -> None:
+    with LiveUpdate(str(live.path)) as lu, lu.create_session("s") as session:
+        m = session.guest_mmap(vm0)
+        m.close()
+        assert m.length == GUEST
+
+
 def test_the_extent_table_arrives_sealed(iommufd: Iommufd, vm0: int) -> None:
     import fcntl
 
@@ -324,6 +331,15 @@ def test_the_status_counts_mappings_files_and_connections(live: Mount, iommufd: 
     iommufd.guest_mmap(vm0).close()
     status = (live.path / ".pkernfs" / "status").read_text()
     assert "guest_mmaps:" in status and "1 files mapped, 2 mappings, 1 connections" in status
+
+
+def test_after_reboot_a_closed_connection_keeps_its_pin(live: Mount, vm0: int) -> None:
+    with Iommufd(str(live.path)) as client, LiveUpdate(str(live.path)) as lu:
+        client.guest_mmap(vm0).close()
+        lu.reboot()  # the kernel is gone: closing a file releases nothing any more
+    time.sleep(0.1)
+    assert errno_of(lambda: os.truncate(vm0_path(live), 0)) == errno.EBUSY
+    os.truncate(live.path / "guest_mem" / "vm1", 0)  # a file nobody mapped: truncate works as before
 
 
 # ------------------------------------------------------- a mapping process
