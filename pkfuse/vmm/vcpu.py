@@ -197,14 +197,22 @@ class Vcpu:
                 if not self._cond.wait(REKICK_INTERVAL) and self.state == RUNNING:
                     self._kick()
 
-    def resume(self) -> None:
+    def request_resume(self) -> None:
+        """Let a paused thread go on (its state turns RUNNING when it does: ``wait_resumed``)."""
         with self._cond:
-            if self.state != PAUSED:
+            if self.state != PAUSED or self._want != PAUSED:
                 return
             self.run.immediate_exit = 0
             self._want = RUNNING
-            self.state = RUNNING
             self._cond.notify_all()
+
+    def wait_resumed(self, deadline: float) -> None:
+        """Until the thread has taken the resume: a pause asked after this returns is its own, never lost."""
+        with self._cond:
+            while self.state == PAUSED and self._want == RUNNING:
+                if time.monotonic() > deadline:
+                    raise EngineError(f"kvm: vCPU {self.index} did not resume within {PAUSE_TIMEOUT} s")
+                self._cond.wait(0.1)
 
     def close(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """End the thread (kicked out of KVM_RUN if there), unmap ``kvm_run``, close the fd."""
@@ -266,6 +274,8 @@ class Vcpu:
                 self.state = CLOSED
                 self._cond.notify_all()
                 return False
+            self.state = RUNNING  # the thread itself: a resume is taken once it is here
+            self._cond.notify_all()
             return True
 
     def _loop(self) -> None:

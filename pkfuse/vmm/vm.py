@@ -107,7 +107,10 @@ class Vm:
     def resume(self) -> None:
         self._check_open()
         for v in self.vcpus:
-            v.resume()
+            v.request_resume()
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        for v in self.vcpus:
+            v.wait_resumed(deadline)
 
     def save(self) -> list[bytes]:
         self._check_open()
