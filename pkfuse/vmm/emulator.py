@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 from unicorn import (
     UC_ARCH_X86,
+    UC_ERR_INSN_INVALID,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_MODE_64,
@@ -390,7 +391,11 @@ class Emulator:
             try:
                 v.uc.emu_start(v.rip, self.trampoline + _NEVER)
             except UcError as e:
-                reason = v.stop_reason or f"unicorn: {e} at rip {v.uc.reg_read(x86.UC_X86_REG_RIP):#x}"
+                rip = v.uc.reg_read(x86.UC_X86_REG_RIP)
+                if e.errno == UC_ERR_INSN_INVALID:  # Unicorn's #UD is an error, not an exception
+                    reason = f"shutdown: invalid instruction (#UD) at rip {rip:#x} with no IDT (a triple fault)"
+                else:
+                    reason = v.stop_reason or f"unicorn: {e} at rip {rip:#x}"
             except Exception as e:  # the port handler raised (the binding re-raises it here)
                 reason = f"the port handler raised {type(e).__name__}: {e}"
                 log.exception("vCPU %d: port handler", v.index)
