@@ -9,15 +9,17 @@ default size), so it can make ephemeral domains.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from backing import ephemeral, vtd
+from backing import ephemeral, vtd, walker
 from backing import format as fmt
 from backing.iommu import Domain, Iommu
-from backing.regs import default_path
+from backing.regs import Regs, default_path
 from backing.store import Store
 
 
@@ -51,3 +53,17 @@ def entry_where(store: Store, dom: Domain, iova: int, level: int) -> int:
         where = table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[lvl]) % 512
         table = int(vtd.entry_pages(u64[where], base_pfn))
     return table * 512 + (iova >> fmt.VTD_LEVEL_SHIFT[level]) % 512
+
+
+def device_view(image: Path, sid: int, iovas: np.ndarray) -> tuple[list[int], list[int]]:
+    """What requester ``sid`` reaches at each IOVA, as the hardware walks it: (phys, fault reason).
+
+    Reads the image, the ephemeral memory beside it (the ephemeral design's
+    domains are there) and the register block, asking no daemon.
+    """
+    u64, base, npages = walker.open_image(image)
+    host_ram = ephemeral.default_path(image)
+    region = walker.open_ephemeral(host_ram) if os.path.exists(host_ram) else None
+    with Regs.open(default_path(image), create=False) as regs:
+        phys, faults = walker.translate(u64, base, npages, regs, sid, iovas, True, ephemeral=region)
+    return phys.tolist(), faults.tolist()

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import Mount
+from iommu_helpers import device_view
 
-from backing import ephemeral, fsck, walker
 from backing import format as fmt
-from backing.regs import Regs, default_path
+from backing import fsck
 from pkfuse.uapi import Iommufd, LiveUpdate, Session
 
 pytestmark = pytest.mark.mount
@@ -50,12 +50,7 @@ def live(image: Path, tmp_path: Path, mount_image: Callable[..., Mount]) -> Moun
 
 def hardware(image: Path) -> tuple[list[int], list[int]]:
     """What the device reaches at every IOVA of the guest: (phys, fault reason)."""
-    u64, base, npages = walker.open_image(image)
-    host_ram = ephemeral.default_path(image)  # the ephemeral design's domains are there
-    region = walker.open_ephemeral(host_ram) if os.path.exists(host_ram) else None
-    with Regs.open(default_path(image), create=False) as regs:
-        phys, faults = walker.translate(u64, base, npages, regs, SID, IOVAS, True, ephemeral=region)
-    return phys.tolist(), faults.tolist()
+    return device_view(image, SID, IOVAS)
 
 
 def errno_of(fn: Callable[[], object]) -> int:
