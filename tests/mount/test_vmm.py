@@ -1,0 +1,209 @@
+"""The VMM on a live mount: a real VM whose RAM is a guest file's image pages, its stop and resume,
+its live update across a SIGKILL of the daemon, and what it refuses.
+
+Each test runs on every engine this machine has (KVM where ``/dev/kvm`` opens, Unicorn always).
+The restart is ``Mount.restart`` (SIGKILL of the daemon, a new mount of the same image).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import Mount
+from iommu_helpers import device_view
+
+from backing import format as fmt
+from backing import fsck
+from pkfuse.vmm import abi, handover, verify
+from pkfuse.vmm.vmm import Vmm, VmmError, VmmSpec
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+MEMORY = 16 * MiB
+SID = fmt.requester_id(0, 3, 0)  #: 00:03.0, the VMM's default device
+#: an IOVA in every 2 MiB of guest RAM, and one past its end (a fault)
+IOVAS = np.arange(0, MEMORY + 2 * MiB, 2 * MiB, dtype=np.uint64) + np.uint64(0x1000)
+ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm here: the KVM engine cannot run"))]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def vmms() -> Iterator[list[Vmm]]:
+    """Every Vmm a test made, closed at teardown (vCPUs stopped, RAM unmapped), also on failure."""
+    made: list[Vmm] = []
+    yield made
+    for v in made:
+        v.close(save=False)
+
+
+@pytest.fixture
+def live(make_image: Callable[..., Path], tmp_path: Path, mount_image: Callable[..., Mount]) -> Mount:
+    return mount_image(make_image("128M"), "--control", str(tmp_path / "ctl.sock"))
+
+
+def _spec(m: Mount, engine: str, **kw: object) -> VmmSpec:
+    fields: dict[str, object] = dict(guest=str(m.path / "guest_mem" / "vm0"), memory=MEMORY, vcpus=1,
+                                     engine=engine, dirty_share=0.5, dma_every=64)
+    fields.update(kw)
+    return VmmSpec(**fields)  # type: ignore[arg-type]
+
+
+def _run_until(vmm: Vmm, steps: int, timeout: float = 20.0) -> np.ndarray:
+    """Guest state once every vCPU made ``steps`` steps (and wrote at least one page)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = vmm.vcpu_states()
+        if (s["counter"] >= steps).all() and (s["pages"] > 0).all():
+            return s
+        assert not vmm.ports.errors, f"the guest reported {vmm.ports.errors}"
+        time.sleep(0.01)
+    pytest.fail(f"the guest did not reach {steps} steps in {timeout} s: {vmm.status_line()}")
+
+
+def _clean(vmm: Vmm) -> verify.Verdict:
+    v = verify.verify(vmm.ram.array)
+    assert v.ok, v.findings
+    return v
+
+
+def test_a_vm_runs_on_its_guest_file_and_keeps_every_invariant(live: Mount, engine: str, vmms: list[Vmm]) -> None:
+    vmm = Vmm.start(_spec(live, engine, vcpus=2))
+    vmms.append(vmm)
+    _run_until(vmm, 200)
+    vmm.pause()
+    v = _clean(vmm)
+    s = vmm.vcpu_states()
+    assert (s["counter"] > 0).all() and (s["dma_posted"] > 0).all() and not vmm.ports.errors
+    assert v is not None
+
+
+def test_the_guests_stores_are_the_images_pages_at_its_extents(live: Mount, engine: str,
+                                                               vmms: list[Vmm]) -> None:
+    """What the guest wrote at guest-physical address g is in the image at the extent holding g."""
+    vmm = Vmm.start(_spec(live, engine))
+    vmms.append(vmm)
+    _run_until(vmm, 50)
+    vmm.pause()
+    image = np.memmap(live.image, np.uint8, "r")
+    for e in vmm.ram.extents:
+        assert np.array_equal(image[e.image_offset:e.image_offset + e.length],
+                              vmm.ram.array[e.file_offset:e.file_offset + e.length])
+    with open(live.path / "guest_mem" / "vm0", "rb", buffering=0) as f:  # and through the mount
+        assert f.read(abi.PAGE_SIZE * 4) == vmm.ram.array[:abi.PAGE_SIZE * 4].tobytes()
+
+
+def test_a_stop_saves_the_vcpus_and_a_resume_continues_them(live: Mount, engine: str, vmms: list[Vmm]) -> None:
+    vmm = Vmm.start(_spec(live, engine))
+    vmms.append(vmm)
+    _run_until(vmm, 100)
+    vmm.close(save=True)
+    before = verify.verify(_read(live))
+    again = Vmm.start(_spec(live, engine), resume=True)
+    vmms.append(again)
+    _run_until(again, int(before.vcpus[0].counter) + 100)
+    again.pause()
+    after = _clean(again)
+    assert verify.progressed(before, after) == [], "the counters went back"
+    assert int(again.vcpu_states()["boots"][0]) == 0, "a resume is not a boot"
+
+
+def _read(m: Mount) -> np.ndarray:
+    return np.frombuffer((m.path / "guest_mem" / "vm0").read_bytes(), np.uint8)
+
+
+@pytest.mark.parametrize("domains", ["persistent", "ephemeral"])
+def test_a_live_update_continues_the_guest_through_a_kexec(
+        make_image: Callable[..., Path], tmp_path: Path, mount_image: Callable[..., Mount], vmms: list[Vmm],
+        engine: str, domains: str) -> None:
+    m = mount_image(make_image("128M"), "--control", str(tmp_path / "ctl.sock"), "--domains", domains)
+    vmm = Vmm.start(_spec(m, engine))
+    vmms.append(vmm)
+    _run_until(vmm, 100)
+    vmm.prepare("vm0")
+    _run_until(vmm, int(vmm.vcpu_states()["counter"][0]) + 50)  # prepared: the VM still runs
+    dma = device_view(m.image, SID, IOVAS)
+    assert dma[1][:-1] == [0] * (len(IOVAS) - 1) and dma[1][-1] != 0  # guest RAM at IOVA = GPA, nothing past it
+    vmm.freeze()
+    before = verify.verify(vmm.ram.array)
+    assert before.ok, before.findings
+    vmm.close(save=False)
+    m.restart()  # the kexec: SIGKILL of the daemon, a new one mounts the image
+    assert device_view(m.image, SID, IOVAS) == dma  # between the kernels, DMA translates as before
+    succ = Vmm.incoming(m.path, "vm0", timeout=30)
+    vmms.append(succ)
+    _run_until(succ, int(before.vcpus[0].counter) + 100)
+    succ.pause()
+    after = _clean(succ)
+    assert verify.progressed(before, after) == []
+    assert not succ.ports.errors and int(succ.vcpu_states()["boots"][0]) == 0
+    assert succ.hwpt is not None and set(succ.timings) >= {"retrieve", "remap", "vm_create", "vcpu_restore",
+                                                           "blackout"}
+    assert device_view(m.image, SID, IOVAS) == dma  # adopted or replaced, the same translations
+    status = (m.path / ".pkernfs" / "status").read_text()
+    assert "0 sessions" in status, status  # finished
+
+
+def test_a_cancelled_prepare_leaves_the_vm_as_it_was(live: Mount, engine: str, vmms: list[Vmm]) -> None:
+    vmm = Vmm.start(_spec(live, engine))
+    vmms.append(vmm)
+    vmm.prepare("vm0")
+    vmm.cancel()
+    with open(live.path / "guest_mem" / "vm0.vmstate", "r+b") as f:
+        f.truncate(handover.FILE_SIZE)  # no longer frozen: a truncate to its size is allowed
+    s = _run_until(vmm, 100)
+    assert "0 sessions" in (live.path / ".pkernfs" / "status").read_text()
+    assert s["counter"][0] >= 100
+
+
+def test_a_resume_refuses_another_vms_state(live: Mount, engine: str, vmms: list[Vmm]) -> None:
+    a = Vmm.start(_spec(live, engine))
+    vmms.append(a)
+    _run_until(a, 10)
+    a.close(save=True)
+    b = Vmm.start(_spec(live, engine, guest=str(live.path / "guest_mem" / "vm1")))
+    vmms.append(b)
+    b.close(save=False)
+    (live.path / "guest_mem" / "vm1.vmstate").write_bytes((live.path / "guest_mem" / "vm0.vmstate").read_bytes())
+    with pytest.raises(VmmError, match="belongs to another VM"):
+        Vmm.start(_spec(live, engine, guest=str(live.path / "guest_mem" / "vm1")), resume=True)
+
+
+def test_a_resume_refuses_a_different_vcpu_count(live: Mount, engine: str, vmms: list[Vmm]) -> None:
+    a = Vmm.start(_spec(live, engine))
+    vmms.append(a)
+    _run_until(a, 10)
+    a.close(save=True)
+    with pytest.raises(VmmError, match="1 vCPUs, the VM 2"):
+        Vmm.start(_spec(live, engine, vcpus=2), resume=True)
+
+
+def test_a_guest_file_it_may_not_write_is_refused(live: Mount) -> None:
+    with pytest.raises(VmmError, match="cannot open guest RAM .* for writing"):
+        Vmm.start(_spec(live, "unicorn", guest=str(live.path / "iommu" / "root-pgtables")))
+
+
+def test_a_guest_file_of_another_size_is_refused(live: Mount) -> None:
+    (live.path / "guest_mem" / "vm0").write_bytes(b"\0" * MiB)
+    with pytest.raises(VmmError, match="is 1048576 bytes, not the 16777216 asked for"):
+        Vmm.start(_spec(live, "unicorn"))
+
+
+def test_the_image_is_clean_after_a_vm_stopped(live: Mount, engine: str, vmms: list[Vmm]) -> None:
+    vmm = Vmm.start(_spec(live, engine))
+    vmms.append(vmm)
+    _run_until(vmm, 10)
+    vmm.close(save=True)
+    assert live.unmount() == 0
+    status, findings = fsck.check_image(str(live.image))
+    assert status == 0, findings
