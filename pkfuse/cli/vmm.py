@@ -135,6 +135,7 @@ def _serve(vmm: Any, args: argparse.Namespace, stop: dict[str, str]) -> int:
         listener.listen(4)
         sel.register(listener, selectors.EVENT_READ)
     deadline = time.monotonic() + args.seconds if args.seconds else None
+    live_status = not args.quiet and sys.stderr.isatty()  # a log gets the final line only
     try:
         while not stop["why"]:
             if deadline is not None and time.monotonic() >= deadline:
@@ -144,7 +145,7 @@ def _serve(vmm: Any, args: argparse.Namespace, stop: dict[str, str]) -> int:
                 stop["why"] = "every vCPU stopped: " + "; ".join(
                     f"{i}: {why}" for i, why in sorted(vmm.engine.stopped().items()))
                 break
-            if not args.quiet:
+            if live_status:
                 print(f"\r{vmm.status_line()}", end="", file=sys.stderr, flush=True)
             for key, _ in sel.select(timeout=0.25):
                 if key.fileobj is listener:

@@ -148,6 +148,8 @@ class Vmm:
         self.rebooted = False
         self.timings: dict[str, float] = {}  #: seconds, per phase of the last start / freeze / incoming
         self.closed = False
+        self._final: np.ndarray | None = None  #: the vCPU states when closed
+        self._stopped: dict[int, str] = {}
 
     # ------------------------------------------------------------ start
 
@@ -208,7 +210,9 @@ class Vmm:
     # ------------------------------------------------------------ running
 
     def vcpu_states(self) -> np.ndarray:
-        """A copy of every vCPU's VCPU_STATE, read from guest RAM."""
+        """A copy of every vCPU's VCPU_STATE, read from guest RAM (after ``close``: as it was then)."""
+        if self._final is not None:
+            return self._final.copy()
         return state_view(self.ram.array, self.nr_vcpus).copy()
 
     def status_line(self) -> str:
@@ -358,6 +362,8 @@ class Vmm:
         finally:
             if not self.rebooted:
                 self.cancel()
+            self._final = self.vcpu_states()
+            self._stopped = self.engine.stopped()
             _cleanup(self.engine, self.ram, self.iommufd, self.guest_fd, self.state_fd)
 
     def __enter__(self) -> Vmm:
@@ -373,7 +379,7 @@ class Vmm:
                 "counters": s["counter"].tolist(), "pages": s["pages"].tolist(),
                 "dma_posted": s["dma_posted"].tolist(), "dma_ok": s["dma_ok"].tolist(),
                 "dma_errors": s["dma_errors"].tolist(), "guest_errors": dict(self.ports.errors),
-                "stopped": self.engine.stopped(), "timings": dict(self.timings)}
+                "stopped": self._stopped if self.closed else self.engine.stopped(), "timings": dict(self.timings)}
 
 
 # ---------------------------------------------------------------- helpers
