@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backing.errors import PkfuseError
+
 from . import abi
 
 STATE_MAGIC = int.from_bytes(b"PKVCPUST", "little")
@@ -88,16 +90,25 @@ KVM_VCPU_HEADER = np.dtype([
 assert KVM_VCPU_HEADER.itemsize == 104
 
 
-class CpuStateError(ValueError):
-    """A vCPU state that cannot be restored (one line: structure, field, offset, problem)."""
+class CpuStateError(PkfuseError, ValueError):
+    """A vCPU state that cannot be restored (one line: structure, field, offset, problem).
+
+    ``structure`` and ``offset`` name where, when the refusal is about one field (else None).
+    """
+
+    def __init__(self, message: str, structure: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.structure = structure
+        self.offset = offset
 
 
 def _field_offset(dtype: np.dtype, field: str) -> int:
     return int(dtype.fields[field][1])
 
 
-def _refuse(struct: str, dtype: np.dtype, field: str, problem: str, base: int = 0) -> CpuStateError:
-    return CpuStateError(f"vCPU state: {struct}.{field} at offset {base + _field_offset(dtype, field)}: {problem}")
+def _refuse(struct: str, dtype: np.dtype, field: str, problem: str) -> CpuStateError:
+    offset = _field_offset(dtype, field)
+    return CpuStateError(f"vCPU state: {struct}.{field} at offset {offset}: {problem}", f"{struct}.{field}", offset)
 
 
 def _align(n: int) -> int:

@@ -147,6 +147,15 @@ class _triple_fault(_Struct):  # noqa: N801
     _fields_ = [("pending", u8)]
 
 
+# kvm_vcpu_events.flags: which optional fields KVM_SET_VCPU_EVENTS takes (KVM_GET_VCPU_EVENTS sets some)
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x01
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x02
+KVM_VCPUEVENT_VALID_SHADOW = 0x04
+KVM_VCPUEVENT_VALID_SMM = 0x08
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+
 class kvm_vcpu_events(_Struct):  # noqa: N801
     _fields_ = [("exception", _exception), ("interrupt", _interrupt), ("nmi", _nmi), ("sipi_vector", u32),
                 ("flags", u32), ("smi", _smi), ("triple_fault", _triple_fault), ("reserved", u8 * 26),

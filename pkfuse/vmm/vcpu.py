@@ -149,7 +149,13 @@ class Vcpu:
         self._run_addr: int = addr
         self.run = kvm.kvm_run.from_address(addr)
         self.cpuid = vcpu_cpuid(cpuid, index)
-        kvm.set_cpuid2(self.fd, self.cpuid)
+        try:
+            kvm.set_cpuid2(self.fd, self.cpuid)
+        except BaseException:
+            del self.run
+            _libc.munmap(addr, mmap_size)
+            os.close(self.fd)
+            raise
         self.state = IDLE
         self.stop_reason: str | None = None
         self.in_run = False  #: inside KVM_RUN now (racy by nature: for statistics and tests)
@@ -436,7 +442,9 @@ class Vcpu:
         n = int.from_bytes(raw[:4], "little")
         entries = (kvm.kvm_msr_entry * n).from_buffer_copy(raw, 8)
         kvm.set_msrs(fd, [(e.index, e.data) for e in entries])
-        kvm.set_vcpu_events(fd, kvm.kvm_vcpu_events.from_buffer_copy(s["vcpu_events"]))
+        events = kvm.kvm_vcpu_events.from_buffer_copy(s["vcpu_events"])
+        events.flags |= kvm.KVM_VCPUEVENT_VALID_NMI_PENDING  # GET never sets it; without it a pending NMI is lost
+        kvm.set_vcpu_events(fd, events)
 
     # ------------------------------------------------------------------ inspection
     def get_regs(self) -> kvm.kvm_regs:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backing.errors import PkfuseError
 from pkfuse.vmm import cpustate
 from pkfuse.vmm.cpustate import STATE_HEADER, CpuStateError
 
@@ -71,6 +72,9 @@ def test_round_trip() -> None:
 def test_refuses_bad_magic() -> None:
     data = cpustate.encode("kvm", UUID, RAM, blobs())
     refused(b"NOTSTATE" + data[8:], r"^vCPU state: STATE_HEADER\.magic at offset 0: .* \(not a vCPU state file\)$")
+    with pytest.raises(PkfuseError) as e:  # the CLI's one-line errors
+        cpustate.decode(b"NOTSTATE" + data[8:], expect_uuid=UUID, expect_vcpus=2)
+    assert (e.value.structure, e.value.offset) == ("STATE_HEADER.magic", 0)  # type: ignore[attr-defined]
 
 
 def test_refuses_an_unknown_version() -> None:
