@@ -307,16 +307,21 @@ class Emulator:
             v.thread.start()
 
     def pause(self) -> None:
-        """Return once every vCPU is parked between two translation blocks (or has left)."""
+        """Return once every vCPU is parked between two translation blocks (or has left).
+
+        Called from the port handler (in a vCPU's thread), it does not wait for that vCPU: it
+        parks once the handler returns.
+        """
+        me = threading.current_thread()
         with self._cond:
             self._want_pause = True
             while True:
                 busy = [v for v in self._vcpus if v.thread is not None and v.stopped is None and not v.paused]
-                if not busy:
-                    return
                 for v in busy:
                     if v.in_guest:
                         v.uc.emu_stop()  # a stop just before emu_start begins is lost: hence the loop
+                if not [v for v in busy if v.thread is not me]:
+                    return
                 self._cond.wait(0.005)
 
     def resume(self) -> None:
@@ -348,12 +353,17 @@ class Emulator:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        me = threading.current_thread()
         for v in self._vcpus:
+            if v.thread is me:  # close from the port handler: that thread ends when the handler returns
+                v.uc.emu_stop()
+                continue
             while v.thread is not None and v.thread.is_alive():
                 v.uc.emu_stop()
                 v.thread.join(0.005)
         self._closed = True
-        self._vcpus_uc_release()
+        if me not in [v.thread for v in self._vcpus]:  # else this thread still uses its Uc: freed with the engine
+            self._vcpus_uc_release()
 
     def statistics(self) -> dict[str, list[int]]:
         """Port writes seen per vCPU."""

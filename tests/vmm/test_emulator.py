@@ -185,3 +185,26 @@ def test_save_refuses_while_running_and_close_joins_every_thread(mem: GuestMemor
     n = counter(mem, 0)
     time.sleep(0.02)
     assert counter(mem, 0) == n and verify.verify(mem.array).ok  # RAM left as it was
+
+
+def test_the_port_handler_may_pause_the_engine_from_a_vcpu_thread(mem: GuestMemory) -> None:
+    setup(mem, 2)
+    holder: list[Emulator] = []
+    paused = threading.Event()
+
+    def handler(vcpu: int, port: int, value: int) -> bool:
+        if vcpu == 1 and port == abi.PORT_STARTED:
+            holder[0].pause()  # must not wait for its own vCPU
+            paused.set()
+        return True
+    with Emulator(mem, 2, handler) as e:
+        holder.append(e)
+        e.boot()
+        e.start()
+        assert paused.wait(5)
+        time.sleep(0.02)
+        n = counter(mem, 0), counter(mem, 1)
+        time.sleep(0.03)
+        assert (counter(mem, 0), counter(mem, 1)) == n and e.stopped() == {}
+        e.resume()
+        wait_for(lambda: counter(mem, 1) > n[1] + 10)

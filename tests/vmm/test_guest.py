@@ -250,3 +250,31 @@ def test_a_dma_completion_with_a_wrong_result_counts_an_error(mem: GuestMemory) 
     s = state(mem, 0)
     assert s["dma_errors"] == served and s["dma_ok"] == 0
     assert verify.verify(mem.array).ok  # the ring itself is consistent; the errors are counted
+
+
+def test_cold_boot_completes_a_post_cut_before_dma_posted(mem: GuestMemory) -> None:
+    setup(mem, dma_every=2)
+    with running(mem, Ports()) as e:
+        wait_for(lambda: state(mem, 0)["dma_posted"] == abi.RING_ENTRIES)
+        e.pause()
+    put_state(mem, 0, dma_posted=abi.RING_ENTRIES - 1)  # produced + 1 stored, dma_posted + 1 not
+    with running(mem, Ports()) as e:
+        wait_for(lambda: state(mem, 0)["boots"] == 1)
+        e.pause()
+    assert state(mem, 0)["dma_posted"] == abi.RING_ENTRIES
+    assert verify.verify(mem.array).ok
+
+
+def test_cold_boot_completes_a_collection_cut_after_its_count(mem: GuestMemory) -> None:
+    setup(mem, dma_every=2)
+    with running(mem, Ports()) as e:
+        wait_for(lambda: state(mem, 0)["dma_posted"] == abi.RING_ENTRIES)
+        e.pause()
+    served = serve_ring(mem, 0, seed=0)
+    put_state(mem, 0, dma_ok=1)  # descriptor 0 counted, dma_completed + 1 not stored
+    with running(mem, Ports()) as e:
+        wait_for(lambda: state(mem, 0)["dma_completed"] >= served)
+        e.pause()
+    s = state(mem, 0)
+    assert (s["dma_ok"], s["dma_errors"]) == (served, 0)  # counted once, not twice
+    assert verify.verify(mem.array).ok
