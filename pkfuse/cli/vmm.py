@@ -49,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--incoming", metavar="SESSION", help="the successor of a live update: retrieve SESSION")
     r.add_argument("--timeout", type=float, default=60.0, help="--incoming: how long to wait for the daemon")
     r.add_argument("--monitor", metavar="PATH", help="serve the monitor on this Unix socket")
-    r.add_argument("--quiet", action="store_true", help="no live status line")
+    r.add_argument("--quiet", action="store_true", help="no live status line (the final line is always printed)")
     r.set_defaults(func=cmd_run)
 
     m = vsub.add_parser("monitor", help="send one command to a running VMM's monitor",
@@ -109,9 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         saved = not vmm.rebooted
         vmm.close(save=saved)
-        if not args.quiet:
-            print(f"\r{vmm.status_line()}  [{stop['why'] or 'done'}; "
-                  f"{'vCPUs saved' if saved else 'rebooted'}]", file=sys.stderr)
+        print(f"\r{vmm.status_line()}  [{stop['why'] or 'done'}; {'vCPUs saved' if saved else 'rebooted'}]",
+              file=sys.stderr)  # the result, also with --quiet
         _write_json(args.json, vmm.describe())
         return code
     finally:
