@@ -669,7 +669,7 @@ def test_real_guest_fill_mode(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
 @pytest.mark.slow
 def test_measure_creation_and_one_vcpu_save_restore(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
     load(ram, counter_guest(None))
-    create, pause_resume, restore = [], [], []
+    create, pause_resume, restore, kick = [], [], [], []
     for _ in range(5):
         t = time.perf_counter_ns()
         vm = Vm(ram, 1, Ports())
@@ -685,6 +685,7 @@ def test_measure_creation_and_one_vcpu_save_restore(ram: GuestMemory, vms: Calla
         blobs = vm.save()
         vm.resume()
         pause_resume.append(time.perf_counter_ns() - t)
+        kick.append(vm.vcpus[0].statistics.last_pause_ns)
     vm.pause()
     blobs = vm.save()
     for _ in range(5):
@@ -697,8 +698,30 @@ def test_measure_creation_and_one_vcpu_save_restore(ram: GuestMemory, vms: Calla
     c = sorted(create, key=lambda x: x[0])[2]
     print(f"\n[kvm] Vm(16 MiB, 1 vCPU): {c[0] / 1e6:.2f} ms (open + checks + KVM_CREATE_VM "
           f"{c[1]['vm'] / 1e6:.2f}, memslot {c[1]['memslot'] / 1e6:.3f}, vCPU + CPUID + MSR filter "
-          f"{c[1]['vcpus'] / 1e6:.2f}); pause + save + resume of 1 vCPU: median {med(pause_resume) / 1e3:.0f} us; "
+          f"{c[1]['vcpus'] / 1e6:.2f}); pause + save + resume of 1 vCPU: median {med(pause_resume) / 1e3:.0f} us "
+          f"(request to paused in the vCPU thread {med(kick) / 1e3:.0f} us); "
           f"restore of 1 vCPU: median {med(restore) / 1e3:.0f} us ({len(blobs[0])}-byte blob)")
+
+
+@needs_kvm
+@pytest.mark.slow
+def test_measure_out_exit_round_trip(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
+    """A guest that does nothing but OUT: exits per second through the Python loop and a no-op handler."""
+    load(ram, counter_guest(0))  # OUT after every step
+    ports = Ports()
+    vm = vms(ram, 1, ports)
+    vm.boot()
+    vm.start()
+    ports.wait(lambda outs: len(outs) >= 200)
+    t, n = time.perf_counter_ns(), len(ports.outs)
+    time.sleep(0.5)
+    t2, n2 = time.perf_counter_ns(), len(ports.outs)
+    vm.pause()
+    st = vm.statistics()["vcpus"][0]
+    assert vm.stopped() == {} and st["exits"]["io"] >= n2
+    print(f"\n[kvm] OUT exit round trip at CPL 3 (KVM_RUN -> Python -> handler -> KVM_RUN): "
+          f"{(t2 - t) / (n2 - n) / 1e3:.0f} us ({(n2 - n) / ((t2 - t) / 1e9):.0f} exits/s); inside KVM_RUN "
+          f"{st['run_ns'] / st['runs'] / 1e3:.0f} us a call")
 
 
 @needs_kvm
