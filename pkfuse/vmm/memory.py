@@ -200,6 +200,18 @@ class GuestMemory:
         e = self.extents[bisect.bisect_right(self._starts, gpa) - 1]
         return self.phys_base + e.image_offset + gpa - e.file_offset
 
+    def phys_addrs(self, gpas: np.ndarray) -> np.ndarray:
+        """``phys_addr`` of each guest-physical address in ``gpas``, vectorized (uint64)."""
+        if self.phys_base is None:
+            raise GuestMemoryError("this guest memory is a plain file: it has no physical addresses")
+        g = np.asarray(gpas, dtype=np.uint64)
+        if g.size and int(g.max()) >= self.size:
+            raise GuestMemoryError(f"guest-physical {int(g.max()):#x} is outside the guest's {self.size:#x} bytes")
+        starts = np.asarray(self._starts, dtype=np.uint64)
+        i = np.searchsorted(starts, g, side="right") - 1
+        delta = np.asarray([e.image_offset - e.file_offset for e in self.extents], dtype=np.int64)
+        return (g.astype(np.int64) + delta[i] + self.phys_base).astype(np.uint64)
+
     def populate(self) -> None:
         """Fault every page in for writing now (MADV_POPULATE_WRITE), off the guest's first touch."""
         if _libc.madvise(self.address, self.size, MADV_POPULATE_WRITE) != 0:

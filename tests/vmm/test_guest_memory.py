@@ -114,6 +114,13 @@ def test_phys_addr_follows_the_extent_holding_the_address(plain: int) -> None:
         assert mem.phys_addr(2 * MiB + 5) == base + 5
 
 
+def test_phys_addrs_is_phys_addr_of_each(plain: int) -> None:
+    extents = [Extent(0, 8 * MiB, 2 * MiB), Extent(2 * MiB, 0, 2 * MiB), Extent(4 * MiB, 12 * MiB, PS)]
+    with GuestMemory(plain, extents, 4 * MiB + PS, phys_base=4 << 30) as mem:
+        gpas = np.array([0, 2 * MiB - 1, 2 * MiB, 3 * MiB + 5, 4 * MiB + PS - 1], np.uint64)
+        assert mem.phys_addrs(gpas).tolist() == [mem.phys_addr(int(g)) for g in gpas]
+
+
 def test_phys_addr_outside_the_guest_is_refused(plain: int) -> None:
     with GuestMemory(plain, [Extent(0, 0, 2 * MiB)], 2 * MiB, phys_base=0) as mem:
         with pytest.raises(GuestMemoryError, match="outside"):
