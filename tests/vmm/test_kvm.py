@@ -325,6 +325,53 @@ def test_store_lands_in_the_file_and_out_reaches_on_port(ram: GuestMemory, ram_f
 
 
 @needs_kvm
+def test_out_at_cpl3_works_through_the_tss_io_bitmap(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
+    """Under PVM the guest reads RFLAGS.IOPL as 0 whatever the VMM set: the OUT is allowed by the TSS's bitmap
+    (boot.TSS_IOMAP_OFFSET); on VT-x IOPL reads 3 and allows it first."""
+    text = (b"\x9c\x58"  # pushfq; pop rax
+            + b"\x48\x89\x04\x25" + imm32(0x3000)  # mov [0x3000], rax
+            + b"\xba" + imm32(abi.PORT_DONE) + b"\xef\xeb\xfe")  # mov edx, port; out dx, eax; jmp $
+    load(ram, text)
+    tss = ram.array[abi.TSS_GPA:abi.TSS_GPA + boot.TSS_LIMIT + 1]
+    assert int(tss[0x66:0x68].view("<u2")[0]) == boot.TSS_IOMAP_OFFSET and not tss[0x68:-1].any() and tss[-1] == 0xFF
+    ports = Ports(stop=lambda v, p, x: True)
+    vm = vms(ram, 1, ports)
+    vm.boot()
+    vm.start()
+    wait_stopped(vm, 1)
+    rflags = int(ram.array[0x3000:0x3008].view("<u8")[0])
+    assert [o[1] for o in ports.outs] == [abi.PORT_DONE]
+    print(f"\n[kvm] RFLAGS as the guest reads it at CPL 3: {rflags:#x} (IOPL {(rflags >> 12) & 3}; the VMM set "
+          f"{boot.RFLAGS:#x})")
+
+
+@needs_kvm
+def test_vm_made_off_the_main_thread_needs_the_kick_handler_first(ram: GuestMemory) -> None:
+    old = signal.signal(vcpu.KICK_SIGNAL, signal.SIG_DFL)
+    try:
+        got: list[BaseException] = []
+
+        def make() -> None:
+            try:
+                Vm(ram, 1, Ports()).close()
+            except BaseException as e:  # noqa: BLE001
+                got.append(e)
+
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+        assert len(got) == 1 and isinstance(got[0], EngineError)
+        assert "install_kick_handler() there" in str(got[0]) and "\n" not in str(got[0])
+        vcpu.install_kick_handler()
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+        assert len(got) == 1  # installed from the main thread: a VM can be made anywhere
+    finally:
+        signal.signal(vcpu.KICK_SIGNAL, old)
+
+
+@needs_kvm
 def test_in_reads_zero_and_mmio_reads_zeros_writes_ignored(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
     text = (b"\x48\xb8" + imm64(0x1122334455667788)  # mov rax, imm64
             + b"\x48\x89\x04\x25" + imm32(MMIO_GPA)  # mov [MMIO_GPA], rax: an MMIO write
