@@ -166,6 +166,11 @@ class Vcpu:
         self._pause_asked = 0
 
     # ------------------------------------------------------------------ thread control
+    @property
+    def thread_ident(self) -> int | None:
+        t = self._thread
+        return t.ident if t is not None else None
+
     def start(self) -> None:
         if self.state != IDLE:
             raise EngineError(f"kvm: vCPU {self.index} is {self.state}, start needs a vCPU not started")

@@ -12,6 +12,10 @@ their ``kvm_run`` pages mapped. The MSRs a save carries are those of
 ``KVM_GET_MSR_INDEX_LIST`` that ``KVM_GET_MSRS`` reads (filtered once, on
 vCPU 0: e.g. the in-kernel-APIC ones go, as there is no in-kernel APIC).
 
+The port handler runs in the vCPU's thread (each vCPU's calls in order, different vCPUs' at once); it
+must not pause or close the VM (that would wait for its own thread: refused), it returns False to stop
+its vCPU.
+
 Then ``boot`` (``boot.initial_cpu`` per vCPU) or ``restore``, ``start``,
 and ``pause`` / ``save`` / ``resume`` as often as wanted (pause asks every
 vCPU at once, then waits for each: see ``vcpu``), ``close``. Guest RAM is
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 
@@ -98,6 +103,7 @@ class Vm:
 
     def pause(self) -> None:
         self._check_open()
+        self._check_not_vcpu_thread("pause")
         for v in self.vcpus:
             v.request_pause()
         deadline = time.monotonic() + PAUSE_TIMEOUT
@@ -122,6 +128,7 @@ class Vm:
     def close(self) -> None:
         if self.closed:
             return
+        self._check_not_vcpu_thread("close")
         self.closed = True
         for v in self.vcpus:  # every running vCPU kicked at once, then each joined
             v.request_pause()
@@ -160,6 +167,12 @@ class Vm:
     def _check_open(self) -> None:
         if self.closed:
             raise EngineError("kvm: the VM is closed")
+
+    def _check_not_vcpu_thread(self, what: str) -> None:
+        me = threading.get_ident()
+        if any(v.thread_ident == me for v in self.vcpus):
+            raise EngineError(f"kvm: {what} from a vCPU's own thread (a port handler?) would wait for itself: "
+                              "return False from the handler to stop that vCPU")
 
     def _close_fds(self) -> None:
         for v in self.vcpus:  # only on a failed construction: no thread was started

@@ -433,6 +433,28 @@ def test_port_handler_error_stops_that_vcpu_only(ram: GuestMemory, vms: Callable
 
 
 @needs_kvm
+def test_a_port_handler_cannot_pause_its_own_vm(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
+    load(ram, counter_guest(0xFFFF))
+    box: list[Vm] = []
+    refusals: list[str] = []
+
+    def handler(v: int, p: int, x: int) -> bool:
+        try:
+            box[0].pause()
+        except EngineError as e:
+            refusals.append(str(e))
+        return False
+
+    vm = vms(ram, 1, handler)
+    box.append(vm)
+    vm.boot()
+    vm.start()
+    wait_stopped(vm, 1)
+    assert refusals == ["kvm: pause from a vCPU's own thread (a port handler?) would wait for itself: return "
+                        "False from the handler to stop that vCPU"]
+
+
+@needs_kvm
 def test_two_vcpus_run_in_parallel_threads(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
     """No exit at all: were the GIL held in KVM_RUN, neither the other vCPU nor this thread would get to run."""
     load(ram, counter_guest(None), nr_vcpus=2)
