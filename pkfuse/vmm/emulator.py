@@ -34,7 +34,7 @@ the dirty area per step 28,000-42,000 steps/s on one vCPU (0.12-0.17 GB/s of
 pattern stores), 4.5-6.4 M steps/s without a dirty area; mode FILL's
 ``rep stosq`` 0.10-0.18 GB/s on one vCPU, 0.18-0.27 GB/s on two (RAM
 pre-faulted or not makes little difference: the emulation is the cost).
-About a thousandth of KVM at CPL 3: enough for every test, not a benchmark.
+Enough for every test; not a benchmark of the guest (KVM runs it natively at CPL 3).
 
 The saved state of a vCPU is one ``UNICORN_VCPU_STATE`` record (magic,
 version, size, then the registers); ``restore`` refuses another engine's
