@@ -534,6 +534,11 @@ def test_saved_blob_holds_every_kvm_structure(ram: GuestMemory, vms: Callable[..
     assert kvm.kvm_regs.from_buffer_copy(s["regs"]).rip == abi.GUEST_TEXT_GPA
     assert int.from_bytes(s["cpuid"][:4], "little") == vm.supported_cpuid.nent
     assert kvm.kvm_mp_state.from_buffer_copy(s["mp_state"]).mp_state == kvm.KVM_MP_STATE_RUNNABLE
+    fd = vm.vcpus[0].fd
+    if vm.capabilities["KVM_CAP_XSAVE2"]:  # the XSAVE2 call gives the same region, at the VM's size
+        assert kvm.get_xsave2(fd, vm.xsave_size)[:4096] == kvm.get_xsave(fd) == s["xsave"][:4096]
+    x = kvm.get_xcrs(fd)
+    assert x.nr_xcrs >= 1 and x.xcrs[0].xcr == 0 and x.xcrs[0].value & 1  # XCR0: x87 at least
 
 
 @needs_kvm
