@@ -271,6 +271,7 @@ KVM_EXIT_NOTIFY = 37
 EXIT_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in globals().items()
               if k.startswith("KVM_EXIT_") and not k.startswith("KVM_EXIT_IO_")}
 
+KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_INTERNAL_ERROR_NAMES = {1: "emulation", 2: "simultaneous exceptions", 3: "delivery event",
                             4: "unexpected exit reason"}
 

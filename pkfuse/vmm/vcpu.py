@@ -289,6 +289,17 @@ class Vcpu:
             self._cond.notify_all()
             return True
 
+    def _internal_error(self) -> str:
+        i = self.run.internal
+        n = min(i.ndata, 16)
+        what = (f"internal error: {kvm.KVM_INTERNAL_ERROR_NAMES.get(i.suberror, 'unknown')} (suberror "
+                f"{i.suberror}) at rip {kvm.get_regs(self.fd).rip:#x}")
+        if i.suberror == kvm.KVM_INTERNAL_ERROR_EMULATION and n >= 3 and i.data[0] & 1:
+            # struct emulation_failure over the data: flags, then insn_size and 15 instruction bytes
+            raw = b"".join(d.to_bytes(8, "little") for d in i.data[1:3])
+            return f"{what}, instruction bytes {raw[1:1 + min(raw[0], 15)].hex(' ')}"
+        return f"{what}, data [{' '.join(f'{d:#x}' for d in i.data[:n])}]"
+
     def _loop(self) -> None:
         try:
             self._run_loop()
@@ -362,10 +373,7 @@ class Vcpu:
                            f"cpu {f.cpu}", pending_io=False)
                 return
             elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
-                i = run.internal
-                data = " ".join(f"{d:#x}" for d in i.data[:min(i.ndata, 16)])
-                self._stop(f"internal error: {kvm.KVM_INTERNAL_ERROR_NAMES.get(i.suberror, 'unknown')} "
-                           f"(suberror {i.suberror}) data [{data}]", pending_io=False)
+                self._stop(self._internal_error(), pending_io=False)
                 return
             elif reason == kvm.KVM_EXIT_UNKNOWN:
                 self._stop(f"unknown exit: hardware exit reason {run.hw.hardware_exit_reason:#x}", pending_io=False)

@@ -12,6 +12,7 @@ Measurements print (``-s``); nothing asserts a timing.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -411,6 +412,21 @@ def test_triple_fault_stops_the_vcpu_and_does_not_hang(ram: GuestMemory, vms: Ca
     assert time.perf_counter() - t < 1.0
     assert not any(t.name.startswith("kvm-vcpu") for t in threading.enumerate())
     assert len(vm.save()) == 2
+
+
+@needs_kvm
+def test_an_instruction_kvm_cannot_emulate_stops_with_the_reason(ram: GuestMemory, vms: Callable[..., Vm]) -> None:
+    """Ring-0 code (never the guest's) is emulated an instruction at a time under PVM, and its emulator has no
+    SSE: KVM_EXIT_INTERNAL_ERROR, a stop naming the instruction. On VT-x ring 0 runs the pxor natively."""
+    load(ram, b"\x66\x0f\xef\xc0" + b"\xba" + imm32(abi.PORT_DONE) + b"\xef\xeb\xfe")  # pxor xmm0, xmm0; out
+    vm = vms(ram, 1, Ports(stop=lambda v, p, x: True))
+    vm.vcpus[0].boot(dataclasses.replace(boot.initial_cpu(0), cs=boot.KERNEL_CODE, ds=boot.KERNEL_DATA))
+    vm.start()
+    reason = wait_stopped(vm, 1)[0]
+    assert reason in (f"port handler stopped it at OUT {abi.PORT_DONE:#x}, 0x0",
+                      f"internal error: emulation (suberror 1) at rip {abi.GUEST_TEXT_GPA:#x}, instruction bytes "
+                      "66 0f ef c0 ba 11 05 00 00 ef eb fe 00 00 00"), reason
+    print(f"\n[kvm] pxor at CPL 0: {reason}")
 
 
 @needs_kvm
