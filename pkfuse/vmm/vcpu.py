@@ -109,7 +109,9 @@ class VcpuStatistics:
     last_pause_ns: int = 0  #: request to paused, the last pause
 
     def as_dict(self) -> dict[str, object]:
-        d = dataclasses.asdict(self)
+        """A copy, safe while the vCPU runs (``dict()`` of the Counter is one step under the GIL; ``asdict``
+        would iterate it in Python while the thread adds a reason)."""
+        d: dict[str, object] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["exits"] = dict(self.exits)
         return d
 
