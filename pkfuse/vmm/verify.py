@@ -201,7 +201,7 @@ class Verifier:
         gpa = abi.VCPU_STATE_GPA + i * abi.VCPU_STATE_STRIDE
         s = _record(self.ram, gpa, abi.VCPU_STATE)
         rg = abi.ring_gpa(i)
-        h = _record(self.ram, rg, abi.RING_HEADER)
+        h, d = self._ring_snapshot(rg)
         dp = int(c["dirty_pages"])
         pages = int(s["pages"])
         self.vcpus.append(VcpuReport(
@@ -216,10 +216,24 @@ class Verifier:
             self.check_dirty_area(i, pages)
         if int(h["magic"]) == abi.RING_MAGIC:
             self.check_ring_header(i, gpa, s, h)
-            self.check_ring_descriptors(i, s, h)
+            self.check_ring_descriptors(i, s, h, d)
         elif int(s["started"]):
             self.find(f"ring[{i}]", rg, f"magic {int(h['magic']):#x}: the guest started {int(s['started'])} "
                                         "time(s) and must have initialized its ring")
+
+    def _ring_snapshot(self, rg: int) -> tuple[np.void, np.ndarray]:
+        """The ring's header and descriptors as of one instant of a device that may still run.
+
+        The guest is paused, but a device serving the ring may not be: it stores a descriptor's
+        status, then consumed + 1. The header is read before and after the descriptors until
+        both reads agree, so the descriptors are placed against the indices they were seen with.
+        """
+        for _ in range(1000):
+            h = _record(self.ram, rg, abi.RING_HEADER)
+            d = _record(self.ram, rg + abi.DESCRIPTORS_OFFSET, abi.DESCRIPTOR, abi.RING_ENTRIES)
+            if _record(self.ram, rg, abi.RING_HEADER).tobytes() == h.tobytes():
+                break
+        return h, d
 
     def check_state_error(self, i: int, gpa: int, s: np.void) -> None:
         error = int(s["error"])
@@ -310,11 +324,10 @@ class Verifier:
             self.find(f"vcpu_state[{i}]", state_at("dma_ok"),
                       f"dma_ok + dma_errors = {counted} is neither dma_completed ({completed}) nor one ahead")
 
-    def check_ring_descriptors(self, i: int, s: np.void, h: np.void) -> None:
+    def check_ring_descriptors(self, i: int, s: np.void, h: np.void, d: np.ndarray) -> None:
         """Each slot's descriptor against what the indices say it may be (16 slots: a loop is fine)."""
         e = abi.RING_ENTRIES
         rg = abi.ring_gpa(i)
-        d = _record(self.ram, rg + abi.DESCRIPTORS_OFFSET, abi.DESCRIPTOR, e)
         produced, consumed, completed = int(h["produced"]), int(h["consumed"]), int(s["dma_completed"])
         if not completed <= consumed <= produced or produced - completed > e:
             return  # the header's findings say it; the slots cannot be placed

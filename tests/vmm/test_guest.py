@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,3 +279,33 @@ def test_cold_boot_completes_a_collection_cut_after_its_count(mem: GuestMemory) 
     s = state(mem, 0)
     assert (s["dma_ok"], s["dma_errors"]) == (served, 0)  # counted once, not twice
     assert verify.verify(mem.array).ok
+
+
+def test_dma_served_by_a_device_running_beside_the_guest_checks_out(mem: GuestMemory) -> None:
+    """A device thread polls the ring while the vCPU runs; pauses of the guest alone verify clean."""
+    setup(mem, nr_vcpus=1, dma_every=3, seed=7, dma_length=1024)
+    stop = threading.Event()
+
+    def device() -> None:
+        while not stop.is_set():
+            if int(np.frombuffer(mem.array[abi.ring_gpa(0):abi.ring_gpa(0) + 8].tobytes(), "<u8")[0]) \
+                    == abi.RING_MAGIC:
+                serve_ring(mem, 0, seed=7)
+            time.sleep(0)
+    t = threading.Thread(target=device)
+    t.start()
+    try:
+        with running(mem, Ports()) as e:
+            for _ in range(20):
+                time.sleep(0.01)
+                e.pause()
+                v = verify.verify(mem.array)  # the device goes on meanwhile
+                assert v.ok, v.findings
+                e.resume()
+            wait_for(lambda: state(mem, 0)["dma_ok"] > 100)
+            e.pause()
+    finally:
+        stop.set()
+        t.join()
+    s = state(mem, 0)
+    assert s["dma_errors"] == 0 and s["dma_ok"] > 100
