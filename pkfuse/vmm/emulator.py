@@ -28,13 +28,14 @@ leaves for good); ``pause`` stops at a translation-block boundary, which is
 an instruction boundary after any OUT already handled (the OUT hook runs
 inside the instruction). The TSS's I/O bitmap is never consulted (IOPL 3).
 
-Speed (unicorn 2.1.4 on the 2-core development machine, measured while
-other work shared its cores, so ranges): the guest's step with one page of
-the dirty area per step 28,000-42,000 steps/s on one vCPU (0.12-0.17 GB/s of
-pattern stores), 4.5-6.4 M steps/s without a dirty area; mode FILL's
-``rep stosq`` 0.10-0.18 GB/s on one vCPU, 0.18-0.27 GB/s on two (RAM
-pre-faulted or not makes little difference: the emulation is the cost).
-Enough for every test; not a benchmark of the guest (KVM runs it natively at CPL 3).
+Speed (unicorn 2.1.4 on the 2-core development machine): the guest's step
+with one page of the dirty area per step 32,000-43,000 steps/s per vCPU
+(0.13-0.18 GB/s of pattern stores), 6.2-6.4 M steps/s without a dirty area;
+two vCPUs run on both cores at once (2.0 CPUs busy, each at about the speed
+of one alone); mode FILL's ``rep stosq`` 0.14-0.18 GB/s on one vCPU,
+0.19-0.27 GB/s on two (RAM pre-faulted or not makes little difference: the
+emulation is the cost). Enough for every test; not a benchmark of the guest
+(KVM runs it natively at CPL 3).
 
 The saved state of a vCPU is one ``UNICORN_VCPU_STATE`` record (magic,
 version, size, then the registers); ``restore`` refuses another engine's
