@@ -164,8 +164,8 @@ class Vmm:
             params.config()
         except boot.BootError as exc:
             raise VmmError(str(exc)) from None
-        guest_fd = _open_guest(spec.guest, spec.memory)
-        state_fd = _open_state(spec.guest + STATE_SUFFIX)
+        guest_fd = _open_sized(spec.guest, spec.memory, "guest RAM")
+        state_fd = _open_sized(spec.guest + STATE_SUFFIX, handover.FILE_SIZE, "the handover file")
         iommufd = ram = engine = None
         try:
             iommufd = Iommufd(mnt)
@@ -385,35 +385,19 @@ class Vmm:
 # ---------------------------------------------------------------- helpers
 
 
-def _open_guest(path: str, memory: int) -> int:
-    """The guest-RAM file, read-write; a new one is sized now (its pages allocated, 2 MiB aligned)."""
+def _open_sized(path: str, size: int, what: str) -> int:
+    """``path`` read-write, created and sized to ``size`` bytes if new (its pages allocated now);
+    a file of another size is refused: a guest or handover file is never resized behind its VM."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise VmmError(f"cannot open guest RAM {path} for writing: {exc.strerror}") from None
+        raise VmmError(f"cannot open {what} {path} for writing: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            os.ftruncate(fd, memory)
-        elif size != memory:
-            raise VmmError(f"guest RAM {path} is {size} bytes, not the {memory} asked for")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_state(path: str) -> int:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise VmmError(f"cannot open the handover file {path}: {exc.strerror}") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            os.ftruncate(fd, handover.FILE_SIZE)
-        elif size != handover.FILE_SIZE:
-            raise VmmError(f"{path} is {size} bytes, not a handover file ({handover.FILE_SIZE})")
+        have = os.fstat(fd).st_size
+        if have == 0:
+            os.ftruncate(fd, size)
+        elif have != size:
+            raise VmmError(f"{what} {path} is {have} bytes, not the {size} asked for")
     except BaseException:
         os.close(fd)
         raise

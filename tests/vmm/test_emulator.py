@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +13,7 @@ from pkfuse.vmm.emulator import UNICORN_VCPU_STATE, Emulator
 from pkfuse.vmm.engine import EngineError
 from pkfuse.vmm.memory import GuestMemory
 
-RAM = 8 * abi.MiB
-
-
-@pytest.fixture
-def mem(tmp_path: Path) -> Iterator[GuestMemory]:
-    fd = os.open(tmp_path / "guest.ram", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.ftruncate(fd, RAM)
-        m = GuestMemory.of_file(fd, RAM)
-    finally:
-        os.close(fd)
-    yield m
-    m.close()
+RAM = 8 * abi.MiB  #: as the mem fixture (conftest.py)
 
 
 def setup(mem: GuestMemory, nr_vcpus: int = 1, text: bytes | None = None) -> None:

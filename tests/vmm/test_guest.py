@@ -8,32 +8,17 @@ the cold-boot takeover of a torn state, the DMA ring, mode FILL.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pkfuse.vmm import abi, boot, guest, verify
 from pkfuse.vmm.emulator import Emulator
 from pkfuse.vmm.memory import GuestMemory
 
-RAM = 8 * abi.MiB
-
-
-@pytest.fixture
-def mem(tmp_path: Path) -> Iterator[GuestMemory]:
-    fd = os.open(tmp_path / "guest.ram", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.ftruncate(fd, RAM)
-        m = GuestMemory.of_file(fd, RAM)
-    finally:
-        os.close(fd)
-    yield m
-    m.close()
+RAM = 8 * abi.MiB  #: as the mem fixture (conftest.py)
 
 
 class Ports:
