@@ -3,7 +3,8 @@
  * The contract is pkfuse/vmm/abi.py (its docstring orders the stores of the
  * step; abi.h mirrors its constants and structs). Entry: RDI = vCPU index,
  * RSI = CONFIG's gpa, RSP = this vCPU's stack top, 64-bit mode, paging on
- * (identity map), IOPL 3 so that `out` works at CPL 3. There is no IDT: any
+ * (identity map), IOPL 3 and a TSS I/O bitmap so that `out` works at CPL 3
+ * (under PVM the IOPL reads 0: the bitmap is what lets it through). No IDT: any
  * fault is a triple fault, i.e. the VM shuts down (a guest bug is an exit,
  * never a hang).
  *

@@ -24,7 +24,8 @@ Layout (guest-physical)::
     0x400000  dirty area      vCPU i owns dirty_pages pages from dirty_gpa + i * dirty_pages * 4096
 
 How a vCPU starts (both engines): 64-bit long mode at CPL 3, flat segments,
-IOPL 3 (so ``out`` needs no ring-0 code), RIP = GUEST_TEXT_GPA, RSP = its
+IOPL 3 and a TSS I/O bitmap allowing every port (so ``out`` needs no ring-0
+code: under PVM the guest's IOPL reads 0, and only the bitmap lets it through), RIP = GUEST_TEXT_GPA, RSP = its
 stack top, RDI = vCPU index, RSI = CONFIG_GPA. No IDT (limit 0): any
 exception is a triple fault, i.e. the VM shuts down: a guest bug is an exit,
 never a hang. Under the hypervisor here ring-0 code is emulated an
@@ -125,7 +126,7 @@ SEL_USER_CODE = 0x28 | 3
 SEL_TSS = 0x30
 GDT_ENTRIES = 8  #: the TSS descriptor takes two
 
-# ------------------------------------------------------------------ ports (OUT at CPL 3, IOPL 3)
+# ------------------------------------------------------------------ ports (OUT at CPL 3: IOPL 3, the TSS's I/O bitmap)
 PORT_STARTED = 0x510  #: value = vCPU index; once per start (cold boot or not)
 PORT_DONE = 0x511  #: value = vCPU index; mode FILL finished its area
 PORT_ERROR = 0x512  #: value = an ERROR_* code; the vCPU's state has the detail; it stops there
