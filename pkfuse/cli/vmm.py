@@ -79,8 +79,8 @@ def _write_json(dest: str | None, data: dict[str, Any]) -> None:
             f.write(text)
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """A signal while the VM is being set up (BaseException: no ``except Exception`` swallows it)."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,19 +89,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     stop = {"why": ""}
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop["why"] = signal.Signals(signum).name
+    def while_starting(signum: int, frame: object) -> None:
+        # unwinds the start (or the wait for a daemon) through its cleanup: nothing is left mapped
+        raise _Stop(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def while_running(signum: int, frame: object) -> None:
+        stop["why"] = signal.Signals(signum).name  # the loop pauses, saves and stops
+
+    old = {s: signal.signal(s, while_starting) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if args.incoming:
-            vmm = Vmm.incoming(args.guest, args.incoming, engine=args.engine, timeout=args.timeout)
-        else:
-            if args.memory is None:
-                raise VmmError("--memory is required (unless --incoming)")
-            spec = VmmSpec(args.guest, parse_size(args.memory), args.vcpus, args.engine,
-                           None if args.device == "none" else args.device, args.dirty_share, args.dma_every)
-            vmm = Vmm.start(spec, resume=args.resume)
+        try:
+            if args.incoming:
+                vmm = Vmm.incoming(args.guest, args.incoming, engine=args.engine, timeout=args.timeout)
+            else:
+                if args.memory is None:
+                    raise VmmError("--memory is required (unless --incoming)")
+                spec = VmmSpec(args.guest, parse_size(args.memory), args.vcpus, args.engine,
+                               None if args.device == "none" else args.device, args.dirty_share, args.dma_every)
+                vmm = Vmm.start(spec, resume=args.resume)
+        except _Stop as exc:
+            raise VmmError(f"stopped by {exc} before the VM ran") from None
+        for s in old:
+            signal.signal(s, while_running)
         try:
             code = _serve(vmm, args, stop)
         except BaseException:

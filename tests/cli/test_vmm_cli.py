@@ -148,3 +148,15 @@ def test_bad_input_is_one_line(live: Mount, args: list[str], message: str) -> No
 def test_a_file_not_on_a_mount_is_one_line(tmp_path: Path) -> None:
     r = pkfuse("vmm", "run", str(tmp_path / "vm0"), "--memory", "16M")
     assert r.returncode == 1 and "is not on a pkfuse mount" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_while_an_incoming_vmm_waits_stops_it_in_one_line(live: Mount, procs: list) -> None:
+    p = subprocess.Popen([*PKFUSE, "vmm", "run", "--incoming", "nosuch", str(live.path)], stderr=subprocess.PIPE,
+                         text=True)
+    procs.append(p)
+    time.sleep(1.0)  # waiting for a daemon that offers the session
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 1
+    err = p.stderr.read()  # type: ignore[union-attr]
+    assert err.strip() == "pkfuse: error: stopped by SIGTERM before the VM ran", err
