@@ -33,7 +33,12 @@
 #define RING_ENTRIES 16ULL
 #define BUFFER_SIZE 0x1000ULL
 #define RING_BUFFERS_OFFSET 0x1000ULL
-#define DIRTY_GPA 0x400000ULL
+#define RECORDS_GPA 0x400000ULL
+#define RECORDS_SIZE 0x200000ULL
+#define RECORDS_OFFSET 0x1000ULL
+#define RECORD_SIZE 64ULL
+#define RECORDS_CAPACITY 32704ULL
+#define DIRTY_GPA 0x600000ULL
 #define MAX_VCPUS 16ULL
 #define MIN_RAM 0x800000ULL
 #define RAM_ALIGN 0x200000ULL
@@ -60,7 +65,7 @@
 #define MODE_FILL 2
 
 #define CONFIG_MAGIC 0x3154534555474b50ULL /* "PKGUEST1" little-endian */
-#define CONFIG_VERSION 1
+#define CONFIG_VERSION 2
 
 struct config {
     uint64_t magic;
@@ -128,6 +133,33 @@ struct descriptor {
 _Static_assert(sizeof(struct descriptor) == 64, "DESCRIPTOR is 64 bytes");
 
 #define DESCRIPTORS_OFFSET 64ULL
+
+/* the records region: written by the device only (the guest never touches it) */
+#define RECORDS_MAGIC 0x3130534345524b50ULL /* "PKRECS01" little-endian */
+
+struct records_header {
+    uint64_t magic;
+    uint32_t capacity;
+    uint32_t record_size;
+    uint64_t count;
+    uint32_t writer_rid;
+    uint32_t reserved0;
+    uint64_t reserved[4];
+};
+_Static_assert(sizeof(struct records_header) == 64, "RECORDS_HEADER is 64 bytes");
+
+struct record {
+    uint64_t seq;
+    uint64_t time_ns;
+    uint32_t rid;
+    uint32_t pid;
+    uint64_t payload[4];
+    uint64_t check;
+};
+_Static_assert(sizeof(struct record) == 64, "RECORD is 64 bytes");
+
+#define RECORD_PAYLOAD_OFFSET 24ULL
+#define RECORD_CHECK_OFFSET 56ULL
 
 /* the guest's arithmetic */
 #define K 0x9e3779b97f4a7c15ULL

@@ -21,7 +21,9 @@ Layout (guest-physical)::
     0x100000  guest text      the flat binary; entry point = GUEST_TEXT_GPA
     0x200000  DMA rings       vCPU i's ring at RING_GPA + i * RING_STRIDE (header + descriptors,
                               then RING_ENTRIES buffers of BUFFER_SIZE)
-    0x400000  dirty area      vCPU i owns dirty_pages pages from dirty_gpa + i * dirty_pages * 4096
+    0x400000  records         the device's free-running writer: RECORDS_HEADER, then RECORDS_CAPACITY
+                              RECORDs (nobody else writes here: not the guest, not the VMM)
+    0x600000  dirty area      vCPU i owns dirty_pages pages from dirty_gpa + i * dirty_pages * 4096
 
 How a vCPU starts (both engines): 64-bit long mode at CPL 3, flat segments,
 IOPL 3 and a TSS I/O bitmap allowing every port (so ``out`` needs no ring-0
@@ -72,6 +74,24 @@ collection, for each seq from ``dma_completed`` below ``consumed``:
 FREE. At the first start the guest writes the ring header (magic last, the
 vCPU's DMA counters zeroed with it).
 
+The records region (the device's free-running writer, ``pkfuse device
+--records``): the device stamps sequence-numbered RECORDs into guest RAM at
+its own pace whether or not the VMM and the guest run -- DMA goes on while
+the host is between kernels. Record ``seq`` goes to slot ``seq %
+RECORDS_CAPACITY`` at ``record_gpa(seq)``, in store order: its first seven
+qwords (seq, time_ns, rid and pid, payload; among themselves in any order),
+then ``check``, then the header's ``count = seq + 1``. At its first stamp
+into a region whose header has no RECORDS_MAGIC, the device zeroes every
+slot, writes the header's other fields, then the magic; a device finding the
+magic continues from ``count``. So, with count = c: every record seq in
+[max(0, c - capacity), c) is whole in its slot (``check ==
+record_check``, payload ``record_payload(seq)``) with time_ns
+non-decreasing in seq; the slot of seq c holds record c - capacity whole
+(zeros when c < capacity), record c whole (stamped, not yet counted), or a
+mix of the two whose ``check`` is not its contents' (``check`` is stored
+last); every slot above c is zero while c < capacity. There is one writer
+per region (the device given ``--records``).
+
 A start at the entry point over a state: ``started + 1`` every time,
 ``boots + 1`` unless the state is fresh (never started, no step, no page).
 ERROR_ROLLBACK and ERROR_TORN are sticky: a start over them stops again
@@ -107,7 +127,12 @@ RING_STRIDE = 0x20000  #: 128 KiB per vCPU: header page, then the buffers
 RING_ENTRIES = 16
 BUFFER_SIZE = PAGE_SIZE
 RING_BUFFERS_OFFSET = PAGE_SIZE  #: buffer k of a ring at ring + RING_BUFFERS_OFFSET + k * BUFFER_SIZE
-DIRTY_GPA = 0x400000
+RECORDS_GPA = 0x400000
+RECORDS_SIZE = 2 * MiB
+RECORDS_OFFSET = PAGE_SIZE  #: record slot k at RECORDS_GPA + RECORDS_OFFSET + k * RECORD_SIZE
+RECORD_SIZE = 64
+RECORDS_CAPACITY = (RECORDS_SIZE - RECORDS_OFFSET) // RECORD_SIZE  #: 32704 slots
+DIRTY_GPA = 0x600000
 MAX_VCPUS = 16
 MIN_RAM = 8 * MiB
 RAM_ALIGN = 2 * MiB  #: guest RAM is mapped with 2 MiB leaves
@@ -115,7 +140,8 @@ RAM_ALIGN = 2 * MiB  #: guest RAM is mapped with 2 MiB leaves
 assert VCPU_STATE_GPA + MAX_VCPUS * VCPU_STATE_STRIDE <= GDT_GPA
 assert PD_GPA + MAX_GIB * PAGE_SIZE <= STACK_BOTTOM
 assert STACK_TOP - MAX_VCPUS * STACK_SIZE >= STACK_BOTTOM
-assert RING_GPA + MAX_VCPUS * RING_STRIDE <= DIRTY_GPA
+assert RING_GPA + MAX_VCPUS * RING_STRIDE <= RECORDS_GPA
+assert RECORDS_GPA + RECORDS_SIZE <= DIRTY_GPA < MIN_RAM
 assert RING_BUFFERS_OFFSET + RING_ENTRIES * BUFFER_SIZE <= RING_STRIDE
 
 # ------------------------------------------------------------------ segments (GDT selectors)
@@ -142,7 +168,7 @@ MODE_RUN = 1  #: the step loop, forever
 MODE_FILL = 2  #: fill its dirty area with fill_value (rep stosq), OUT PORT_DONE, then spin on it
 
 CONFIG_MAGIC = int.from_bytes(b"PKGUEST1", "little")
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  #: 2: the records region at 0x400000, the dirty area from 0x600000
 
 CONFIG = np.dtype([
     ("magic", "<u8"),  # CONFIG_MAGIC
@@ -207,6 +233,30 @@ assert DESCRIPTOR.itemsize == 64
 DESCRIPTORS_OFFSET = RING_HEADER.itemsize  #: descriptor k of a ring at ring + 64 + k * 64
 assert DESCRIPTORS_OFFSET + RING_ENTRIES * DESCRIPTOR.itemsize <= RING_BUFFERS_OFFSET
 
+RECORDS_MAGIC = int.from_bytes(b"PKRECS01", "little")
+RECORDS_HEADER = np.dtype([
+    ("magic", "<u8"),  # RECORDS_MAGIC, stored last when the device initializes the region
+    ("capacity", "<u4"),  # RECORDS_CAPACITY
+    ("record_size", "<u4"),  # RECORD_SIZE
+    ("count", "<u8"),  # records stamped: seq 0 .. count - 1 (the last RECORDS_CAPACITY of them kept)
+    ("writer_rid", "<u4"),  # requester id of the device that initialized the region
+    ("reserved0", "<u4"),
+    ("reserved", "<u8", (4,)),
+])
+assert RECORDS_HEADER.itemsize == 64 <= RECORDS_OFFSET
+
+RECORD = np.dtype([
+    ("seq", "<u8"),  # 0, 1, 2, ...: slot seq % RECORDS_CAPACITY
+    ("time_ns", "<u8"),  # CLOCK_MONOTONIC of the device when it stamped (non-decreasing in seq)
+    ("rid", "<u4"),  # the writer's requester id
+    ("pid", "<u4"),  # the writer's process id
+    ("payload", "<u8", (4,)),  # record_payload(seq): the slot's qwords' pattern of generation seq
+    ("check", "<u8"),  # record_check of the seven qwords before it; stored after them
+])
+assert RECORD.itemsize == RECORD_SIZE
+RECORD_PAYLOAD_OFFSET = RECORD.fields["payload"][1]
+RECORD_CHECK_OFFSET = RECORD.fields["check"][1]
+
 # ------------------------------------------------------------------ the guest's arithmetic
 K = 0x9E3779B97F4A7C15  #: golden-ratio constant of the patterns and the checksum
 U64 = (1 << 64) - 1
@@ -227,6 +277,28 @@ def pattern(gpa: np.ndarray, generation: np.ndarray | int) -> np.ndarray:
 def dma_pattern(gpa: np.ndarray, seq: int, seed: int) -> np.ndarray:
     """A DMA buffer's qwords in request ``seq``: ``pattern(gpa, (seed + seq) mod 2**64)``."""
     return pattern(gpa, (seed + seq) & U64)
+
+
+def record_gpa(seq: int) -> int:
+    """Where record ``seq`` goes: slot seq % RECORDS_CAPACITY."""
+    return RECORDS_GPA + RECORDS_OFFSET + (seq % RECORDS_CAPACITY) * RECORD_SIZE
+
+
+def record_payload(seq: np.ndarray | int) -> np.ndarray:
+    """Record ``seq``'s payload, shape seq.shape + (4,): ``pattern`` of its qwords' gpas, generation seq."""
+    seq = np.asarray(seq, dtype=np.uint64)
+    slot = seq % np.uint64(RECORDS_CAPACITY)
+    gpa = (np.uint64(RECORDS_GPA + RECORDS_OFFSET + RECORD_PAYLOAD_OFFSET) + slot * np.uint64(RECORD_SIZE))[..., None] \
+        + np.arange(4, dtype=np.uint64) * np.uint64(8)
+    return pattern(gpa, seq[..., None])
+
+
+def record_check(words: np.ndarray) -> np.ndarray:
+    """The check of records given as qwords, shape (..., 8) or (..., 7): K * sum((2j + 1) * w[j]) ^ magic."""
+    w = np.asarray(words, dtype=np.uint64)[..., :7]
+    with np.errstate(over="ignore"):
+        s = (w * (np.arange(7, dtype=np.uint64) * np.uint64(2) + np.uint64(1))).sum(axis=-1, dtype=np.uint64)
+        return (s * np.uint64(K)) ^ np.uint64(RECORDS_MAGIC)
 
 
 def ring_gpa(vcpu: int) -> int:

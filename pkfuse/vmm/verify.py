@@ -23,7 +23,17 @@ naming the structure, its guest-physical address and the problem:
   and a status its place allows (below consumed DONE or FAULT, at consumed
   also POSTED, above it POSTED); every other slot is free, or the one just
   collected (seq = dma_completed - 1, not yet freed), or the next post
-  written up to POSTED (seq = produced) but not yet counted.
+  written up to POSTED (seq = produced) but not yet counted;
+- ``records`` (once the device initialized the region: magic set):
+  capacity, record size, reserved 0; ``record[k]``: every record below the
+  count (the last capacity of them) whole in its slot -- its seq, its
+  payload, its check -- with time_ns non-decreasing in seq; the slot of the
+  count the old record whole, the new one whole, or a mix of the two whose
+  check is not its contents' (the check is stored last); every slot above
+  zero while the count is below the capacity. The device may stamp while
+  the verifier reads (it is not paused with the guest): the count is read
+  before and after the slots, and every slot a record stamped in between
+  may be in is held to the rule of the newest.
 
 Read RAM of a paused, stopped or killed guest: a running one's stores race
 the reads (a verdict over a running guest may flag a state the guest is
@@ -142,6 +152,7 @@ class Verifier:
         if self.check_config():
             for i in range(int(self.config["nr_vcpus"])):
                 self.check_vcpu(i)
+            self.check_records()
         return Verdict(self.config, self.vcpus, self.findings)
 
     # ------------------------------------------------------------------ config
@@ -366,6 +377,85 @@ class Verifier:
             else:
                 self.find(name, status_gpa, f"status {status_name} (seq {seq}) in a slot with no live descriptor "
                                             f"(completed {completed}, produced {produced})")
+
+
+    # ------------------------------------------------------------------ the records region
+    def check_records(self) -> None:
+        """The device's records (abi.py's docstring gives the store order); nothing before its magic."""
+        g = abi.RECORDS_GPA
+        h0 = _record(self.ram, g, abi.RECORDS_HEADER)
+        if int(h0["magic"]) != abi.RECORDS_MAGIC:
+            return
+        words = self.ram[g + abi.RECORDS_OFFSET:g + abi.RECORDS_SIZE].view("<u8").reshape(-1, 8).copy()
+        h1 = _record(self.ram, g, abi.RECORDS_HEADER)
+
+        def at(field: str) -> int:
+            return g + _offset(abi.RECORDS_HEADER, field)
+        cap = abi.RECORDS_CAPACITY
+        if int(h0["capacity"]) != cap or int(h0["record_size"]) != abi.RECORD_SIZE:
+            self.find("records", at("capacity"), f"capacity {int(h0['capacity'])}, record size "
+                                                 f"{int(h0['record_size'])}; expected {cap}, {abi.RECORD_SIZE}")
+            return
+        if int(h0["reserved0"]) or np.any(h0["reserved"]):
+            self.find("records", at("reserved0"), "reserved words are not zero")
+        c0, c1 = int(h0["count"]), int(h1["count"])
+        if c1 < c0:
+            self.find("records", at("count"), f"count went back from {c0} to {c1} while the slots were read")
+            return
+        seqs = np.arange(max(0, c1 + 1 - cap), c0, dtype=np.uint64)  # stamped before the first read, kept
+        slots = (seqs % np.uint64(cap)).astype(np.int64)
+        r = words[slots]
+        whole = (r[:, 0] == seqs) & (r[:, 7] == abi.record_check(r)) \
+            & (r[:, 3:7] == abi.record_payload(seqs)).all(axis=1)
+        bad = np.flatnonzero(~whole)
+        if bad.size:
+            s = int(seqs[bad[0]])
+            self.find(f"record[{s % cap}]", abi.record_gpa(s),
+                      f"{bad.size} record(s) below the count ({c0}) are not whole and in place: the first is seq "
+                      f"{s}, whose slot holds seq {int(r[bad[0], 0])}")
+        elif seqs.size > 1:
+            back = np.flatnonzero(np.diff(r[:, 1].astype(np.int64)) < 0)
+            if back.size:
+                s = int(seqs[back[0] + 1])
+                self.find(f"record[{s % cap}]", abi.record_gpa(s),
+                          f"record {s} was stamped at {int(r[back[0] + 1, 1])} ns, before record {s - 1} "
+                          f"({int(r[back[0], 1])} ns)")
+        for s in range(c0, c1 + 1):  # possibly being stamped while read: the rule of the newest
+            problem = self._newest_problem(words[s % cap], s)
+            if problem:
+                self.find(f"record[{s % cap}]", abi.record_gpa(s), problem)
+        if c1 + 1 < cap:
+            rest = np.flatnonzero(words[c1 + 1:].any(axis=1))
+            if rest.size:
+                k = c1 + 1 + int(rest[0])
+                self.find(f"record[{k}]", abi.record_gpa(k), f"{rest.size} slot(s) above the count ({c1}) "
+                                                             f"are not zero: nothing was stamped there")
+
+    @staticmethod
+    def _newest_problem(w: np.ndarray, s: int) -> str:
+        """'' if slot ``w`` (8 qwords) may hold what a stamp of record ``s`` leaves at some instant."""
+        cap = abi.RECORDS_CAPACITY
+        new = np.zeros(8, np.uint64)
+        new[0], new[3:7] = s, abi.record_payload(s)
+        old = np.zeros(8, np.uint64)
+        if s >= cap:
+            old[0], old[3:7] = s - cap, abi.record_payload(s - cap)
+        check_ok = w[7] == abi.record_check(w)
+        fixed = [0, 3, 4, 5, 6]  # seq and payload: known for both records
+        if check_ok and (w[fixed] == new[fixed]).all():
+            return ""  # record s whole (stamped, perhaps not yet counted)
+        if s >= cap and check_ok and (w[fixed] == old[fixed]).all():
+            return ""  # the old record whole
+        if s < cap and not w.any():
+            return ""  # never written
+        if check_ok:
+            return (f"the check matches the slot's contents (seq {int(w[0])}), which are neither record {s} nor "
+                    f"{s - cap if s >= cap else 'zero'} whole: the check is stored last")
+        mixed = (w[fixed] == new[fixed]) | (w[fixed] == old[fixed])
+        if mixed.all():
+            return ""  # torn: the check (stored last) not yet the new one's
+        return (f"the slot of seq {s} holds qwords of neither record {s} nor {s - cap if s >= cap else 'zero'} "
+                f"(seq {int(w[0])})")
 
 
 def verify(ram: np.ndarray | mmap.mmap | bytes | memoryview) -> Verdict:

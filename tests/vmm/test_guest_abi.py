@@ -11,7 +11,7 @@ import numpy as np
 from pkfuse.vmm import abi, guest
 
 STRUCTS = {"config": abi.CONFIG, "vcpu_state": abi.VCPU_STATE, "ring_header": abi.RING_HEADER,
-           "descriptor": abi.DESCRIPTOR}
+           "descriptor": abi.DESCRIPTOR, "records_header": abi.RECORDS_HEADER, "record": abi.RECORD}
 NOT_IN_HEADER = {"MiB"}  #: abi.py's integer constants the guest has no use for
 
 

@@ -208,3 +208,45 @@ def test_a_large_area_is_checked_without_a_loop_per_page(tmp_path: Path) -> None
     assert v.ok, v.findings
     assert f.gpa == base + (dp // 2 * 512 + 5) * 8
     assert elapsed < 3.0, f"{length >> 20} MiB verified in {elapsed:.2f} s"
+
+
+def stamp(mem: GuestMemory, n: int) -> np.ndarray:
+    """Records 0..n-1 as the device stamps them (header, records, count); the records region as RECORDs."""
+    g = abi.RECORDS_GPA
+    h = np.zeros(1, abi.RECORDS_HEADER)
+    h["magic"], h["capacity"], h["record_size"], h["count"] = abi.RECORDS_MAGIC, abi.RECORDS_CAPACITY, 64, n
+    mem.array[g:g + 64] = h.view(np.uint8)
+    r = mem.array[g + abi.RECORDS_OFFSET:g + abi.RECORDS_SIZE].view(abi.RECORD)
+    seq = np.arange(n, dtype=np.uint64)
+    r["seq"][:n], r["time_ns"][:n], r["payload"][:n] = seq, 1000 + seq, abi.record_payload(seq)
+    r["check"][:n] = abi.record_check(r[:n].view("<u8").reshape(n, 8))
+    return r
+
+
+def test_whole_records_below_the_count_and_a_torn_newest_are_clean(ran: GuestMemory) -> None:
+    r = stamp(ran, 100)
+    assert verify.verify(ran.array).ok
+    r["seq"][100], r["payload"][100][:2] = 100, abi.record_payload(100)[:2]  # record 100 half stored, no check
+    assert verify.verify(ran.array).ok
+    r["check"][100] = abi.record_check(r[100:101].view("<u8").reshape(1, 8))[0]  # the check before the payload
+    f = only(verify.verify(ran.array))
+    assert f.structure == "record[100]" and f.gpa == abi.record_gpa(100) and "stored last" in f.problem
+
+
+def test_a_record_below_the_count_out_of_place_or_out_of_order_is_named(ran: GuestMemory) -> None:
+    r = stamp(ran, 100)
+    r["payload"][40][3] ^= np.uint64(1)
+    f = only(verify.verify(ran.array))
+    assert f.structure == "record[40]" and f.gpa == abi.record_gpa(40) and "not whole" in f.problem
+    r = stamp(ran, 100)
+    r["time_ns"][70] = 5
+    r["check"][70] = abi.record_check(r[70:71].view("<u8").reshape(1, 8))[0]
+    f = only(verify.verify(ran.array))
+    assert f.structure == "record[70]" and "before record 69" in f.problem
+
+
+def test_a_slot_above_the_count_that_is_not_zero_is_named(ran: GuestMemory) -> None:
+    r = stamp(ran, 10)
+    r["time_ns"][20] = 1
+    f = only(verify.verify(ran.array))
+    assert f.structure == "record[20]" and f.gpa == abi.record_gpa(20) and "not zero" in f.problem
