@@ -19,18 +19,22 @@ Two kinds of work, paced by a token bucket at ``rate`` DMA operations per
 second (each logged DMA, faulted or not, costs one; a round starts once
 ``ROUND_TOKENS`` have accrued):
 
-- serving the guest's descriptor rings (``pkfuse.vmm.abi``): per ring, DMA
-  read of the header; per posted descriptor (from ``consumed``): DMA read of
-  CONFIG (the pattern's seed), of the descriptor, then DMA_WRITE: write of
+- serving the guest's descriptor rings (``pkfuse.vmm.abi``): per ring and
+  round, DMA read of the header, then for the descriptor at ``consumed`` if
+  it is posted: DMA read of the descriptor, then DMA_WRITE: write of
   ``dma_pattern`` into the buffer, DMA_READ: read of the buffer; then, in
   abi.py's order, writes of ``result``, ``status`` (DONE, or FAULT when the
   buffer's DMA faulted), ``consumed + 1``. A descriptor whose completion
-  cannot be written is left as it is;
+  cannot be written is left as it is. The pattern's seed is CONFIG's, read
+  by DMA at most every ``CONFIG_REFRESH`` seconds;
 - with ``records``, the free-running writer: one record per round into the
   records region (abi.py: the 56 bytes, then ``check``, then ``count``),
   whether or not the VMM and the guest are alive: DMA goes on while the host
-  is between kernels. Idle rings make rounds of 1 op per ring plus 3, so
-  records go at ``rate / (3 + rings)`` per second.
+  is between kernels.
+
+A round costs 1 op per ring, 5 more per descriptor served, 3 per record:
+with one busy ring, descriptors and records each go at about ``rate / 9``
+per second; with idle rings, records at ``rate / (3 + rings)``.
 
 Every DMA goes to the log (``DmaLog``): one ``LOG_ENTRY`` per page-piece,
 appended in batches, flushed at least every ``FLUSH_SECONDS`` (a SIGKILL
@@ -65,6 +69,7 @@ U64 = np.uint64
 FLUSH_SECONDS = 0.1  #: the log reaches its file at least this often
 ROUND_TOKENS = 8  #: DMA operations a round waits for (a round: every ring once, then a record)
 EPHEMERAL_RECHECK = 0.5  #: seconds between looks at the ephemeral memory's header
+CONFIG_REFRESH = 0.5  #: seconds a DMA read of the guest's CONFIG (its pattern seed) is used for
 
 # ---------------------------------------------------------------- the DMA log
 
@@ -395,7 +400,10 @@ class Device:
         self.stopping = False
         self.started = time.monotonic()
         self.elapsed = 0.0
-        self._rows: list[tuple] = []
+        self.per_round = 1  #: descriptors served per ring per round: the records keep their share
+        self._seed_value: int | None = None
+        self._seed_at = 0.0
+        self._seed_read = False
 
     # ------------------------------------------------------------ DMA
 
@@ -483,17 +491,12 @@ class Device:
         if int(h["magic"]) != abi.RING_MAGIC or int(h["entries"]) != abi.RING_ENTRIES:
             return used
         consumed, produced = int(h["consumed"]), int(h["produced"])
-        seed = None
-        while consumed < produced and budget - used >= 7:
+        served = 0
+        while consumed < produced and served < self.per_round and budget - used >= 6:
+            seed = self._seed(vcpu)
+            used += 1 if seed is None or self._seed_read else 0
             if seed is None:
-                used += 1
-                cfg = self.dma_read(abi.CONFIG_GPA, abi.CONFIG.itemsize, KIND_CONFIG, vcpu)
-                if cfg is None:
-                    return used
-                c = cfg.view(abi.CONFIG)[0]
-                if int(c["magic"]) != abi.CONFIG_MAGIC:
-                    return used
-                seed = int(c["seed"])
+                return used
             da = rg + abi.DESCRIPTORS_OFFSET + (consumed % abi.RING_ENTRIES) * abi.DESCRIPTOR.itemsize
             used += 1
             raw = self.dma_read(da, abi.DESCRIPTOR.itemsize, KIND_DESCRIPTOR, vcpu)
@@ -527,7 +530,25 @@ class Device:
                 return used
             (self.stats.descriptors if status == abi.DESC_DONE else self.stats.descriptor_faults)[vcpu] += 1
             consumed += 1
+            served += 1
         return used
+
+    def _seed(self, vcpu: int) -> int | None:
+        """The guest's DMA pattern seed: CONFIG read by DMA at most every CONFIG_REFRESH seconds
+        (as a driver would program it into the device); None when CONFIG cannot be read or is not one."""
+        now = time.monotonic()
+        self._seed_read = False
+        if self._seed_value is None or now - self._seed_at >= CONFIG_REFRESH:
+            self._seed_read = True
+            self._seed_value = None
+            cfg = self.dma_read(abi.CONFIG_GPA, abi.CONFIG.itemsize, KIND_CONFIG, vcpu)
+            if cfg is None:
+                return None
+            c = cfg.view(abi.CONFIG)[0]
+            if int(c["magic"]) != abi.CONFIG_MAGIC:
+                return None
+            self._seed_value, self._seed_at = int(c["seed"]), now
+        return self._seed_value
 
     # ------------------------------------------------------------ the free-running writer
 
