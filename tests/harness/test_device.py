@@ -256,3 +256,56 @@ def test_sigterm_flushes_the_log(live: Mount, vmms: list[Vmm], procs: list, tmp_
     last = int(counts["iova"][-1])
     assert last == abi.RECORDS_GPA + abi.RECORDS_HEADER.fields["count"][1]
     assert int(counts["checksum"][-1]) == int(hdr["count"][0])  # the last count stored is logged
+
+
+def test_the_device_walks_a_domain_whose_tables_are_in_ephemeral_memory(
+        make_image: Callable[..., Path], tmp_path: Path, mount_image: Callable[..., Mount], vmms: list[Vmm],
+        procs: list) -> None:
+    m = mount_image(make_image("128M"), "--control", str(tmp_path / "ctl.sock"), "--domains", "ephemeral")
+    vmm = start_vm(m, vmms)
+    p, logf, js = start_device(procs, m, tmp_path, "--rate", "3000")  # IMAGE.ephemeral by default
+    blind, blog, bjs = start_device(procs, m, tmp_path, "--rate", "500", "--ephemeral", str(tmp_path / "none"),
+                                    name="blind")
+    wait_for(lambda: int(vmm.vcpu_states()["dma_ok"][0]) >= 20, why=vmm.status_line())
+    out, bout = stop_device(p, js), stop_device(blind, bjs)
+    assert out["faults"] == 0 and out["ephemeral_maps"] == 1 and int(vmm.vcpu_states()["dma_errors"][0]) == 0
+    e = dv.read_log(logf)
+    image_u64, base, npages = walker.open_image(m.image)
+    with Regs.open(str(m.image) + ".regs", create=False) as regs:
+        phys, fault = walker.translate(image_u64, base, npages, regs, SID, e["iova"], e["op"] == dv.OP_WRITE,
+                                       ephemeral=walker.open_ephemeral(str(m.image) + ".ephemeral"))
+    assert not fault.any() and np.array_equal(phys, e["phys"])
+    # without the ephemeral memory the SL-PML4 (above the image) is outside memory: every DMA faults
+    b = dv.read_log(blog)
+    assert bout["performed"] == 0 and b.size and (b["fault"] == fmt.FR_NEXT_PT_INVALID).all()
+
+
+def test_a_vmm_gone_with_the_daemon_alive_leaves_the_device_faulting_not_dead(
+        live: Mount, vmms: list[Vmm], procs: list, tmp_path: Path) -> None:
+    vmm = start_vm(live, vmms)
+    p, logf, js = start_device(procs, live, tmp_path, "--rate", "3000", "--records")
+    wait_for(lambda: int(vmm.vcpu_states()["dma_ok"][0]) >= 10)
+    vmm.close(save=False)  # the kernel's release of its iommufd: the HWPT goes, the context entry is cleared
+    t = time.monotonic_ns()
+    time.sleep(0.5)
+    assert p.poll() is None
+    out = stop_device(p, js)
+    e = dv.read_log(logf)
+    late = e[e["time_ns"] > t + 100_000_000]
+    assert late.size and (late["fault"] == fmt.FR_CONTEXT_NOT_PRESENT).all() and not late["done"].any()
+    assert out["faults"] >= late.size // 2  # each DMA, however many pieces, is one fault in the summary
+
+
+def test_a_sigkill_of_the_device_loses_at_most_the_last_100_ms_of_its_log(
+        live: Mount, vmms: list[Vmm], procs: list, tmp_path: Path) -> None:
+    vmm = start_vm(live, vmms, dma_every=0)
+    p, logf, _ = start_device(procs, live, tmp_path, "--rate", "2000", "--rings", "0", "--records")
+    hdr = vmm.ram.array[abi.RECORDS_GPA:abi.RECORDS_GPA + 64].view(abi.RECORDS_HEADER)
+    wait_for(lambda: int(hdr["count"][0]) >= 200)
+    t = time.monotonic_ns()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(10)
+    e = dv.read_log(logf)
+    assert t - int(e["time_ns"][-1]) < 150_000_000  # flushed every 100 ms (+ a round, + the sleep)
+    logged = int((e["kind"] == dv.KIND_RECORDS_COUNT).sum())
+    assert 0 <= int(hdr["count"][0]) - logged <= 2000 // 4 * 0.15 + 2
