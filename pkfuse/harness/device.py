@@ -151,6 +151,13 @@ class DmaLog:
             if self.pending == self.entries.size:
                 self.flush()
 
+    def append_one(self, row: tuple) -> None:
+        """One entry, as a tuple in LOG_ENTRY's field order."""
+        self.entries[self.pending] = row
+        self.pending += 1
+        if self.pending == self.entries.size:
+            self.flush()
+
     def flush(self) -> None:
         if self.pending and self.fd >= 0:
             os.write(self.fd, self.entries[:self.pending].tobytes())
@@ -409,6 +416,8 @@ class Device:
 
     def _pieces(self, iova: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(first IOVA, length) of each page-piece of [iova, iova + n)."""
+        if iova % PS + n <= PS:  # the common case: one page
+            return np.array([iova], U64), np.array([n], np.int64)
         first = iova & ~(PS - 1)
         starts = np.arange(first, iova + n, PS, dtype=np.int64)
         starts[0] = iova
@@ -417,6 +426,10 @@ class Device:
 
     def _log(self, iovas: np.ndarray, lengths: np.ndarray, phys: np.ndarray, fault: np.ndarray,
              hit: np.ndarray, op: int, done: bool, sums: list[int], kind: int, ring: int) -> None:
+        if iovas.size == 1:
+            self.log.append_one((time.monotonic_ns(), int(iovas[0]), int(phys[0]), sums[0], int(lengths[0]),
+                                 int(fault[0]), self.rid, op, int(done), int(hit[0]), kind, ring, (0, 0, 0)))
+            return
         rows = np.zeros(iovas.size, LOG_ENTRY)
         rows["time_ns"] = time.monotonic_ns()
         rows["iova"], rows["phys"], rows["length"], rows["fault"] = iovas, phys, lengths, fault
