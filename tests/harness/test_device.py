@@ -309,3 +309,16 @@ def test_a_sigkill_of_the_device_loses_at_most_the_last_100_ms_of_its_log(
     assert t - int(e["time_ns"][-1]) < 150_000_000  # flushed every 100 ms (+ a round, + the sleep)
     logged = int((e["kind"] == dv.KIND_RECORDS_COUNT).sum())
     assert 0 <= int(hdr["count"][0]) - logged <= 2000 // 4 * 0.15 + 2
+
+
+def test_bad_arguments_are_one_line_errors(image: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pkfuse", "device", str(image), *args], capture_output=True,
+                              text=True, timeout=30)
+    r = run("--rid", "3.0")
+    assert r.returncode == 1 and r.stderr == "pkfuse: error: not a requester id 'bb:dd.f': '3.0'\n"
+    r = run("--rid", "00:03.0", "--regs", str(image.with_name("none.regs")))
+    assert r.returncode == 1 and r.stderr.startswith("pkfuse: error: no register block at ") \
+        and r.stderr.count("\n") == 1
+    r = run("--rid", "00:03.0", "--rate", "0")
+    assert r.returncode == 1 and "rate 0.0" in r.stderr and r.stderr.count("\n") == 1
