@@ -38,7 +38,8 @@ per second; with idle rings, records at ``rate / (3 + rings)``.
 
 Every DMA goes to the log (``DmaLog``): one ``LOG_ENTRY`` per page-piece,
 appended in batches, flushed at least every ``FLUSH_SECONDS`` (a SIGKILL
-loses at most that much); ``read_log`` reads it back, ``summarize`` counts.
+loses at most that much); ``read_log`` reads it back, ``summarize`` counts
+(``python -m pkfuse.harness.device LOG`` prints that as JSON).
 SIGTERM and SIGINT stop the device cleanly (log flushed).
 """
 
@@ -689,3 +690,25 @@ class Device:
 
 __all__ = ["Device", "DmaLog", "LOG_ENTRY", "LOG_HEADER", "PhysicalMemory", "Translator", "parse_rid",
            "read_log", "summarize"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pkfuse.harness.device LOG...``: each DMA log's summary as JSON."""
+    import json
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m pkfuse.harness.device LOG...", file=sys.stderr)
+        return 2
+    try:
+        out = {p: summarize(read_log(p)) for p in paths}
+    except (PkfuseError, OSError) as exc:
+        print(f"pkfuse: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

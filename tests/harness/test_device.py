@@ -322,3 +322,27 @@ def test_bad_arguments_are_one_line_errors(image: Path) -> None:
         and r.stderr.count("\n") == 1
     r = run("--rid", "00:03.0", "--rate", "0")
     assert r.returncode == 1 and "rate 0.0" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_log_reads_back_what_was_appended_and_sums_it_up(tmp_path: Path) -> None:
+    path = tmp_path / "x.dmalog"
+    log = dv.DmaLog(str(path), SID, batch=4)
+    rows = np.zeros(10, dv.LOG_ENTRY)
+    rows["iova"], rows["length"], rows["op"], rows["done"] = np.arange(10) * 4096, 64, dv.OP_WRITE, 1
+    rows["op"][::2] = dv.OP_READ
+    rows["done"][9], rows["fault"][9] = 0, fmt.FR_WRITE
+    log.append(rows[:7])
+    assert len(dv.read_log(path)) == 4  # a full batch is written at once, the rest at the flush
+    log.append_one(tuple(rows[7].tolist()))
+    log.append(rows[8:])
+    log.close()
+    with open(path, "ab") as f:
+        f.write(b"torn")  # a kill in the middle of a write: the piece is left out
+    e = dv.read_log(path)
+    assert e.tobytes() == rows.tobytes()
+    s = dv.summarize(e)
+    assert (s["entries"], s["performed"], s["bytes_read"], s["bytes_written"], s["faults"]) == (10, 9, 320, 256, 1)
+    assert s["faults_by_reason"] == {f"{fmt.FR_WRITE:#04x} {fmt.FR_NAMES[fmt.FR_WRITE]}": 1}
+    r = subprocess.run([sys.executable, "-m", "pkfuse.harness.device", str(path)], capture_output=True, text=True,
+                       check=True)
+    assert json.loads(r.stdout)[str(path)] == s
