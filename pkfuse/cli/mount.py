@@ -37,6 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="where iommufd domains live: in the image (persistent, pkernfs; the default) or in "
                         "host RAM with a fixed copy in the image made at reboot() (ephemeral, the review's)")
     p.add_argument("--debug", action="store_true", help="debug logging: every refused request with its reason")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="wait up to SECONDS for the image's lock to be released and the mountpoint to be a "
+                        "plain directory again (a successor started before a restart), instead of exit 3 or 4")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit",
@@ -60,7 +63,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         opts["domains"] = args.domains
     log_file = args.log or opts["log"]
     level = logging.DEBUG if args.debug else logging.INFO
-    image, mnt = preflight.preflight(args.image, args.mountpoint)
+    if args.wait is not None:
+        if args.wait < 0:
+            raise preflight.MountError(f"--wait {args.wait:g}: not negative", preflight.EXIT_USAGE)
+        _import_for_serve()  # paid while waiting, not after the lock is free
+    image, mnt = preflight.preflight(args.image, args.mountpoint, wait=args.wait)
     if args.foreground:
         logs.setup_logging(log_file, level=level)
         return serve(image, mnt, opts)
@@ -76,6 +83,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
     status = daemonize.daemonize(image, mnt, log_file, daemon)
     entry.exit_without_teardown = status == 0
     return status
+
+
+def _import_for_serve() -> None:
+    """The modules ``serve`` imports as it starts, imported now: a mount that waits (``--wait``) for
+    its image pays the interpreter's floor before the restart, as a pre-started successor should."""
+    import importlib
+
+    for name in ("pyfuse3", "trio", "numpy", "backing.store", "backing.iommu", "backing.iommufd",
+                 "backing.liveupdate", "pkfuse.daemon.fs", "pkfuse.daemon.control"):
+        importlib.import_module(name)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -9,9 +9,11 @@ again. Each refusal is a ``MountError``: one line and the status that
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import threading
+import time
 
 from backing.errors import PkfuseError
 
@@ -144,10 +146,61 @@ def check_image(image: str) -> None:
 
 
 
-def preflight(image: str, mnt: str) -> tuple[str, str]:
-    """Check image, mountpoint and ``/dev/fuse`` in that order; return both as absolute paths."""
+#: seconds between looks while ``--wait`` waits for the image's lock and the mountpoint
+WAIT_POLL = 0.001
+
+
+def image_locked(image: str) -> bool:
+    """Whether some process holds an flock on ``image`` (tried with a non-blocking exclusive lock of
+    our own on a separate open, released at once)."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if we took it
+    return False
+
+
+def wait_ready(image: str, mnt: str, seconds: float) -> None:
+    """``pkfuse mount --wait``: wait until ``mnt`` is no mount and nobody holds ``image``'s lock.
+
+    What a successor started before a restart waits through, in order: the
+    old daemon serving ``mnt`` (a mount, the image locked), its death (the
+    lock is released with its last descriptor; the dead FUSE mount stays
+    until someone clears it) and the clear (``mnt`` a plain directory again).
+    The mount table is read, never the mountpoint: a dead or frozen mount is
+    not touched. Anything else ``preflight`` refuses (no image, no
+    directory) is refused at once. After ``seconds`` the refusal is the one
+    without ``--wait``, saying how long it waited.
+    """
+    deadline = time.monotonic() + seconds
+    target = mount_path(mnt)
+    check_image(image)
+    while True:
+        busy = target in mounted_paths()
+        locked = not busy and image_locked(image)
+        if not busy and not locked:
+            return
+        if time.monotonic() >= deadline:
+            if busy:
+                raise MountError(f"{_busy(mnt)} (waited {seconds:g} s)", EXIT_MOUNTPOINT)
+            raise MountError(f"image {image} is in use by another pkfuse process (waited {seconds:g} s for "
+                             "its lock)", EXIT_IMAGE_BUSY)
+        time.sleep(WAIT_POLL)
+
+
+def preflight(image: str, mnt: str, *, wait: float | None = None) -> tuple[str, str]:
+    """Check image, mountpoint and ``/dev/fuse`` in that order; return both as absolute paths.
+
+    ``wait`` (seconds): first wait for the mountpoint to be free and the
+    image's lock released (``wait_ready``) instead of refusing at once.
+    """
     image = os.path.abspath(image)
     mnt = os.path.abspath(mnt)
+    if wait is not None:
+        wait_ready(image, mnt, wait)
     check_image(image)
     check_mountpoint(mnt)
     check_fuse()
