@@ -9,18 +9,18 @@ default size), so it can make ephemeral domains.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from backing import ephemeral, vtd, walker
+from backing import ephemeral, vtd
 from backing import format as fmt
 from backing.iommu import Domain, Iommu
-from backing.regs import Regs, default_path
+from backing.regs import default_path
 from backing.store import Store
+from pkfuse.harness import tables
 
 
 @pytest.fixture
@@ -59,11 +59,8 @@ def device_view(image: Path, sid: int, iovas: np.ndarray) -> tuple[list[int], li
     """What requester ``sid`` reaches at each IOVA, as the hardware walks it: (phys, fault reason).
 
     Reads the image, the ephemeral memory beside it (the ephemeral design's
-    domains are there) and the register block, asking no daemon.
+    domains are there) and the register block, asking no daemon
+    (``pkfuse.harness.tables.device_view``, which the restart harness uses too).
     """
-    u64, base, npages = walker.open_image(image)
-    host_ram = ephemeral.default_path(image)
-    region = walker.open_ephemeral(host_ram) if os.path.exists(host_ram) else None
-    with Regs.open(default_path(image), create=False) as regs:
-        phys, faults = walker.translate(u64, base, npages, regs, sid, iovas, True, ephemeral=region)
+    phys, faults = tables.device_view(image, sid, iovas)
     return phys.tolist(), faults.tolist()

@@ -1,9 +1,18 @@
-"""The restart harness (issue 13, not built yet): kexec played in userspace around a running VM.
+"""The restart harness (issue 13): kexec played in userspace around a running VM and its DMA device.
 
-It will own the cast -- the daemon (the kernel), the VMM and its guest, the
-simulated DMA device (hardware: it reads memory and the register block and
-never asks the daemon) -- drive the live-update phases, SIGKILL the daemon
-and the VMM at the jump, and verify guest memory, DMA and translations after
-the restart. It will also be a pytest plugin giving users a running host
-and a ``restart()``.
+One module per job:
+
+- ``cast``: the processes -- the daemon (the kernel), the VMM and its guest, the device
+  (``device``: hardware, it never asks the daemon) -- started through the ``pkfuse`` command
+  line, known by pid, and their cleanup from any state;
+- ``cycle``: one restart cycle, LUO's phases (``Phase``) with a CLOCK_REALTIME timestamp at each
+  edge; the jump (SIGKILL of the daemon and the VMM, the dead mount cleared) is one function;
+- ``checks``: what every cycle verifies (guest memory, translations, the session, the saved copy,
+  pages, DMA faults and records, fsck at the end), a ``Check`` each;
+- ``tables``: what a requester reaches, walked as the hardware walks it;
+- ``run``: a whole test, per design: the cast up, the cycles, the end checks, the cast down;
+- ``report``: per cycle and in total, JSON, the progress line, the one-line error.
+
+``pkfuse restart-test`` (``pkfuse/cli/restart.py``) is its command line. Next: ``--kill
+PHASE|random`` (the jump inside another phase), the pytest plugin, ``pkfuse bench --only restart``.
 """

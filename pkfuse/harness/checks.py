@@ -1,0 +1,209 @@
+"""What every restart cycle verifies, one ``check_<what>`` function each, each giving a ``Check``.
+
+- ``check_guest_clean``: the verifier (``pkfuse.vmm.verify``) finds nothing in guest RAM read from
+  the image with the vCPUs paused -- after the freeze, before the jump; and at the next pause after
+  finish (the next cycle's freeze, or the final stop);
+- ``check_guest_continued``: ``progressed(before, after, advanced=True)`` is empty: every counter
+  continues from where the freeze left it, and every vCPU stepped again -- nothing the guest wrote
+  before the jump is lost;
+- ``check_guest_running``: right after finish, the successor's ``status``: no guest error, every
+  vCPU's counter already past the frozen one;
+- ``check_translations``: every mapped IOVA (each 4 KiB page of guest RAM, IOVA = GPA) translates
+  for the device's requester id, walked from the image, the ephemeral memory and the register
+  block as hardware walks them (``tables.device_view``), to the same physical address before the
+  jump and after finish;
+- ``check_session_finished``: the daemon's status says ``0 sessions``;
+- ``check_no_saved_copy``: no domain flagged ``saved`` (the ephemeral design's fixed copy) is left
+  after finish;
+- ``check_pages``: the image's free pages after finish are what they were before prepare (the
+  saved copy, the session's records: nothing leaked);
+- ``check_cancel``: after a cancelled prepare the session is gone and domains, mappings and
+  translations are as they were;
+- with the device: ``check_dma_faults`` (none in the cycle's live update) and
+  ``check_records_advanced`` (its free-running writer stamped records inside the blackout);
+- at the end: ``check_fsck`` (``backing.fsck.check_image`` clean: its pool checks find no page
+  leaked or owned twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+from backing import format as fmt
+from backing import fsck
+from pkfuse.vmm import abi, verify
+
+from . import tables
+from .cast import Cast
+
+
+@dataclasses.dataclass
+class Check:
+    """One verified property: its name, whether it held, what was found."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Translations:
+    """Where each mapped IOVA went, for one requester."""
+
+    iovas: np.ndarray
+    phys: np.ndarray
+    fault: np.ndarray
+
+
+def translations(cast: Cast, sid: int) -> Translations:
+    iovas = np.arange(0, cast.guest_size, fmt.PAGE_SIZE, dtype=np.uint64)
+    phys, fault = tables.device_view(cast.image, sid, iovas)
+    return Translations(iovas, phys, fault)
+
+
+def verdict(cast: Cast) -> verify.Verdict:
+    """The verifier over guest RAM read from the image (the vCPUs must be paused or gone)."""
+    return verify.verify(cast.guest_ram())
+
+
+def check_guest_clean(v: verify.Verdict, when: str) -> Check:
+    if v.ok:
+        return Check(f"guest memory clean {when}", True, v.summary())
+    return Check(f"guest memory clean {when}", False, "; ".join(str(f) for f in v.findings[:3])
+                 + (f" (+{len(v.findings) - 3} more)" if len(v.findings) > 3 else ""))
+
+
+def check_guest_continued(before: verify.Verdict, after: verify.Verdict) -> Check:
+    went_back = verify.progressed(before, after, advanced=True)
+    steps = [a.counter - b.counter for b, a in zip(before.vcpus, after.vcpus)]
+    if went_back:
+        return Check("guest continued", False, "; ".join(str(f) for f in went_back[:3]))
+    return Check("guest continued", True, f"steps since the freeze {steps}")
+
+
+def check_guest_running(before: verify.Verdict, status: dict[str, Any]) -> Check:
+    errors = status.get("guest_errors") or {}
+    if errors:
+        names = {int(k): abi.ERROR_NAMES.get(int(v), str(v)) for k, v in errors.items()}
+        return Check("guest running after finish", False, f"guest errors {names}")
+    frozen = [v.counter for v in before.vcpus]
+    now = list(status.get("counters", []))
+    if len(now) != len(frozen) or any(n <= f for n, f in zip(now, frozen)):
+        return Check("guest running after finish", False, f"counters {now}, frozen at {frozen}")
+    return Check("guest running after finish", True, f"counters {now}")
+
+
+def check_translations_reach_guest(cast: Cast, t: Translations, when: str) -> Check:
+    """Every IOVA (= GPA) reaches the guest file's own page for it (its extents, from the daemon)."""
+    want = np.zeros(t.iovas.size, np.uint64)
+    for off, phys, length in cast.extents:
+        lo, hi = off // fmt.PAGE_SIZE, min((off + length) // fmt.PAGE_SIZE, t.iovas.size)
+        want[lo:hi] = phys + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fmt.PAGE_SIZE)
+    bad = np.flatnonzero((t.fault != 0) | (t.phys != want))
+    name = f"DMA reaches guest RAM {when}"
+    if bad.size:
+        i = int(bad[0])
+        got = (f"fault {fmt.FR_NAMES.get(int(t.fault[i]), t.fault[i])}" if t.fault[i] else f"{int(t.phys[i]):#x}")
+        return Check(name, False, f"{bad.size} of {t.iovas.size} IOVAs do not, first {int(t.iovas[i]):#x}: "
+                                  f"{got}, the guest file's page is {int(want[i]):#x}")
+    return Check(name, True, f"{t.iovas.size} IOVAs, each to its guest page")
+
+
+def check_translations(before: Translations, after: Translations) -> Check:
+    name = "translations before = after"
+    bad_before = np.flatnonzero(before.fault)
+    if bad_before.size:
+        i = int(bad_before[0])
+        return Check(name, False, f"{bad_before.size} mapped IOVAs fault before the jump, first {int(before.iovas[i]):#x} "
+                                  f"({fmt.FR_NAMES.get(int(before.fault[i]), before.fault[i])})")
+    bad = np.flatnonzero((after.fault != 0) | (after.phys != before.phys))
+    if bad.size:
+        i = int(bad[0])
+        got = (f"fault {fmt.FR_NAMES.get(int(after.fault[i]), after.fault[i])}" if after.fault[i]
+               else f"{int(after.phys[i]):#x}")
+        return Check(name, False, f"{bad.size} of {before.iovas.size} IOVAs differ, first {int(before.iovas[i]):#x}: "
+                                  f"{int(before.phys[i]):#x} before, {got} after")
+    return Check(name, True, f"{before.iovas.size} IOVAs")
+
+
+def sessions(cast: Cast) -> str:
+    """The ``N sessions...`` part of the status's ``liveupdate:`` line."""
+    line = cast.status("liveupdate")
+    m = re.search(r"\d+ sessions.*", line)
+    return m.group(0) if m else line
+
+
+def check_session_finished(cast: Cast) -> Check:
+    s = sessions(cast)
+    return Check("session finished", s.startswith("0 sessions"), s)
+
+
+def saved_domains(cast: Cast) -> list[str]:
+    return [line.split(":")[0] for line in cast.iommu_text().splitlines() if re.search(r", compatible \S+ saved,", line)]
+
+
+def check_no_saved_copy(cast: Cast) -> Check:
+    left = saved_domains(cast)
+    return Check("no saved copy after finish", not left, ", ".join(left) or "none")
+
+
+def check_pages(before: int, after: int) -> Check:
+    return Check("no page leaked by the cycle", before == after,
+                 f"pages_free {before} before prepare, {after} after finish")
+
+
+def domain_lines(cast: Cast) -> list[str]:
+    """The domains with their requesters and mappings (``.pkernfs/iommu`` up to the iommufd objects)."""
+    out = []
+    for line in cast.iommu_text().splitlines():
+        if line.startswith("iommufd:"):
+            break
+        if not line.startswith("translation "):  # the fault count may move
+            out.append(line)
+    return out
+
+
+def check_cancel(cast: Cast, domains_before: list[str], before: Translations, after: Translations) -> list[Check]:
+    checks = [Check("cancel: no session left", sessions(cast).startswith("0 sessions"), sessions(cast))]
+    now = domain_lines(cast)
+    diff = [line for line in now if line not in domains_before] + [line for line in domains_before if line not in now]
+    checks.append(Check("cancel: domains as they were", not diff, "; ".join(diff[:3]) or "unchanged"))
+    t = check_translations(before, after)
+    checks.append(Check("cancel: translations as they were", t.ok, t.detail))
+    return checks
+
+
+def check_dma_faults(entries: np.ndarray, start_mono: int, end_mono: int) -> Check:
+    """No DMA of the device faulted between ``start_mono`` and ``end_mono`` (CLOCK_MONOTONIC, the log's)."""
+    w = entries[(entries["time_ns"] >= start_mono) & (entries["time_ns"] <= end_mono)]
+    faulted = w[w["fault"] != 0]
+    if faulted.size:
+        f = faulted[0]
+        return Check("no DMA fault in the live update", False,
+                     f"{faulted.size} of {w.size} DMAs faulted, first at IOVA {int(f['iova']):#x}: "
+                     f"{fmt.FR_NAMES.get(int(f['fault']), int(f['fault']))}")
+    return Check("no DMA fault in the live update", True, f"{w.size} DMAs")
+
+
+def check_records_advanced(stamped_in_blackout: int) -> Check:
+    return Check("device records advanced through the blackout", stamped_in_blackout > 0,
+                 f"{stamped_in_blackout} records stamped while the vCPUs were paused")
+
+
+def check_fsck(cast: Cast) -> Check:
+    status, findings = fsck.check_image(cast.image)
+    if status == 0 and not findings:
+        return Check("fsck clean", True, "no finding (pool: no page leaked or owned twice)")
+    return Check("fsck clean", False, f"status {status}: " + "; ".join(str(f) for f in findings[:3]))
+
+
+__all__ = ["Check", "Translations", "translations", "verdict", "check_guest_clean", "check_guest_continued",
+           "check_guest_running", "check_translations", "check_translations_reach_guest", "check_session_finished", "check_no_saved_copy",
+           "check_pages", "check_cancel", "check_dma_faults", "check_records_advanced", "check_fsck"]

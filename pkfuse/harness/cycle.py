@@ -1,0 +1,340 @@
+"""One restart cycle: LUO's phases around a running VM, a CLOCK_REALTIME timestamp at each edge.
+
+The phases (``Phase``, named as LUO names them), in order:
+
+1. ``prepare`` -- the VMM's monitor ``prepare vm0``: a session preserving guest RAM, the vCPU
+   handover file and the HWPT with its device; the VM runs on. With ``--successors prestarted``
+   the successors are started first, as cpr-transfer starts its successor before the switch: the
+   new VMM (``pkfuse vmm run --incoming vm0 MNT``) waiting for a daemon offering the session, and
+   the new daemon (``pkfuse mount --wait``) waiting for the image's lock and the mountpoint;
+2. ``freeze`` -- monitor ``freeze``: the vCPUs paused at an instruction boundary and saved into
+   the handover file, then ``reboot()``. The blackout starts at the pause (the handover's
+   ``saved_ns``);
+3. ``jump`` -- the kexec (``jump``, one function: the seam where a kill at another instant will
+   go): SIGKILL of the daemon and of the old VMM, then the dead FUSE mount cleared;
+4. ``restore`` -- a new daemon mounts the image: it validates ``iommu/lu-state``, and, with
+   ``--domains ephemeral``, its open fills the ephemeral memory with poison (the old tables are
+   gone; the device runs on the saved copy in the image);
+5. ``retrieve`` -- the successor VMM retrieves the session, maps guest RAM, creates the VM,
+   restores and resumes the vCPUs: the blackout ends;
+6. ``rebuild`` -- IOAS and HWPT again, the guest running: the daemon adopts the preserved domain
+   (persistent) or replaces the saved copy (ephemeral);
+7. ``finish`` -- the session finished; the successor serves its monitor and becomes the VMM of the
+   next cycle.
+
+``cancel`` (every ``--cancel-every`` cycles, before the live update): a prepare, then monitor
+``cancel``; everything must be as it was.
+
+Guest RAM is read from the image at the guest file's extents, never through the mount: between
+the freeze and the new mount no daemon answers. Its verdict needs paused vCPUs, so the verdict
+after finish is taken at the next pause -- the next cycle's freeze, or the final stop -- and
+judged as this cycle's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pkfuse.vmm import handover, verify
+
+from . import checks
+from .cast import GUEST, Cast, HarnessError, Proc, pid_alive, realtime_ns
+
+
+class Phase(str, enum.Enum):
+    """LUO's phases, as the report names them (and, next, where ``--kill PHASE`` will land)."""
+
+    PREPARE = "prepare"
+    FREEZE = "freeze"
+    JUMP = "jump"
+    RESTORE = "restore"
+    RETRIEVE = "retrieve"
+    REBUILD = "rebuild"
+    FINISH = "finish"
+    CANCEL = "cancel"
+
+
+class Successors(str, enum.Enum):
+    PRESTARTED = "prestarted"
+    COLD = "cold"
+
+
+#: the blackout's parts, in order: ``snapshot`` is the harness's own (the copy of guest RAM and the walk of
+#: the tables it checks after the cycle; a real kexec does not pay it); ``mount`` ends when the harness sees
+#: ``pkfuse mount`` return or the successor begins to retrieve, whichever is first; ``wait`` is from then to
+#: the retrieve
+BLACKOUT_PARTS = ("freeze", "snapshot", "jump", "mount", "wait", "retrieve", "remap", "vm_create", "vcpu_restore")
+
+
+@dataclasses.dataclass
+class Hooks:
+    """Where a test reaches into a cycle. ``before_jump`` runs after the freeze and its checks, the vCPUs
+    paused and no byte of the old kernel touched yet (a corruption there must be found after finish)."""
+
+    before_jump: Callable[[Cast, Cycle], None] | None = None
+
+
+@dataclasses.dataclass
+class Cycle:
+    """One cycle's record: its edges (CLOCK_REALTIME ns), the successor's timings, the checks."""
+
+    index: int
+    flow: str
+    successors: str
+    cancel: bool = False
+    edges: dict[str, int] = dataclasses.field(default_factory=dict)
+    mono_offset: int = 0  #: CLOCK_REALTIME - CLOCK_MONOTONIC when the cycle began (the device log's clock)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  #: the successor's, seconds
+    freeze_timings: dict[str, float] = dataclasses.field(default_factory=dict)  #: the old VMM's, seconds
+    checks: list[checks.Check] = dataclasses.field(default_factory=list)
+    bytes_verified: int = 0
+    dma: dict[str, Any] = dataclasses.field(default_factory=dict)
+    before: verify.Verdict | None = None  #: the guest after the freeze
+    successor: Proc | None = None
+    monitor: str = ""
+
+    def mark(self, edge: str) -> int:
+        self.edges[edge] = t = realtime_ns()
+        return t
+
+    def add(self, *found: checks.Check) -> None:
+        self.checks.extend(found)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failed(self) -> list[checks.Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def blackout(self) -> dict[str, float]:
+        """The blackout (vCPUs paused -> resumed) and its parts, in seconds."""
+        t, e = self.timings, self.edges
+        if "paused" not in e or "resumed" not in e:
+            return {}
+        total = (e["resumed"] - e["paused"]) / 1e9
+        inner = {k: float(t.get(k, 0.0)) for k in ("retrieve", "remap", "vm_create", "vcpu_restore")}
+        retrieving = e["resumed"] - int(sum(inner.values()) * 1e9)  # the successor's retrieve began
+        answered = min(e["restore_end"], retrieving)  # seen by the harness, or by the successor first
+        parts = {"freeze": (e["freeze_end"] - e["paused"]) / 1e9,
+                 "snapshot": (e["jump_start"] - e["freeze_end"]) / 1e9,
+                 "jump": (e["jump_end"] - e["jump_start"]) / 1e9, "mount": (answered - e["jump_end"]) / 1e9,
+                 "wait": (retrieving - answered) / 1e9}
+        parts.update(inner)
+        return {"total": total, "without_snapshot": total - parts["snapshot"], **{k: parts[k] for k in BLACKOUT_PARTS}}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cycle": self.index, "flow": self.flow, "successors": self.successors, "cancel": self.cancel,
+                "ok": self.ok, "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
+                "off_blackout_s": {k: self.timings.get(k) for k in ("rebuild", "finish")},
+                "freeze_s": dict(self.freeze_timings), "successor_timings_s": dict(self.timings),
+                "bytes_verified": self.bytes_verified, "dma": dict(self.dma),
+                "checks": [c.as_dict() for c in self.checks]}
+
+
+def jump(cast: Cast, cycle: Cycle) -> None:
+    """The kexec: SIGKILL the daemon and the old VMM at this instant, then clear the dead mount.
+
+    One function on purpose: a kill at a random instant of another phase (``--kill``, next) is
+    this, called from inside that phase instead of after the freeze."""
+    cycle.mark("jump_start")
+    victims = [p for p in (cast.daemon, cast.vmm) if p is not None]
+    for p in victims:  # both signals first, so neither outlives the other by a wait
+        if p.alive():
+            try:
+                if p.popen is not None:
+                    p.popen.send_signal(signal.SIGKILL)
+                elif cast._is_ours(p.pid):
+                    os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in victims:
+        cast.kill(p)  # waits until it is gone
+    cycle.mark("killed")
+    cast.clear_mount()
+    cycle.mark("jump_end")
+    cast.vmm = None
+
+
+def _settle(seconds: float, *procs: Proc) -> None:
+    """Let pre-started successors get through their interpreter's start (they give no signal)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise HarnessError(f"the pre-started {p.name} exited early: {p.popen.returncode if p.popen else '?'}")
+        time.sleep(0.01)
+
+
+def cancel_round(cast: Cast, cycle: Cycle, sid: int) -> None:
+    """A prepare that is cancelled: the session gone, domains and translations as they were, VM running."""
+    assert cast.vmm_monitor is not None
+    domains = checks.domain_lines(cast)
+    t_before = checks.translations(cast, sid)
+    steps = cast.monitor_status(cast.vmm_monitor)["counters"]
+    cycle.mark("cancel_start")
+    cast.monitor(cast.vmm_monitor, "prepare", GUEST)
+    cast.monitor(cast.vmm_monitor, "cancel")
+    cycle.mark("cancel_end")
+    cycle.add(*checks.check_cancel(cast, domains, t_before, checks.translations(cast, sid)))
+    time.sleep(0.05)
+    now = cast.monitor_status(cast.vmm_monitor)["counters"]
+    cycle.add(checks.Check("cancel: the VM ran on", all(n > s for n, s in zip(now, steps)),
+                           f"counters {steps} -> {now}"))
+
+
+def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid: int, settle: float = 0.5,
+              run_before_freeze: float = 0.2, hooks: Hooks | None = None) -> verify.Verdict:
+    """Play one cycle on ``cast`` (a VMM running, its monitor ``cast.vmm_monitor``); return the verdict
+    taken after the freeze (the previous cycle's "after").
+
+    Every check goes into ``cycle.checks``; a process that does not do its part is a HarnessError."""
+    hooks = hooks or Hooks()
+    assert cast.vmm_monitor is not None
+    cycle.mono_offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
+    cycle.mark("start")
+    if cycle.cancel:
+        cancel_round(cast, cycle, sid)
+    pages_before = int(cast.status("pages_free"))
+    mon2 = cast.workdir / f"vmm-{cycle.flow[0]}{cycle.index}.mon"
+    js = cast.workdir / f"vmm-{cycle.flow[0]}{cycle.index}.json"
+    prestarted = cycle.successors == Successors.PRESTARTED
+    new_mount = None
+    if prestarted:  # cpr-transfer's order: the successors first, waiting
+        cycle.successor = cast.start_successor(mon2, js)
+        new_mount = cast.start_mount(wait=120.0)
+        cycle.mark("successors_started")
+
+    cycle.mark("prepare_start")
+    cast.monitor(cast.vmm_monitor, "prepare", GUEST)
+    cycle.mark("prepare_end")
+    if prestarted:
+        _settle(settle, cycle.successor, new_mount)  # type: ignore[arg-type]
+    time.sleep(run_before_freeze)
+
+    cycle.mark("freeze_start")
+    reply = cast.monitor(cast.vmm_monitor, "freeze")
+    cycle.mark("freeze_end")
+    cycle.freeze_timings = _json_tail(reply, "ok frozen ")
+
+    # the guest as the freeze left it (a copy, verified once the cycle is over: the verifier's time
+    # is not the blackout's), and where its device's DMA goes
+    frozen_ram = cast.guest_ram()
+    cycle.mark("copied")
+    t_before = checks.translations(cast, sid)
+    cycle.mark("walked")
+    if hooks.before_jump is not None:
+        hooks.before_jump(cast, cycle)
+
+    jump(cast, cycle)
+
+    cycle.mark("restore_start")
+    if prestarted:
+        assert new_mount is not None
+        deadline = time.monotonic() + 120
+        while not cast.poll_mount(new_mount):
+            if time.monotonic() > deadline:
+                raise HarnessError("the pre-started daemon did not mount within 120 s of the jump")
+            time.sleep(0.0002)
+        cycle.mark("restore_end")
+    else:
+        new_mount = cast.start_mount()
+        cast.wait_mount(new_mount)
+        cycle.mark("restore_end")
+        cycle.successor = cast.start_successor(mon2, js)
+    assert cycle.successor is not None
+    try:
+        status = cast.wait_monitor(cycle.successor, mon2, timeout=120)
+        cast.vmm, cast.vmm_monitor = cycle.successor, mon2
+    except HarnessError as exc:
+        status = _exited_status(cycle.successor, js)
+        if status is None:
+            raise
+        # it resumed, then ended (every vCPU stopped): what it left in --json is judged, the run ends
+        cycle.add(checks.Check("successor VMM running", False, str(exc)))
+        cast.vmm, cast.vmm_monitor = None, None
+    cycle.mark("finish_end")
+    cycle.monitor = str(mon2)
+    cycle.timings = {k: float(v) for k, v in status.get("timings", {}).items()}
+
+    saved = _saved_ns(cast)
+    cycle.edges["paused"] = saved
+    cycle.edges["resumed"] = saved + int(cycle.timings.get("blackout", 0.0) * 1e9)
+
+    before = verify.verify(frozen_ram)
+    cycle.before = before
+    cycle.bytes_verified += cast.guest_size
+    cycle.add(checks.check_guest_clean(before, "after the freeze"))
+    if previous is not None:
+        cycle.add(checks.check_guest_continued(previous, before))
+    cycle.add(checks.check_guest_running(before, status))
+    cycle.add(checks.check_session_finished(cast))
+    t_after = checks.translations(cast, sid)
+    cycle.add(checks.check_translations_reach_guest(cast, t_before, "after the freeze"))
+    cycle.add(checks.check_translations(t_before, t_after))
+    cycle.add(*_after_grace(cast, cycle, pages_before))
+    cycle.mark("end")
+    return before
+
+
+def _after_grace(cast: Cast, cycle: Cycle, pages_before: int) -> list[checks.Check]:
+    """The saved copy gone and every page back, waited for: a replaced domain is freed once the
+    IOMMU's grace period after its last detach has passed (``backing.iommu.FREE_GRACE_S``)."""
+    from backing.iommu import FREE_GRACE_S
+
+    deadline = time.monotonic() + FREE_GRACE_S + 3.0
+    while True:
+        saved = checks.check_no_saved_copy(cast)
+        pages = checks.check_pages(pages_before, int(cast.status("pages_free")))
+        if (saved.ok and pages.ok) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    cycle.mark("freed")
+    took = (cycle.edges["freed"] - cycle.edges["finish_end"]) / 1e9
+    if saved.ok:
+        saved.detail += f" ({took:.2f} s after finish)"
+    return [saved, pages] if cycle.flow == "ephemeral" else [pages]
+
+
+def _exited_status(p: Proc, js: os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``--json`` an exited successor wrote (its ``describe()``), None if it is running or wrote none."""
+    import json
+
+    if p.alive():
+        return None
+    try:
+        with open(js) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _json_tail(reply: str, prefix: str) -> dict[str, float]:
+    import json
+
+    try:
+        return {k: float(v) for k, v in json.loads(reply[len(prefix):]).items()}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _saved_ns(cast: Cast) -> int:
+    """When the old VMM paused its vCPUs: the handover record's ``saved_ns``."""
+    fd = os.open(str(cast.guest) + ".vmstate", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        h = handover.read(fd, "the handover file")
+    finally:
+        os.close(fd)
+    if h is None:
+        raise HarnessError("the handover file holds no saved state after the freeze")
+    return int(h.saved_ns)
+
+
+__all__ = ["Phase", "Successors", "Hooks", "Cycle", "BLACKOUT_PARTS", "jump", "run_cycle", "cancel_round",
+           "pid_alive"]

@@ -1,0 +1,178 @@
+"""A whole restart test: per design, the cast up, N cycles, the end checks, the cast down.
+
+For each flow (``persistent``, ``ephemeral`` or both, one after the other, each in its own
+``workdir/FLOW``): mkfs, mount, the VMM, the device (when ``pkfuse device`` exists); the guest
+runs a moment; then ``cycles`` restart cycles (``cycle.run_cycle``); then the end: the last VMM
+stopped through its monitor (paused, saved), the guest verified once more and judged as the
+last cycle's "after", the device stopped and its log read (the DMA of each live update, its
+faults, the records stamped inside each blackout), a clean unmount, fsck. Whatever happens --
+a check fails, a process does not do its part, Ctrl-C -- ``Cast.close`` ends every process the
+test started and clears its mountpoint, and the report says what was reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backing.errors import PkfuseError
+from pkfuse.uapi.client import parse_rid
+
+from . import checks
+from .cast import RID, Cast, HarnessError
+from .cycle import Cycle, Hooks, Successors, run_cycle
+from .report import Report
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class Config:
+    workdir: Path
+    cycles: int = 2
+    flows: tuple[str, ...] = ("persistent",)
+    guest_size: int = 64 * MiB
+    vcpus: int = 1
+    engine: str = "auto"
+    successors: str = Successors.PRESTARTED.value
+    cancel_every: int = 0
+    device: bool = True  #: run ``pkfuse device`` beside the VM (when it exists)
+    settle: float = 0.5  #: seconds pre-started successors get before the freeze
+    run_between: float = 0.2  #: seconds the guest runs between finish and the next prepare
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["workdir"] = str(self.workdir)
+        return d
+
+
+def device_available() -> bool:
+    """Whether this pkfuse has ``pkfuse device`` (``pkfuse.cli.device``)."""
+    return importlib.util.find_spec("pkfuse.cli.device") is not None
+
+
+def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[str], None] | None = None) -> Report:
+    """Every flow of ``config``; the report (``report.ok``: every check held)."""
+    report = Report(config.as_dict())
+    for flow in config.flows:
+        cast = Cast(Path(config.workdir) / flow, domains=flow, guest_size=config.guest_size, vcpus=config.vcpus,
+                    engine=config.engine, device=config.device and device_available())
+        if config.device and not cast.device:
+            report.device[flow] = {"skipped": "pkfuse device is not in this pkfuse: the cast runs without it"}
+        elif not config.device:
+            report.device[flow] = {"skipped": "no device asked for"}
+        try:
+            _run_flow(cast, config, report, flow, hooks, progress)
+        except (HarnessError, PkfuseError, OSError) as exc:
+            from pkfuse.cli.report import one_line
+
+            where = f"cycle {report.cycles[-1].index} ({flow})" if report.cycles and \
+                report.cycles[-1].flow == flow else f"{flow} run"
+            report.aborted = f"{where}: {one_line(exc)}"
+        finally:
+            left = cast.close()
+            end = report.end.setdefault(flow, [])
+            end.append(checks.Check("nothing left running or mounted", not left and not cast.mounted(),
+                                    "; ".join(left) or "every process ended, mountpoint clear"))
+        if report.aborted:
+            break
+    return report
+
+
+def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hooks | None,
+              progress: Callable[[str], None] | None) -> None:
+    sid = parse_rid(RID)
+    cast.mkfs()
+    cast.wait_mount(cast.start_mount())
+    cast.start_vmm(cast.workdir / "vmm-0.mon")
+    if cast.device:
+        cast.start_device()
+    assert cast.vmm_monitor is not None
+    deadline = time.monotonic() + 30
+    while min(cast.monitor_status(cast.vmm_monitor)["counters"]) < 1000:
+        if time.monotonic() > deadline:
+            raise HarnessError("the guest did not get going within 30 s")
+        time.sleep(0.01)
+    time.sleep(config.run_between)
+    previous_cycle: Cycle | None = None
+    mine: list[Cycle] = []
+    for i in range(1, config.cycles + 1):
+        cycle = Cycle(i, flow, config.successors, cancel=bool(config.cancel_every) and i % config.cancel_every == 0)
+        report.cycles.append(cycle)
+        mine.append(cycle)
+        before = run_cycle(cast, cycle, None, sid=sid, settle=config.settle, hooks=hooks)
+        if previous_cycle is not None:  # this freeze is the previous cycle's first pause after finish
+            _judge_after(previous_cycle, before, "at the next freeze")
+        previous_cycle = cycle
+        if progress is not None:
+            progress(_progress(cycle, config.cycles))
+        if cast.vmm is None:  # the successor did not survive: nothing left to cycle
+            break
+        time.sleep(config.run_between)
+    _end(cast, report, flow, previous_cycle, mine)
+
+
+def _progress(cycle: Cycle, of: int) -> str:
+    from .report import cycle_line
+
+    return cycle_line(cycle, of)
+
+
+def _judge_after(cycle: Cycle, after: Any, when: str) -> None:
+    """The guest after ``cycle``'s finish, at the first pause since: clean, and continued from the freeze."""
+    cycle.bytes_verified += int(after.config["ram_size"]) if after.config is not None else 0
+    cycle.add(checks.check_guest_clean(after, f"after finish ({when})"))
+    if cycle.before is not None:
+        cycle.add(checks.check_guest_continued(cycle.before, after))
+
+
+def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, mine: list[Cycle]) -> None:
+    end = report.end.setdefault(flow, [])
+    if cast.dev is not None:  # first: the VMM's stop releases its HWPT, and the device's context entry with it
+        cast.stop(cast.dev)
+        _device_report(cast, report, flow, mine)
+    if cast.vmm is not None and cast.vmm_monitor is not None:
+        cast.monitor(cast.vmm_monitor, "stop")  # pause, save, exit
+        rc = cast.wait_exit(cast.vmm, 60, "the last VMM")
+        end.append(checks.Check("last VMM stopped cleanly", rc == 0, f"exit status {rc}"))
+        cast.vmm = None
+        if last is not None:
+            _judge_after(last, checks.verdict(cast), "at the final stop")
+    cast.unmount()
+    end.append(checks.check_fsck(cast))
+
+
+def _device_report(cast: Cast, report: Report, flow: str, mine: list[Cycle]) -> None:
+    import json
+
+    from pkfuse.harness import device as device_mod
+
+    entries = device_mod.read_log(cast.device_log)
+    try:
+        report.device[flow] = json.loads(cast.device_json.read_text())
+    except (OSError, ValueError):
+        report.device[flow] = device_mod.summarize(entries)
+    faults = int((entries["fault"] != 0).sum())
+    report.end.setdefault(flow, []).append(checks.Check(
+        "no DMA fault over the whole run", faults == 0, f"{faults} of {entries.size} DMAs faulted"))
+    for c in mine:
+        e = c.edges
+        if "prepare_start" not in e or "finish_end" not in e:
+            continue
+        lo, hi = e["prepare_start"] - c.mono_offset, e["finish_end"] - c.mono_offset
+        w = entries[(entries["time_ns"] >= lo) & (entries["time_ns"] <= hi)]
+        c.dma = {"dmas": int(w.size), "faults": int((w["fault"] != 0).sum())}
+        c.add(checks.check_dma_faults(entries, lo, hi))
+        if "paused" in e and "resumed" in e:
+            b0, b1 = e["paused"] - c.mono_offset, e["resumed"] - c.mono_offset
+            inb = entries[(entries["time_ns"] >= b0) & (entries["time_ns"] <= b1)]
+            stamped = int(((inb["kind"] == device_mod.KIND_RECORDS_COUNT) & (inb["done"] == 1)).sum())
+            c.dma.update(in_blackout=int(inb.size), records_in_blackout=stamped)
+            c.add(checks.check_records_advanced(stamped))
+
+
+__all__ = ["Config", "run", "device_available"]

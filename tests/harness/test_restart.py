@@ -1,0 +1,139 @@
+"""The restart harness (``pkfuse.harness``, ``pkfuse restart-test``): live updates of a running 64 MiB
+guest with the device doing DMA, in both designs, successors pre-started and cold, a cancelled
+prepare; a corrupted byte is reported naming the cycle and the check; nothing is left running or
+mounted after a test, passing or failing (the ``workdir`` fixture checks, and clears what it finds)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import force_unmount
+
+from pkfuse.daemon.mountinfo import mounted_paths
+from pkfuse.harness.cycle import Hooks
+from pkfuse.harness.run import Config, run
+from pkfuse.vmm import abi
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+RESERVED_GPA = abi.CONFIG_GPA + abi.CONFIG.fields["reserved"][1]  #: read by the verifier, never by the guest
+
+
+def _ours(tmp_path: Path) -> list[int]:
+    """Pids whose command line names this test's directory (every process a harness here started)."""
+    key = os.fsencode(tmp_path)
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if any(key in arg for arg in f.read().split(b"\0")):
+                        found.append(int(d))
+    return found
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """The harness's workdir; afterwards nothing of it may be running or mounted (else: cleared, and fail)."""
+    yield tmp_path / "rt"
+    mounts = [m for m in mounted_paths() if m.startswith(str(tmp_path))]
+    procs = _ours(tmp_path)
+    for pid in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for m in mounts:
+        force_unmount(Path(m))
+    assert not mounts and not procs, f"left behind: mounts {mounts}, processes {procs}"
+
+
+def _config(workdir: Path, **kw: object) -> Config:
+    return Config(workdir, **{"cycles": 2, "guest_size": 64 * MiB, "settle": 0.3, "run_between": 0.1, **kw})
+
+
+def _ok(report) -> None:  # type: ignore[no-untyped-def]
+    assert report.ok, report.first_error()
+
+
+@pytest.mark.parametrize("flow", ["persistent", "ephemeral"])
+def test_two_live_updates_with_prestarted_successors(workdir: Path, flow: str) -> None:
+    report = run(_config(workdir, flows=(flow,)))
+    _ok(report)
+    d = report.as_dict()
+    assert [c["cycle"] for c in d["cycles"]] == [1, 2]
+    for c in d["cycles"]:
+        names = {ch["name"] for ch in c["checks"]}
+        assert {"guest memory clean after the freeze", "guest continued", "translations before = after",
+                "DMA reaches guest RAM after the freeze", "session finished", "no page leaked by the cycle",
+                "no DMA fault in the live update"} <= names
+        assert ("no saved copy after finish" in names) == (flow == "ephemeral")
+        b = c["blackout_s"]
+        assert b["total"] > 0 and b["freeze"] > 0 and b["jump"] > 0 and b["retrieve"] > 0
+        assert abs(sum(b[k] for k in ("freeze", "snapshot", "jump", "mount", "wait", "retrieve", "remap",
+                                      "vm_create", "vcpu_restore")) - b["total"]) < 1e-3
+        assert c["off_blackout_s"]["rebuild"] > 0 and c["off_blackout_s"]["finish"] > 0
+        assert c["bytes_verified"] == 2 * 64 * MiB
+        if "skipped" not in d["device"][flow]:
+            assert c["dma"]["faults"] == 0 and c["dma"]["records_in_blackout"] > 0
+    end = {ch["name"]: ch["ok"] for ch in d["end"][flow]}
+    assert end["fsck clean"] and end["nothing left running or mounted"]
+    assert d["total"][flow]["blackout_s"]["total"]["median"] > 0
+
+
+def test_cold_successors(workdir: Path) -> None:
+    report = run(_config(workdir, cycles=1, successors="cold"))
+    _ok(report)
+    b = report.cycles[0].blackout()
+    assert b["mount"] > 0.05  # a daemon started after the jump pays its interpreter's start in the blackout
+
+
+def test_a_cancelled_prepare_leaves_everything_as_it_was(workdir: Path) -> None:
+    report = run(_config(workdir, cycles=1, cancel_every=1))
+    _ok(report)
+    names = [ch.name for ch in report.cycles[0].checks]
+    assert names[:4] == ["cancel: no session left", "cancel: domains as they were",
+                         "cancel: translations as they were", "cancel: the VM ran on"]
+
+
+def test_a_corrupted_byte_is_found_and_named(workdir: Path) -> None:
+    hooks = Hooks(before_jump=lambda cast, cycle: cast.flip_byte(RESERVED_GPA))
+    report = run(_config(workdir, cycles=1), hooks=hooks)
+    assert not report.ok
+    error = report.first_error()
+    assert error is not None and error.startswith("cycle 1 (persistent): guest memory clean after finish"), error
+    assert f"config at {RESERVED_GPA:#x}" in error, error
+    assert [ch.name for ch in report.end["persistent"] if not ch.ok] == []  # the end still ran: unmount, fsck
+
+
+def test_the_command_exits_1_with_one_line_naming_cycle_and_check(workdir: Path) -> None:
+    out = workdir.parent / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pkfuse", "restart-test", "--cycles", "1", "--workdir", str(workdir),
+                        "--json", str(out), "--corrupt-gpa", hex(RESERVED_GPA)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("pkfuse: error: restart-test failed: cycle 1 (persistent): guest memory clean"), r.stderr
+    d = json.loads(out.read_text())
+    assert d["ok"] is False and d["error"].startswith("cycle 1 (persistent)")
+
+
+def test_sigterm_tears_the_cast_down(workdir: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "pkfuse", "restart-test", "--cycles", "50", "--workdir",
+                          str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (workdir / "persistent" / "vmm-p1.mon").exists():  # the first cycle's successor is up: everything runs
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "pkfuse: error: interrupted", err
+    # the workdir fixture checks that nothing is left
