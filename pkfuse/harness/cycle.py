@@ -249,6 +249,7 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
         cycle.mark("restore_end")
         cycle.successor = cast.start_successor(mon2, js)
     assert cycle.successor is not None
+    gone: checks.Check | None = None
     try:
         status = cast.wait_monitor(cycle.successor, mon2, timeout=120)
         cast.vmm, cast.vmm_monitor = cycle.successor, mon2
@@ -257,7 +258,7 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
         if status is None:
             raise
         # it resumed, then ended (every vCPU stopped): what it left in --json is judged, the run ends
-        cycle.add(checks.Check("successor VMM running", False, str(exc)))
+        gone = checks.Check("successor VMM running", False, str(exc))
         cast.vmm, cast.vmm_monitor = None, None
     cycle.mark("finish_end")
     cycle.monitor = str(mon2)
@@ -273,7 +274,9 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     cycle.add(checks.check_guest_clean(before, "after the freeze"))
     if previous is not None:
         cycle.add(checks.check_guest_continued(previous, before))
-    cycle.add(checks.check_guest_running(before, status))
+    cycle.add(checks.check_guest_running(before, status))  # first: the guest's own finding is the cause
+    if gone is not None:
+        cycle.add(gone)
     cycle.add(checks.check_session_finished(cast))
     t_after = checks.translations(cast, sid)
     cycle.add(checks.check_translations_reach_guest(cast, t_before, "after the freeze"))

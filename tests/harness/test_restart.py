@@ -114,6 +114,18 @@ def test_a_corrupted_byte_is_found_and_named(workdir: Path) -> None:
     assert [ch.name for ch in report.end["persistent"] if not ch.ok] == []  # the end still ran: unmount, fsck
 
 
+def test_a_rollback_the_guest_sees_is_named_and_ends_the_run(workdir: Path) -> None:
+    counter = abi.VCPU_STATE_GPA + abi.VCPU_STATE.fields["counter"][1]  # vCPU 0's, checked by the guest at each step
+    hooks = Hooks(before_jump=lambda cast, cycle: cast.flip_byte(counter))
+    report = run(_config(workdir, cycles=2), hooks=hooks)
+    assert not report.ok and len(report.cycles) == 1  # the successor's guest stopped: no second cycle
+    assert report.first_error() == "cycle 1 (persistent): guest running after finish: guest errors {0: 'rollback'}"
+    failed = [ch.name for ch in report.cycles[0].failed()]
+    assert "successor VMM running" in failed
+    end = {ch.name: ch.ok for ch in report.end["persistent"]}
+    assert end["fsck clean"] and end["nothing left running or mounted"]
+
+
 def test_the_command_exits_1_with_one_line_naming_cycle_and_check(workdir: Path) -> None:
     out = workdir.parent / "report.json"
     r = subprocess.run([sys.executable, "-m", "pkfuse", "restart-test", "--cycles", "1", "--workdir", str(workdir),
