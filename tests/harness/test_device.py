@@ -346,3 +346,32 @@ def test_the_log_reads_back_what_was_appended_and_sums_it_up(tmp_path: Path) -> 
     r = subprocess.run([sys.executable, "-m", "pkfuse.harness.device", str(path)], capture_output=True, text=True,
                        check=True)
     assert json.loads(r.stdout)[str(path)] == s
+
+
+def test_a_buffer_whose_dma_faults_completes_its_descriptor_with_desc_fault(
+        live: Mount, vmms: list[Vmm], procs: list, tmp_path: Path) -> None:
+    vmm = start_vm(live, vmms)
+    # a kernel-owned domain for 00:05.0 mapping only CONFIG's page and ring 0's first (header, descriptors),
+    # not its buffers
+    for args in (("create", "--id", "9"),
+                 ("map", "9", "--iova", hex(abi.CONFIG_GPA), "--length", "4K", "--file", "guest_mem/vm0",
+                  "--offset", hex(abi.CONFIG_GPA)),
+                 ("map", "9", "--iova", hex(abi.ring_gpa(0)), "--length", "4K", "--file", "guest_mem/vm0",
+                  "--offset", hex(abi.ring_gpa(0))),
+                 ("attach", "9", "00:05.0")):
+        r = subprocess.run([sys.executable, "-m", "pkfuse", "iommu", args[0], str(live.path), *args[1:]],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    p, logf, js = start_device(procs, live, tmp_path, "--rate", "2000", rid="00:05.0")
+    wait_for(lambda: int(vmm.vcpu_states()["dma_errors"][0]) >= 6, why=vmm.status_line())
+    out = stop_device(p, js)
+    vmm.pause()
+    v = verify.verify(vmm.ram.array)
+    assert v.ok, v.findings  # DESC_FAULT below consumed is a state the ring allows
+    assert v.vcpus[0].dma_ok == 0 and v.vcpus[0].dma_errors >= 6 and out["descriptors_faulted"]["0"] >= 6
+    e = dv.read_log(logf)
+    buf = e[e["kind"] == dv.KIND_BUFFER]
+    assert not buf["done"].any() and set(buf["fault"].tolist()) == {fmt.FR_READ, fmt.FR_WRITE}
+    assert (buf["fault"] == np.where(buf["op"] == dv.OP_WRITE, fmt.FR_WRITE, fmt.FR_READ)).all()
+    done = e[np.isin(e["kind"], [dv.KIND_STATUS, dv.KIND_CONSUMED])]
+    assert done["done"].all() and (done["checksum"][done["kind"] == dv.KIND_STATUS] == abi.DESC_FAULT).all()
