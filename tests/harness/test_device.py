@@ -375,3 +375,21 @@ def test_a_buffer_whose_dma_faults_completes_its_descriptor_with_desc_fault(
     assert (buf["fault"] == np.where(buf["op"] == dv.OP_WRITE, fmt.FR_WRITE, fmt.FR_READ)).all()
     done = e[np.isin(e["kind"], [dv.KIND_STATUS, dv.KIND_CONSUMED])]
     assert done["done"].all() and (done["checksum"][done["kind"] == dv.KIND_STATUS] == abi.DESC_FAULT).all()
+
+
+def test_a_restart_that_poisons_the_ephemeral_memory_is_mapped_again_and_walked_as_poison_or_blocked(
+        make_image: Callable[..., Path], tmp_path: Path, mount_image: Callable[..., Mount], vmms: list[Vmm],
+        procs: list) -> None:
+    m = mount_image(make_image("128M"), "--control", str(tmp_path / "ctl.sock"), "--domains", "ephemeral")
+    vmm = start_vm(m, vmms)
+    p, logf, js = start_device(procs, m, tmp_path, "--rate", "2000")
+    wait_for(lambda: int(vmm.vcpu_states()["dma_ok"][0]) >= 5, why=vmm.status_line())
+    m.restart()  # the kexec: the new daemon's open poisons the ephemeral memory and clears its context entries
+    t = time.monotonic_ns()
+    time.sleep(1.0)  # EPHEMERAL_RECHECK twice
+    out = stop_device(p, js)
+    assert out["ephemeral_maps"] == 2  # the header's boot_id changed: mapped again
+    e = dv.read_log(logf)
+    late = e[e["time_ns"] > t + 600_000_000]
+    assert late.size and not late["done"].any()
+    assert set(late["fault"].tolist()) <= {fmt.FR_CONTEXT_NOT_PRESENT, fmt.FR_PT_RSVD}
