@@ -19,6 +19,8 @@
   saved copy, the session's records: nothing leaked);
 - ``check_cancel``: after a cancelled prepare the session is gone and domains, mappings and
   translations are as they were;
+- ``check_ephemeral_poisoned`` (ephemeral design): the new daemon's open poisoned the ephemeral
+  memory (its ``boot_id`` went up by one across the jump);
 - with the device: ``check_dma_faults`` (none in the cycle's live update) and
   ``check_records_advanced`` (its free-running writer stamped records inside the blackout);
 - at the end: ``check_fsck`` (``backing.fsck.check_image`` clean: its pool checks find no page
@@ -180,6 +182,24 @@ def check_cancel(cast: Cast, domains_before: list[str], before: Translations, af
     return checks
 
 
+def ephemeral_boot(cast: Cast) -> int | None:
+    """The ephemeral memory's ``boot_id`` (+1 at every poison), None without the file."""
+    from backing.ephemeral import EPHEMERAL_HEADER_DTYPE, default_path
+
+    try:
+        with open(default_path(cast.image), "rb") as f:
+            raw = f.read(EPHEMERAL_HEADER_DTYPE.itemsize)
+    except FileNotFoundError:
+        return None
+    return int(np.frombuffer(raw, EPHEMERAL_HEADER_DTYPE)[0]["boot_id"])
+
+
+def check_ephemeral_poisoned(before: int | None, after: int | None) -> Check:
+    """The new daemon's open poisoned the ephemeral memory once: its boot went up by one."""
+    ok = before is not None and after == before + 1
+    return Check("ephemeral memory poisoned at restore", ok, f"boot {before} before the jump, {after} after")
+
+
 def check_dma_faults(entries: np.ndarray, start_mono: int, end_mono: int) -> Check:
     """No DMA of the device faulted between ``start_mono`` and ``end_mono`` (CLOCK_MONOTONIC, the log's)."""
     w = entries[(entries["time_ns"] >= start_mono) & (entries["time_ns"] <= end_mono)]
@@ -206,4 +226,4 @@ def check_fsck(cast: Cast) -> Check:
 
 __all__ = ["Check", "Translations", "translations", "verdict", "check_guest_clean", "check_guest_continued",
            "check_guest_running", "check_translations", "check_translations_reach_guest", "check_session_finished", "check_no_saved_copy",
-           "check_pages", "check_cancel", "check_dma_faults", "check_records_advanced", "check_fsck"]
+           "check_pages", "check_cancel", "check_ephemeral_poisoned", "check_dma_faults", "check_records_advanced", "check_fsck"]

@@ -228,6 +228,7 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     frozen_ram = cast.guest_ram()
     cycle.mark("copied")
     t_before = checks.translations(cast, sid)
+    boot_before = checks.ephemeral_boot(cast) if cycle.flow == "ephemeral" else None
     cycle.mark("walked")
     if hooks.before_jump is not None:
         hooks.before_jump(cast, cycle)
@@ -278,6 +279,8 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     if gone is not None:
         cycle.add(gone)
     cycle.add(checks.check_session_finished(cast))
+    if cycle.flow == "ephemeral":
+        cycle.add(checks.check_ephemeral_poisoned(boot_before, checks.ephemeral_boot(cast)))
     t_after = checks.translations(cast, sid)
     cycle.add(checks.check_translations_reach_guest(cast, t_before, "after the freeze"))
     cycle.add(checks.check_translations(t_before, t_after))

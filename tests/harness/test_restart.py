@@ -76,6 +76,7 @@ def test_two_live_updates_with_prestarted_successors(workdir: Path, flow: str) -
                 "DMA reaches guest RAM after the freeze", "session finished", "no page leaked by the cycle",
                 "no DMA fault in the live update"} <= names
         assert ("no saved copy after finish" in names) == (flow == "ephemeral")
+        assert ("ephemeral memory poisoned at restore" in names) == (flow == "ephemeral")
         b = c["blackout_s"]
         assert b["total"] > 0 and b["freeze"] > 0 and b["jump"] > 0 and b["retrieve"] > 0
         assert abs(sum(b[k] for k in ("freeze", "snapshot", "jump", "mount", "wait", "retrieve", "remap",
