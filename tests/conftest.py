@@ -27,7 +27,7 @@ from pkfuse.daemon.mountinfo import mounted_paths
 #: the IOMMU tests' ``store`` and ``io`` fixtures (a plugin, not an import in each module: ruff's
 #: F811 flags every test that takes an imported fixture as a parameter; and a second conftest.py
 #: would shadow this one as the module ``conftest`` the mount tests import Mount from)
-pytest_plugins = ["iommu_helpers"]
+pytest_plugins = ["iommu_helpers", "vmm_helpers"]
 
 FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
 MOUNT_TIMEOUT = 20.0  #: seconds until a daemon's mount must answer

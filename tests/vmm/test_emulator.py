@@ -7,13 +7,12 @@ import time
 
 import numpy as np
 import pytest
+from vmm_helpers import RAM
 
 from pkfuse.vmm import abi, boot, guest, verify
 from pkfuse.vmm.emulator import UNICORN_VCPU_STATE, Emulator
 from pkfuse.vmm.engine import EngineError
 from pkfuse.vmm.memory import GuestMemory
-
-RAM = 8 * abi.MiB  #: as the mem fixture (conftest.py)
 
 
 def setup(mem: GuestMemory, nr_vcpus: int = 1, text: bytes | None = None) -> None:

@@ -13,12 +13,11 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+from vmm_helpers import RAM
 
 from pkfuse.vmm import abi, boot, guest, verify
 from pkfuse.vmm.emulator import Emulator
 from pkfuse.vmm.memory import GuestMemory
-
-RAM = 8 * abi.MiB  #: as the mem fixture (conftest.py)
 
 
 class Ports:

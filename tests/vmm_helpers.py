@@ -1,4 +1,9 @@
-"""Fixtures of the VMM's tests without a mount: guest RAM over a plain file."""
+"""Fixtures shared by the VMM's test modules without a mount: guest RAM over a plain file.
+
+Not a conftest.py: a second module named ``conftest`` would shadow tests/conftest.py for the
+modules that import ``Mount`` from it. tests/conftest.py loads it as a plugin (``mem`` is
+available everywhere, as ``iommu_helpers``' fixtures are).
+"""
 
 from __future__ import annotations
 
