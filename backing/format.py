@@ -422,6 +422,36 @@ FAULT_RECORD_DTYPE = np.dtype(
     ]
 )
 assert FAULT_RECORD_DTYPE.itemsize == 24
+# The invalidation queue (VT-d queued invalidation, spec ch. 6.5.2): the driver
+# writes a descriptor into slot (seq - 1) % INV_QUEUE_ENTRIES, then publishes
+# it by storing seq into ``iq_tail`` (one aligned 8-byte store). The hardware
+# (a device's TranslationCache, backing/iotlb.py) reads the descriptors past
+# the last tail it saw and drops what they cover. There is no head register:
+# a reader more than INV_QUEUE_ENTRIES behind has lost descriptors (overrun)
+# and must flush everything. Types and granularities are VT-d's codes.
+INV_QUEUE_ENTRIES = 256
+INV_TYPE_CC = 0x1  #: context-cache invalidate descriptor (cc_inv_dsc)
+INV_TYPE_IOTLB = 0x2  #: IOTLB invalidate descriptor (iotlb_inv_dsc)
+INV_G_GLOBAL = 0b01  #: every entry (CC and IOTLB)
+INV_G_DOMAIN = 0b10  #: the entries tagged ``did`` (CC and IOTLB)
+INV_G_DEVICE = 0b11  #: CC only: the context entry of requester ``sid`` (function mask 0)
+INV_G_PAGE = 0b11  #: IOTLB only: tag ``did``, IOVA pages [addr, addr + 2**am pages)
+INV_MAX_AM = 18  #: largest address mask (CAP.MAMV, as qemu reports): 1 GiB; above it, domain-selective
+INV_DESC_DTYPE = np.dtype(
+    [
+        ("seq", "<u8"),  # 1-based descriptor number; 0 while the slot is being rewritten
+        ("type", "<u4"),  # INV_TYPE_*
+        ("granularity", "<u4"),  # INV_G_*
+        ("did", "<u2"),  # domain id (domain- and page-selective; device-selective: the entry's old DID)
+        ("sid", "<u2"),  # requester id bus<<8 | dev<<3 | fn (CC device-selective)
+        ("am", "<u4"),  # page-selective: 2**am pages, 0..INV_MAX_AM
+        ("addr", "<u8"),  # page-selective: first IOVA, 4 KiB << am aligned
+    ]
+)
+assert INV_DESC_DTYPE.itemsize == 32
+REGS_LAYOUT = 2  #: the block's layout version: 2 added the invalidation queue
+REGS_V1_BYTES = 2 * PAGE_SIZE  #: a layout-1 block's file (no queue; its ``layout`` word reads 0)
+IQ_OFFSET = 2 * PAGE_SIZE  #: the queue starts on a page, as IQA_REG requires (4 KiB aligned)
 REGS_DTYPE = np.dtype(
     [
         ("magic", "S8"),
@@ -429,9 +459,18 @@ REGS_DTYPE = np.dtype(
         ("gsts", "<u8"),  # GSTS_REG: GSTS_TES when translation is enabled
         ("fault_seq", "<u8"),  # faults recorded so far; slot = (seq-1) % N
         ("faults", FAULT_RECORD_DTYPE, (FAULT_LOG_ENTRIES,)),
+        # layout 2, appended: zero in a layout-1 block, whose file ends at REGS_V1_BYTES
+        ("layout", "<u8"),  # REGS_LAYOUT; 0 = layout 1 (Regs.open extends the file and sets it)
+        ("iq_tail", "<u8"),  # IQT_REG: descriptors posted so far; slot = (seq-1) % INV_QUEUE_ENTRIES
+        ("_pad_iq", "u1", (IQ_OFFSET - 32 - FAULT_LOG_ENTRIES * FAULT_RECORD_DTYPE.itemsize - 16,)),
+        ("inv_queue", INV_DESC_DTYPE, (INV_QUEUE_ENTRIES,)),  # the ring of descriptors
     ]
 )
-assert REGS_DTYPE.itemsize == 32 + FAULT_LOG_ENTRIES * FAULT_RECORD_DTYPE.itemsize
+assert REGS_DTYPE.fields["layout"][1] == 32 + FAULT_LOG_ENTRIES * FAULT_RECORD_DTYPE.itemsize
+assert REGS_DTYPE.fields["layout"][1] + 16 <= REGS_V1_BYTES  # both words lie inside a layout-1 file
+assert REGS_DTYPE.fields["iq_tail"][1] % 8 == 0
+assert REGS_DTYPE.fields["inv_queue"][1] == IQ_OFFSET
+assert REGS_DTYPE.itemsize == IQ_OFFSET + INV_QUEUE_ENTRIES * INV_DESC_DTYPE.itemsize
 GSTS_TES = 1 << 31  #: Translation Enable Status
 # Fault reasons (VT-d spec appendix A, legacy mode; the Linux driver's
 # dma_remap_fault_reasons strings). An untranslated request that meets a

@@ -46,11 +46,12 @@ Ordering (what a walker in another process may observe)
 * Splitting a superpage builds the equivalent next-level table first and
   swaps the parent entry with one store: translations do not change.
 * Unmap clears leaves first, then the pointers to tables that became
-  empty. A freed table page goes back to the pool only ``FREE_GRACE_S``
-  seconds later -- pkfuse's stand-in for the IOTLB / paging-structure
-  cache invalidation and its wait descriptor: a walk that read the old
-  pointer has finished before the page is reused. Pages found free at open
-  are free at once: a restart takes longer than any walk.
+  empty, then posts the IOTLB invalidation (below). A freed table page
+  goes back to the pool only ``FREE_GRACE_S`` seconds later -- pkfuse's
+  stand-in for the invalidation's wait descriptor: a walk that read the
+  old pointer has finished, and a device has read the invalidation, before
+  the page is reused. Pages found free at open are free at once: a restart
+  takes longer than any walk.
 * Root and context entries: attach makes the bus's root entry present
   first (its context table was zeroed at mkfs), then writes the context
   entry's hi word (DID, AW), then its lo word (SLPTPTR, TT, P) last; detach
@@ -58,6 +59,26 @@ Ordering (what a walker in another process may observe)
   leaves a non-present entry with an old hi word, which hardware ignores
   and fsck accepts. A replacing attach switches lo in one store (the entry
   stays present) and then hi (see ``Iommu.attach``), between the kinds too.
+
+Invalidation (what a device's caches need, ``backing.iotlb``)
+-------------------------------------------------------------
+Hardware caches context entries and translations and drops them only when
+the driver invalidates (VT-d queued invalidation: the register block's
+queue, ``backing.regs``). As Linux does, the tables change first, then the
+descriptors are posted: unmap of a domain attached somewhere -> IOTLB
+page-selective for its DID over the range (domain-selective when the
+aligned range exceeds ``INV_MAX_AM``); attach -> context-cache
+device-selective for the SID; a replacing attach (the hitless switch) and
+detach -> context-cache device-selective for the SID, then IOTLB
+domain-selective for the old DID; domain free -> IOTLB domain-selective
+(its DID may name the next domain); RTADDR/TE changes (``enable``,
+``disable``) and every read-write ``open`` (the driver's start after a
+restart: covers the context entries it clears, the poisoned ephemeral
+memory, and whatever a killed predecessor changed without posting) ->
+context-cache global, then IOTLB global. A map only fills not-present
+entries and a superpage split keeps every translation, so they post none
+(caching mode 0: hardware caches nothing not present). The iommufd,
+live-update and command-line paths all change tables through these calls.
 
 Crash consistency: pool growth is a journaled ``Store.grow``; table writes
 need no journal because of the ordering above -- after a kill, every
@@ -597,6 +618,8 @@ class Domain:
             self._u64[where] = 0  # leaves first
             freed = self._free_empty_tables(levels)
             self._hold(freed)
+            if self.attached:  # then the IOTLB (a domain nobody is attached to has no entries cached)
+                self.iommu._flush_iotlb_psi(self.domain_id, a, b)
             pfn, npages = np.concatenate(leaf_pfn), np.concatenate(leaf_pages)
             self._unpin(pfn, npages)
             return int(npages.sum()) * PS
@@ -827,6 +850,13 @@ class Iommu:
             except (PkfuseError, OSError) as exc:
                 io.regs_error = str(exc)
                 log.error("IOMMU register block %s not opened: %s", regs_path, exc)
+            else:
+                if not store.read_only:
+                    # the driver starting after a restart (Linux: iommu_set_root_entry's global
+                    # flushes): covers what the open changed -- context entries into ephemeral
+                    # memory cleared, that memory poisoned, a replace finished -- and whatever a
+                    # killed predecessor changed without getting to post its invalidation
+                    io._flush_global()
         return io
 
     def _open_ephemeral(self, ephemeral: EphemeralMemory | str | os.PathLike[str] | None) -> EphemeralMemory | None:
@@ -1161,6 +1191,7 @@ class Iommu:
             domain.memory.destroy()
             del self.domains[domain.domain_id]
             domain.pins.clear()
+            self._flush_iotlb_dsi(domain.domain_id)  # its DID may name the next domain made
             return 0.0
 
     def copy_domain(self, src: Domain, domain_id: int | None = None, *, ephemeral: bool = False) -> Domain:
@@ -1230,8 +1261,10 @@ class Iommu:
         one store with the old DID still in hi -- a walker reading the entry
         before or after it sees a valid entry -- then hi takes the new DID.
         A walk between the two stores translates through the new tables
-        under the old tag, which the invalidation of both DIDs after a
-        switch covers; a kill between them is repaired at the next open.
+        under the old tag, which the invalidations posted after the switch
+        cover (context-cache device-selective, then IOTLB domain-selective
+        for the old DID); a kill between them is repaired at the next open,
+        whose global invalidation covers it too.
         """
         with self.store.lock:
             self._writable(domain)
@@ -1251,11 +1284,19 @@ class Iommu:
                 u64[re_where] = re_lo
             lo, hi = vtd.context_entry(domain.pml4_phys, domain.domain_id)
             if cur is not None:
+                old_did = vtd.context_entry_fields(0, int(u64[where + 1]))["DID"]
                 u64[where] = lo  # the switch: one aligned store, the entry stays present
                 u64[where + 1] = hi  # then the DID
+                # then the caches: the SID's context entry, and what the old DID cached (also
+                # through the new tables, by a walk between the two stores)
+                self._flush_context_device(sid, old_did)
+                self._flush_iotlb_dsi(old_did)
             else:
                 u64[where + 1] = hi
                 u64[where] = lo  # P last: the entry is complete when it becomes present
+                # not present before, so not cached (caching mode 0): Linux only flushes the
+                # write buffer here; posted all the same, so no cache can keep a stale one
+                self._flush_context_device(sid, domain.domain_id)
             self.attached[sid] = domain.domain_id
             if cur is not None and cur in self.domains:
                 self.domains[cur]._quiet_after = time.monotonic() + FREE_GRACE_S
@@ -1270,6 +1311,8 @@ class Iommu:
             u64 = self.store.image_u64
             u64[where] = 0  # P drops in one store
             u64[where + 1] = 0
+            self._flush_context_device(sid, domain.domain_id)  # then the caches
+            self._flush_iotlb_dsi(domain.domain_id)
             del self.attached[sid]
             domain._quiet_after = time.monotonic() + FREE_GRACE_S
 
@@ -1285,13 +1328,49 @@ class Iommu:
         return self.regs
 
     def enable(self) -> None:
-        """Program RTADDR with the root table and set TE (the boot-time driver step)."""
+        """Program RTADDR with the root table and set TE (the boot-time driver step), then
+        invalidate the context cache and the IOTLB globally."""
         regs = self._need_regs()
         regs.set_root_table(self.root_table_phys)
         regs.enable()
+        self._flush_global()
 
     def disable(self) -> None:
+        """Clear TE, then invalidate both caches globally."""
         self._need_regs().disable()
+        self._flush_global()
+
+    # ------------------------------------------------ invalidation (posting)
+    # Each is posted after the table change it covers (Linux's order), to the register
+    # block's queue (``Regs.invalidate_*``); a no-op without a register block.
+
+    def _flush_context_device(self, sid: int, did: int) -> None:
+        """Context-cache device-selective: requester ``sid``'s entry (whose DID was ``did``)."""
+        if self.regs is not None:
+            self.regs.invalidate_context(fmt.INV_G_DEVICE, did=did, sid=sid)
+
+    def _flush_iotlb_dsi(self, did: int) -> None:
+        """IOTLB domain-selective: every entry tagged ``did``."""
+        if self.regs is not None:
+            self.regs.invalidate_iotlb(fmt.INV_G_DOMAIN, did=did)
+
+    def _flush_iotlb_psi(self, did: int, first: int, end: int) -> None:
+        """IOTLB page-selective for IOVA pages [first, end): the smallest naturally aligned
+        2**am pages covering them (Linux's ``iommu_flush_iotlb_psi``, aligned as its
+        ``calculate_psi_aligned_address``), domain-selective above ``INV_MAX_AM``."""
+        if self.regs is None:
+            return
+        am = ((first ^ (end - 1)).bit_length())  # the low bits in which first and last differ
+        if am > fmt.INV_MAX_AM:
+            self.regs.invalidate_iotlb(fmt.INV_G_DOMAIN, did=did)
+            return
+        self.regs.invalidate_iotlb(fmt.INV_G_PAGE, did=did, addr=(first >> am << am) << fmt.PAGE_SHIFT, am=am)
+
+    def _flush_global(self) -> None:
+        """Context cache, then IOTLB, globally (after SRTP, TE changes, a restart)."""
+        if self.regs is not None:
+            self.regs.invalidate_context(fmt.INV_G_GLOBAL)
+            self.regs.invalidate_iotlb(fmt.INV_G_GLOBAL)
 
     def translate(self, bus: int, dev: int, fn: int, iovas: Iterable[int] | np.ndarray,
                   write: bool | np.ndarray = False) -> tuple[np.ndarray, np.ndarray]:

@@ -110,7 +110,7 @@ def translate(image_u64: np.ndarray, base_phys: int, npages: int, regs: Regs, so
     if n == 0:
         return phys, fault
     mem = _Memory(image_u64, base_phys, npages, ephemeral)
-    reason, fpd, slpt = _context(mem, regs, source_id)
+    reason, fpd, slpt, _did = _context(mem, regs, source_id)
     if reason:
         fault[:] = reason
     else:
@@ -152,40 +152,70 @@ class _Memory:
         return int(self.u[where[0]][where[1] * 512 + index])
 
 
-def _context(mem: _Memory, regs: Regs, source_id: int) -> tuple[int, bool, tuple[int, int]]:
-    """Steps 1-3 for one requester: (fault reason or 0, FPD, (region, page) of the SL-PML4)."""
+def memory(image_u64: np.ndarray, base_phys: int, npages: int, ephemeral: Region | None = None) -> _Memory:
+    """Physical memory as ``walk_context`` and ``walk_tables`` read it (made once by a caller that
+    translates often, as ``backing.iotlb`` does)."""
+    return _Memory(image_u64, base_phys, npages, ephemeral)
+
+
+def walk_context(mem: _Memory, regs: Regs, source_id: int) -> tuple[int, bool, tuple[int, int], int]:
+    """Steps 1-3 alone, what a context-cache fill reads: (fault reason or 0, FPD, (region, page)
+    of the SL-PML4, DID). On a fault the last two are meaningless."""
+    return _context(mem, regs, source_id)
+
+
+def walk_tables(mem: _Memory, slpt: tuple[int, int], iovas: np.ndarray, write: bool | np.ndarray, *,
+                leaf: np.ndarray | None = None, rights: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Step 4 alone, from the SL-PML4 at ``slpt`` (``walk_context``'s): (phys, fault), no fault
+    logged. Where given, ``leaf`` (int8) receives each IOVA's leaf level (1: 1 GiB, 2: 2 MiB, 3:
+    4 KiB) and ``rights`` (uint64) the AND of R/W over the levels walked -- what an IOTLB fill
+    keeps; both are meaningful only where fault is 0."""
+    iovas = np.ascontiguousarray(iovas, dtype=U64).ravel()
+    n = iovas.size
+    phys = np.zeros(n, U64)
+    fault = np.zeros(n, np.uint16)
+    if n:
+        wr = np.broadcast_to(np.asarray(write, bool), (n,))
+        _walk(mem, slpt[0], slpt[1], iovas, wr, phys, fault, leaf, rights)
+    return phys, fault
+
+
+def _context(mem: _Memory, regs: Regs, source_id: int) -> tuple[int, bool, tuple[int, int], int]:
+    """Steps 1-3 for one requester: (fault reason or 0, FPD, (region, page) of the SL-PML4, DID)."""
     none = (0, 0)
     if not regs.gsts & fmt.GSTS_TES:
-        return fmt.FR_TRANSLATION_DISABLED, False, none
+        return fmt.FR_TRANSLATION_DISABLED, False, none, 0
     rt = mem.locate(regs.rtaddr)
     if rt is None or regs.rtaddr % fmt.PAGE_SIZE:
-        return fmt.FR_ROOT_TABLE_INVALID, False, none
+        return fmt.FR_ROOT_TABLE_INVALID, False, none, 0
     bus, devfn = (source_id >> 8) & 0xFF, source_id & 0xFF
     re = vtd.root_entry_fields(mem.word(rt, bus * 2), mem.word(rt, bus * 2 + 1))
     if not re["P"]:
-        return fmt.FR_ROOT_NOT_PRESENT, False, none
+        return fmt.FR_ROOT_NOT_PRESENT, False, none, 0
     if re["rsvd_lo"] or re["rsvd_hi"]:
-        return fmt.FR_ROOT_RSVD, False, none
+        return fmt.FR_ROOT_RSVD, False, none, 0
     ct = mem.locate(re["CTP"])
     if ct is None:
-        return fmt.FR_CONTEXT_TABLE_INVALID, False, none
+        return fmt.FR_CONTEXT_TABLE_INVALID, False, none, 0
     ce = vtd.context_entry_fields(mem.word(ct, devfn * 2), mem.word(ct, devfn * 2 + 1))
     if not ce["P"]:
-        return fmt.FR_CONTEXT_NOT_PRESENT, False, none
-    fpd = bool(ce["FPD"])
+        return fmt.FR_CONTEXT_NOT_PRESENT, False, none, 0
+    fpd, did = bool(ce["FPD"]), int(ce["DID"])
     if ce["rsvd_lo"] or ce["rsvd_hi"]:
-        return fmt.FR_CONTEXT_RSVD, fpd, none
+        return fmt.FR_CONTEXT_RSVD, fpd, none, did
     if ce["TT"] != fmt.CE_TT_UNTRANSLATED or ce["AW"] != fmt.CE_AW_48:
-        return fmt.FR_CONTEXT_INVALID, fpd, none
+        return fmt.FR_CONTEXT_INVALID, fpd, none, did
     slpt = mem.locate(ce["SLPTPTR"])
     if slpt is None:
-        return fmt.FR_NEXT_PT_INVALID, fpd, none
-    return 0, fpd, slpt
+        return fmt.FR_NEXT_PT_INVALID, fpd, none, did
+    return 0, fpd, slpt, did
 
 
 def _walk(mem: _Memory, region: int, slpt_page: int, iovas: np.ndarray, wr: np.ndarray, phys: np.ndarray,
-          fault: np.ndarray) -> None:
-    """Step 4 for a batch; fills ``phys`` and ``fault`` in place."""
+          fault: np.ndarray, leaf_out: np.ndarray | None = None, rights_out: np.ndarray | None = None) -> None:
+    """Step 4 for a batch; fills ``phys`` and ``fault`` (and ``leaf_out``, ``rights_out``:
+    see ``walk_tables``) in place."""
     beyond = (iovas >> U64(fmt.VTD_IOVA_BITS)) != 0
     if beyond.any():
         fault[beyond] = fmt.FR_ADDR_BEYOND_AW
@@ -203,10 +233,13 @@ def _walk(mem: _Memory, region: int, slpt_page: int, iovas: np.ndarray, wr: np.n
     tbl = np.int64(slpt_page) * 512  # word index (in that memory) of entry 0 of each IOVA's current table
     allow = np.ones(iv.size, bool)  # AND of the needed access right over the levels
     need = np.where(w, _W, _R)
+    rights = None if rights_out is None else np.full(iv.size, _RW)  # AND of R/W over the levels
     for level in range(fmt.VTD_LEVELS):
         at = tbl + ((iv >> _SHIFTS[level]) & _IDX).astype(np.int64)
         e = mem.u[reg][at] if isinstance(reg, int) else _gather(mem, reg, at)
         allow &= (e & need) != 0
+        if rights is not None:
+            rights &= e
         present = (e & _RW) != 0
         leaf = present & vtd.is_leaf(level, e)
         rsvd = vtd.reserved_bits(level, e) != 0  # by entry kind; meaningful where present
@@ -245,6 +278,10 @@ def _walk(mem: _Memory, region: int, slpt_page: int, iovas: np.ndarray, wr: np.n
             else:
                 tgt = np.flatnonzero(done) if idx is None else idx[done]
             phys[tgt] = pa
+            if leaf_out is not None:
+                leaf_out[tgt] = level
+            if rights_out is not None and rights is not None:
+                rights_out[tgt] = rights if every else rights[done]
         cont = ok & ~leaf
         if level < 3:
             nxt = vtd.entry_pages(e[cont], base_pfn)  # image pages
@@ -284,6 +321,8 @@ def _walk(mem: _Memory, region: int, slpt_page: int, iovas: np.ndarray, wr: np.n
             continue
         idx = np.flatnonzero(cont) if idx is None else idx[cont]
         iv, w, allow, need = iv[cont], w[cont], allow[cont], need[cont]
+        if rights is not None:
+            rights = rights[cont]
         tbl = nxt * 512
 
 

@@ -164,9 +164,12 @@ def _existing_regs(args: argparse.Namespace) -> regs_mod.Regs:
 
 @contextmanager
 def _opened(args: argparse.Namespace, *, write: bool, regs: bool = False) -> Iterator[Iommu]:
+    """The image's IOMMU; with the register block if ``regs``, and for a ``write`` whenever the
+    block exists (a device's caches may hold what the command changes: the driver posts the
+    invalidations there)."""
     store = Store.open(args.image, read_only=not write, lock=write)
     try:
-        io = Iommu.open(store, _regs_path(args) if regs else None)
+        io = Iommu.open(store, _regs_path(args) if regs or (write and os.path.exists(_regs_path(args))) else None)
         try:
             yield io
         finally:

@@ -13,7 +13,10 @@ or unmapped length. An automatic IOVA is the kernel's choice: the model
 takes any that is non-zero, free, inside 48 bits and congruent to the file's
 physical address modulo the largest leaf the length allows, and records it.
 
-After every step: each HWPT's domain translates exactly its IOAS's areas
+After every step: a device's translation caches (``backing.iotlb``), polled
+after the step, translate every IOVA ever mapped as a fresh walk does, for
+every requester -- the driver posted every invalidation the step needed;
+each HWPT's domain translates exactly its IOAS's areas
 (every page: its physical address, write bit, file and offset); every
 attached requester's context entry points at its HWPT's domain and the
 walker translates through it from the root table; a dying domain still
@@ -44,7 +47,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import backing.iommu
 from backing import format as fmt
@@ -52,6 +55,7 @@ from backing.errors import StoreError
 from backing.fsck import check_image
 from backing.iommu import FREE_GRACE_S, Domain, Iommu
 from backing.iommufd import IOVA_LIMIT, U64_MAX, Context, Iommufd
+from backing.iotlb import TranslationCache
 from backing.mkfs import mkfs
 from backing.regs import default_path
 from backing.store import Store
@@ -59,6 +63,7 @@ from backing.store import Store
 PS = fmt.PAGE_SIZE
 MiB = 1 << 20
 LEAVES = (1 << 30, 2 * MiB, PS)  #: what an automatic IOVA is aligned for, largest first
+PROBES_KEPT = 64  #: IOVAs the cache invariant translates after each step
 RIDS = (0x18, 0x20, 0x21, 0x100)  #: 00:03.0, 00:04.0, 00:04.1, 01:00.0
 BAD_RIDS = (0x10000, 0x1FFFF)  #: not 16 bits
 
@@ -194,6 +199,8 @@ class IommufdMachine(RuleBasedStateMachine):
         super().__init__()
         self.path = Path(_tmpdir) / f"iommufd-{id(self)}.img"
         self.store: Store | None = None
+        self.cache: TranslationCache | None = None  #: a device's caches, polled after every step
+        self.probes: dict[int, None] = {}  #: IOVAs mapped at some point (the latest PROBES_KEPT)
         self.clock = Clock()
         self._saved_time = backing.iommu.time
 
@@ -228,6 +235,8 @@ class IommufdMachine(RuleBasedStateMachine):
             self.phys[ino] = pages
         self.free_pages = s.statfs().free_pages
         self.kernel = Iommufd(s, self.io)
+        assert self.io.regs is not None
+        self.cache = TranslationCache(s.image_u64, s.geometry.base_phys, s.geometry.npages, self.io.regs)
         self.ctxs = [MCtx(self.kernel.open_context()), MCtx(self.kernel.open_context())]
         self.bound: dict[int, MCtx] = {}
         self.dying: list[Dying] = []
@@ -243,6 +252,7 @@ class IommufdMachine(RuleBasedStateMachine):
         try:
             if self.store is None:
                 return
+            self.cache = None  # its views of the image go before the store's mapping
             for mc in self.ctxs:
                 mc.real.close()
             self.clock.now += 10 * FREE_GRACE_S  # the grace period, skipped
@@ -697,6 +707,36 @@ class IommufdMachine(RuleBasedStateMachine):
         assert self.kernel.bound == {rid: mc.real for rid, mc in self.bound.items()}
 
     @invariant()
+    def device_caches_translate_as_a_fresh_walk(self) -> None:
+        if self.store is None or self.cache is None:
+            return
+        for mc in self.ctxs:
+            for o in mc.objs.values():
+                if isinstance(o, MIoas):
+                    for a in o.areas.values():
+                        for iova in (a.iova, a.iova + a.length // 2 // PS * PS, a.iova + a.length - PS):
+                            self.probes.pop(iova, None)
+                            self.probes[iova] = None
+        while len(self.probes) > PROBES_KEPT:
+            del self.probes[next(iter(self.probes))]
+        if not self.probes:
+            return
+        iovas = np.array(list(self.probes), np.uint64)
+        self.cache.poll()
+        for rid in RIDS:
+            for write in (False, True):
+                phys, fault, hit = self.cache.translate(rid, iovas, write)
+                walked, wfault = self.io.translate(rid >> 8, (rid >> 3) & 31, rid & 7, iovas, write)
+                bad = (phys != walked) | (fault != wfault)
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise AssertionError(
+                        f"stale translation: requester {fmt.requester_name(rid)} {'write' if write else 'read'} "
+                        f"of IOVA {int(iovas[i]):#x} gave {int(phys[i]):#x} fault {int(fault[i]):#x} "
+                        f"({'IOTLB hit' if hit[i] else 'walked'}), a fresh walk {int(walked[i]):#x} "
+                        f"fault {int(wfault[i]):#x}")
+
+    @invariant()
     def domains_translate_their_ioas(self) -> None:
         if self.store is None:
             return
@@ -787,3 +827,13 @@ IommufdMachine.TestCase.settings = settings(
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
 )
 TestIommufdAgainstModel = IommufdMachine.TestCase
+
+
+@pytest.mark.parametrize("posting", ["_flush_iotlb_psi", "_flush_context_device"])
+def test_a_dropped_invalidation_fails_the_model(monkeypatch: pytest.MonkeyPatch, posting: str) -> None:
+    """The cache invariant is not vacuous: without one posting call it finds a stale translation."""
+    monkeypatch.setattr(Iommu, posting, lambda self, *a: None)
+    with pytest.raises(AssertionError, match="stale translation"):
+        run_state_machine_as_test(IommufdMachine, settings=settings(
+            max_examples=300, stateful_step_count=40, deadline=None, database=None, derandomize=True,
+            suppress_health_check=list(HealthCheck), phases=[Phase.generate]))

@@ -249,7 +249,7 @@ def test_enable_without_root_table_is_refused(tmp_path: Path) -> None:
             r.enable()
 
 
-@pytest.mark.parametrize("size", [100, fmt.REGS_DTYPE.itemsize, regs_mod.REGS_SIZE - 8])
+@pytest.mark.parametrize("size", [100, fmt.REGS_DTYPE.fields["layout"][1], fmt.REGS_V1_BYTES - 8])
 def test_a_register_file_too_short_for_the_block_is_a_format_error(tmp_path: Path, size: int) -> None:
     path = tmp_path / "short.regs"
     path.write_bytes(fmt.REGS_MAGIC + bytes(size - 8))
