@@ -16,10 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import Mount
 
 from backing import format as fmt
+from backing import walker
+from backing.iotlb import TranslationCache
+from backing.regs import Regs, default_path
 from backing.store import Store
 from pkfuse.uapi import Iommufd
 
@@ -227,3 +231,27 @@ def test_the_daemons_reason_reaches_the_user_for_each_errno_of_map(pair: tuple[M
         r = same(m, offline, "map", 1, *args)
         seen.add(r.stderr.split(": ")[2])
     assert seen == {errno.errorcode[errno.EFAULT], errno.errorcode[errno.EINVAL]}
+
+
+def test_a_devices_caches_see_no_stale_translation_after_the_live_admin_calls(pair: tuple[Mount, Path, int]) -> None:
+    m, _offline, base = pair
+    for args in (("create",), ("map", 1, "--iova", 0, "--length", "4M", "--file", "guest_mem/vm0"),
+                 ("attach", 1, "00:03.0"), ("enable",)):
+        assert pk(args[0], m.image, *args[1:]).returncode == 0, args
+    u64, phys0, npages = walker.open_image(m.image)
+    iovas = np.array([0, 5 * 4096, 2 * MiB + 7], np.uint64)
+    sid = fmt.requester_id(0, 3, 0)
+    with Regs.open(default_path(m.image), create=False) as regs:
+        cache = TranslationCache(u64, phys0, npages, regs)  # the device: the image and the registers, no daemon
+
+        def agrees() -> bool:
+            cache.poll()
+            phys, fault, _hit = cache.translate(sid, iovas, True)
+            walked, wfault = walker.translate(u64, phys0, npages, regs, sid, iovas, True)
+            return phys.tolist() == walked.tolist() and fault.tolist() == wfault.tolist()
+
+        assert agrees() and cache.translate(sid, iovas, True)[0].tolist() == [base, base + 5 * 4096, base + 2 * MiB + 7]
+        assert pk("unmap", m.image, 1, "--iova", 4096 * 5, "--length", 4096).returncode == 0  # the daemon's call
+        assert agrees() and cache.translate(sid, iovas, True)[1].tolist() == [0, fmt.FR_WRITE, 0]
+        assert pk("detach", m.image, 1, "00:03.0").returncode == 0
+        assert agrees() and cache.translate(sid, iovas[:1], True)[1].tolist() == [fmt.FR_CONTEXT_NOT_PRESENT]
