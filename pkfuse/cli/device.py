@@ -31,6 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=2000.0, help="DMA operations per second (default 2000)")
     p.add_argument("--rings", type=int, default=1, help="serve the rings of vCPUs 0..N-1 (default 1; 0: none)")
     p.add_argument("--records", action="store_true", help="stamp records into the guest's records region")
+    p.add_argument("--no-iotlb", action="store_true", help="walk the tables at every DMA (no context cache, no IOTLB)")
     p.add_argument("--log", metavar="FILE", help="the binary DMA log")
     p.add_argument("--seconds", type=float, help="stop after this long")
     p.add_argument("--json", metavar="FILE", help="counts and rates at exit ('-': stdout)")
@@ -45,7 +46,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         raise ValueError(f"--seconds {args.seconds}: not negative")
     image = os.path.abspath(args.image)
     with Device(image, rid, regs=args.regs, ephemeral=args.ephemeral, rate=args.rate, rings=args.rings,
-                records=args.records, log_path=args.log) as dev:
+                records=args.records, log_path=args.log, iotlb=not args.no_iotlb) as dev:
         dev.install_signal_handlers()
         dev.run(args.seconds)
         summary = dev.summary()

@@ -8,12 +8,14 @@ restarting), the ephemeral memory file when there is one (physical addresses
 above the image; re-mapped when its header says another boot), and the
 register block. Every access is a DMA at an IOVA, translated for the
 device's requester id by the IOMMU's walk of the root, context and
-second-level tables in that memory (``Translator``: ``backing.walker``'s
-walk today, the IOTLB of ``backing.iotlb`` once it lands), then a load or
-store through a numpy view of the mapping at the physical address reached.
-A DMA spanning pages translates each page; if any page faults, the DMA is
-not performed: it is logged with the fault reason, and the walker records
-the fault in the register block's fault ring (``Regs.record_faults``).
+second-level tables in that memory -- cached, as VT-d hardware caches them,
+in the context cache and IOTLB of ``backing.iotlb`` (``Translator``; polled
+for the driver's invalidation descriptors before each request; ``iotlb=False``
+walks every time) -- then a load or store through a numpy view of the
+mapping at the physical address reached. A DMA spanning pages translates
+each page; if any page faults, the DMA is not performed: it is logged with
+the fault reason, and the fault is recorded in the register block's fault
+ring (``Regs.record_faults``, by the cache or the walker).
 
 Two kinds of work, paced by a token bucket at ``rate`` DMA operations per
 second (each logged DMA, faulted or not, costs one; a round starts once
@@ -38,7 +40,7 @@ per second; with idle rings, records at ``rate / (3 + rings)``.
 
 Every DMA goes to the log (``DmaLog``): one ``LOG_ENTRY`` per page-piece,
 appended in batches, flushed at least every ``FLUSH_SECONDS`` (a SIGKILL
-loses at most that much); ``read_log`` reads it back, ``summarize`` counts
+loses at most that much; an entry says whether the IOTLB hit); ``read_log`` reads it back, ``summarize`` counts
 (``python -m pkfuse.harness.device LOG`` prints that as JSON).
 SIGTERM and SIGINT stop the device cleanly (log flushed).
 """
@@ -60,6 +62,7 @@ from backing import format as fmt
 from backing import walker
 from backing.ephemeral import EPHEMERAL_HEADER_DTYPE, EPHEMERAL_MAGIC
 from backing.errors import PkfuseError
+from backing.iotlb import TranslationCache
 from backing.regs import Regs
 from pkfuse.vmm import abi
 
@@ -257,17 +260,18 @@ class PhysicalMemory:
         h = np.frombuffer(raw, EPHEMERAL_HEADER_DTYPE)[0]
         return int(h["base_phys"]), int(h["npages"]), int(h["boot_id"])
 
-    def recheck_ephemeral(self, force: bool = False) -> None:
-        """Map the ephemeral memory again if its header changed (at most every EPHEMERAL_RECHECK s)."""
+    def recheck_ephemeral(self, force: bool = False) -> bool:
+        """Map the ephemeral memory again if its header changed (at most every EPHEMERAL_RECHECK s);
+        True when the mapping changed."""
         if self.ephemeral_path is None:
-            return
+            return False
         now = time.monotonic()
         if not force and now - self._eph_checked < EPHEMERAL_RECHECK:
-            return
+            return False
         self._eph_checked = now
         hdr = self._read_eph_header()
         if hdr == self._eph_hdr:
-            return
+            return False
         self._eph_u8 = None
         if self._eph_mm is not None:
             try:
@@ -277,22 +281,23 @@ class PhysicalMemory:
             self._eph_mm = None
         self._eph_hdr = None
         if hdr is None:
-            return
+            return True
         try:
             fd = os.open(self.ephemeral_path, os.O_RDWR | os.O_CLOEXEC)  # type: ignore[arg-type]
             try:
                 want = (1 + hdr[1]) * PS
                 if os.fstat(fd).st_size < want:
-                    return
+                    return True
                 self._eph_mm = mmap.mmap(fd, want)
             finally:
                 os.close(fd)
         except OSError as exc:
             log.warning("ephemeral memory %s: %s", self.ephemeral_path, exc)
-            return
+            return True
         self._eph_u8 = np.frombuffer(self._eph_mm, np.uint8)[PS:]
         self._eph_hdr = hdr
         self.ephemeral_maps += 1
+        return True
 
     def ephemeral_region(self) -> walker.Region | None:
         if self._eph_u8 is None or self._eph_hdr is None:
@@ -326,27 +331,48 @@ class PhysicalMemory:
 class Translator:
     """IOVA -> physical address for one requester: the seam between the device and the IOMMU.
 
-    Today every translation is ``backing.walker.translate``'s walk of the
-    tables in memory (no cache: ``hit`` is IOTLB_NONE), which also records
-    each fault in the register block (unless the context entry sets FPD).
-    Once ``backing.iotlb.TranslationCache`` lands, this is where it goes.
+    With ``iotlb`` (the default) every translation goes through a
+    ``backing.iotlb.TranslationCache`` -- the context cache and IOTLB this
+    device's remapping unit holds, as VT-d hardware does: it is polled for
+    the driver's invalidation descriptors before each request, a hit is
+    served from it, a miss walks the tables and fills it; entries go only by
+    invalidation, so a translation the driver changed without invalidating
+    stays served, as on a real machine. Without ``iotlb`` every request is
+    ``backing.walker.translate``'s walk of the tables in memory (``hit`` is
+    IOTLB_NONE). Either way a fault is recorded in the register block's
+    fault ring (unless the context entry sets FPD).
     """
 
-    def __init__(self, memory: PhysicalMemory, regs: Regs, rid: int) -> None:
+    def __init__(self, memory: PhysicalMemory, regs: Regs, rid: int, iotlb: bool = True) -> None:
         self.memory = memory
         self.regs = regs
         self.rid = rid
         self.walks = 0
+        self.cache: TranslationCache | None = None
+        if iotlb:
+            self.cache = TranslationCache(memory.image_u64, memory.base_phys, memory.npages, regs,
+                                          memory.ephemeral_region())
+
+    def remapped(self) -> None:
+        """The ephemeral memory was mapped again: the cache reads it through the new mapping."""
+        if self.cache is not None:
+            self.cache.set_ephemeral(self.memory.ephemeral_region())
 
     def translate(self, iovas: np.ndarray, write: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(phys uint64, fault uint16, iotlb uint8) per IOVA; faults are recorded in the registers."""
         m = self.memory
+        if self.cache is not None:
+            self.cache.poll()
+            phys, fault, hit = self.cache.translate(self.rid, iovas, write)
+            return phys, fault, np.where(hit, IOTLB_HIT, IOTLB_MISS).astype(np.uint8)
         self.walks += 1
         phys, fault = walker.translate(m.image_u64, m.base_phys, m.npages, self.regs, self.rid, iovas, write,
                                        ephemeral=m.ephemeral_region())
         return phys, fault, np.full(phys.size, IOTLB_NONE, np.uint8)
 
     def statistics(self) -> dict[str, int]:
+        if self.cache is not None:
+            return dict(self.cache.statistics())
         return {"walks": self.walks}
 
 
@@ -383,7 +409,8 @@ class Device:
     """A DMA device on requester id ``rid``; ``run()`` works until stopped or ``seconds`` are over."""
 
     def __init__(self, image: str, rid: int, *, regs: str | None = None, ephemeral: str | None = None,
-                 rate: float = 2000.0, rings: int = 1, records: bool = False, log_path: str | None = None) -> None:
+                 rate: float = 2000.0, rings: int = 1, records: bool = False, log_path: str | None = None,
+                 iotlb: bool = True) -> None:
         if rate <= 0:
             raise ValueError(f"rate {rate}: DMA operations per second must be positive")
         if not 0 <= rings <= abi.MAX_VCPUS:
@@ -402,7 +429,7 @@ class Device:
         self.rate = float(rate)
         self.rings = rings
         self.records = records
-        self.translator = Translator(self.memory, self.regs, rid)
+        self.translator = Translator(self.memory, self.regs, rid, iotlb)
         self.log = DmaLog(log_path, rid)
         self.stats = DeviceStats()
         self.stopping = False
@@ -642,7 +669,8 @@ class Device:
                     self.log.flush_if_due()
                     time.sleep(min(0.01, (ROUND_TOKENS - tokens) / self.rate))
                     continue
-                self.memory.recheck_ephemeral()
+                if self.memory.recheck_ephemeral():
+                    self.translator.remapped()
                 tokens -= self.round(int(tokens))
                 self.log.flush_if_due()
         finally:

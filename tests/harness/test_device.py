@@ -393,3 +393,20 @@ def test_a_restart_that_poisons_the_ephemeral_memory_is_mapped_again_and_walked_
     late = e[e["time_ns"] > t + 600_000_000]
     assert late.size and not late["done"].any()
     assert set(late["fault"].tolist()) <= {fmt.FR_CONTEXT_NOT_PRESENT, fmt.FR_PT_RSVD}
+
+
+def test_the_iotlb_serves_repeated_translations_and_the_log_says_hit_or_miss(
+        live: Mount, vmms: list[Vmm], procs: list, tmp_path: Path) -> None:
+    vmm = start_vm(live, vmms)
+    p, logf, js = start_device(procs, live, tmp_path, "--rate", "3000", "--records")
+    q, qlog, qjs = start_device(procs, live, tmp_path, "--rate", "500", "--records", "--rings", "0", "--no-iotlb",
+                                rid="00:04.0", name="walker")
+    wait_for(lambda: int(vmm.vcpu_states()["dma_ok"][0]) >= 20, why=vmm.status_line())
+    out, qout = stop_device(p, js), stop_device(q, qjs)
+    e = dv.read_log(logf)
+    hits, misses = int((e["iotlb"] == dv.IOTLB_HIT).sum()), int((e["iotlb"] == dv.IOTLB_MISS).sum())
+    assert hits + misses == e.size and misses >= 1 and hits > 10 * misses  # guest RAM: a few 2 MiB leaves
+    assert out["translator"]["hits"] == hits and out["translator"]["misses"] == misses
+    assert (e["iotlb"][:1] == dv.IOTLB_MISS).all()  # the first DMA finds the cache empty
+    w = dv.read_log(qlog)  # without the cache every DMA is a walk (and faults: 00:04.0 has no context entry)
+    assert (w["iotlb"] == dv.IOTLB_NONE).all() and qout["translator"]["walks"] >= 1
