@@ -156,7 +156,10 @@ class Cast:
         if pid_alive(p.pid) and self._is_ours(p.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-        while pid_alive(p.pid):  # not our child: its parent (init or a subreaper) reaps it
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while pid_alive(p.pid) and self._is_ours(p.pid):  # not our child: init (or a subreaper) reaps it
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{p.name} {p.pid} is still there {STOP_TIMEOUT:g} s after SIGKILL")
             time.sleep(0.0005)
 
     def _is_ours(self, pid: int) -> bool:
