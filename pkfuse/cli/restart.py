@@ -59,6 +59,13 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
     if args.cancel_every < 0:
         raise ValueError(f"--cancel-every {args.cancel_every}: not negative")
     size = parse_size(args.guest_size)
+    from pkfuse.vmm import abi
+
+    if size % abi.RAM_ALIGN or size < abi.MIN_RAM:
+        raise ValueError(f"--guest-size {args.guest_size}: a multiple of {abi.RAM_ALIGN >> 20} MiB, at least "
+                         f"{abi.MIN_RAM >> 20} MiB")
+    if not 1 <= args.vcpus <= abi.MAX_VCPUS:
+        raise ValueError(f"--vcpus {args.vcpus}: 1 to {abi.MAX_VCPUS}")
     own = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="pkfuse-restart-")) if own else Path(args.workdir)
     flows = ("persistent", "ephemeral") if args.flow == "both" else (args.flow,)

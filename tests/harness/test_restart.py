@@ -150,3 +150,15 @@ def test_sigterm_tears_the_cast_down(workdir: Path) -> None:
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip() == "pkfuse: error: interrupted", err
     # the workdir fixture checks that nothing is left
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cycles", "0"], "--cycles 0: at least 1"),
+    (["--guest-size", "3M"], "--guest-size 3M: a multiple of 2 MiB"),
+    (["--vcpus", "0"], "--vcpus 0: 1 to"),
+])
+def test_bad_arguments_are_one_line_before_anything_starts(workdir: Path, args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "pkfuse", "restart-test", "--workdir", str(workdir), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("pkfuse: error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not workdir.exists()
