@@ -21,7 +21,9 @@
   translations are as they were;
 - ``check_ephemeral_poisoned`` (ephemeral design): the new daemon's open poisoned the ephemeral
   memory (its ``boot_id`` went up by one across the jump);
-- with the device: ``check_dma_faults`` (none in the cycle's live update) and
+- with the device: ``check_dma_faults`` (none in the cycle's live update), ``check_dma_reached_guest``
+  (every DMA it made, through its own context cache and IOTLB, reached the guest file's page for
+  its IOVA: no stale or misdirected translation, in the live update and over the whole run) and
   ``check_records_advanced`` (its free-running writer stamped records inside the blackout);
 - at the end: ``check_fsck`` (``backing.fsck.check_image`` clean: its pool checks find no page
   leaked or owned twice).
@@ -212,6 +214,34 @@ def check_dma_faults(entries: np.ndarray, start_mono: int, end_mono: int) -> Che
     return Check("no DMA fault in the live update", True, f"{w.size} DMAs")
 
 
+def misdirected(cast: Cast, entries: np.ndarray) -> np.ndarray:
+    """The performed DMAs of the log that reached another physical address than the guest file's page
+    for their IOVA (IOVA = GPA; the extents say where each page is): a boolean per entry."""
+    pages = cast.guest_size // fmt.PAGE_SIZE
+    page_phys = np.zeros(pages, np.uint64)
+    for off, phys, length in cast.extents:
+        lo, hi = off // fmt.PAGE_SIZE, min((off + length) // fmt.PAGE_SIZE, pages)
+        page_phys[lo:hi] = phys + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fmt.PAGE_SIZE)
+    done = entries["done"] == 1
+    iova = entries["iova"]
+    inside = iova < np.uint64(cast.guest_size)
+    want = np.zeros(entries.size, np.uint64)
+    want[inside] = page_phys[(iova[inside] >> np.uint64(fmt.PAGE_SHIFT)).astype(np.int64)] \
+        + (iova[inside] & np.uint64(fmt.PAGE_SIZE - 1))
+    return done & (~inside | (entries["phys"] != want))
+
+
+def check_dma_reached_guest(cast: Cast, entries: np.ndarray, when: str) -> Check:
+    """Every DMA the device made (through its own IOTLB) reached the guest page its IOVA names."""
+    bad = misdirected(cast, entries)
+    name = f"no misdirected DMA {when}"
+    if bad.any():
+        e = entries[np.flatnonzero(bad)[0]]
+        return Check(name, False, f"{int(bad.sum())} of {entries.size} DMAs went astray, first IOVA {int(e['iova']):#x} "
+                                  f"reached {int(e['phys']):#x}")
+    return Check(name, True, f"{int((entries['done'] == 1).sum())} DMAs, each at its guest page")
+
+
 def check_records_advanced(stamped_in_blackout: int) -> Check:
     return Check("device records advanced through the blackout", stamped_in_blackout > 0,
                  f"{stamped_in_blackout} records stamped while the vCPUs were paused")
@@ -226,4 +256,5 @@ def check_fsck(cast: Cast) -> Check:
 
 __all__ = ["Check", "Translations", "translations", "verdict", "check_guest_clean", "check_guest_continued",
            "check_guest_running", "check_translations", "check_translations_reach_guest", "check_session_finished", "check_no_saved_copy",
-           "check_pages", "check_cancel", "check_ephemeral_poisoned", "check_dma_faults", "check_records_advanced", "check_fsck"]
+           "check_pages", "check_cancel", "check_ephemeral_poisoned", "check_dma_faults", "check_dma_reached_guest",
+           "check_records_advanced", "check_fsck"]

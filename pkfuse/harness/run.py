@@ -159,6 +159,7 @@ def _device_report(cast: Cast, report: Report, flow: str, mine: list[Cycle]) -> 
     faults = int((entries["fault"] != 0).sum())
     report.end.setdefault(flow, []).append(checks.Check(
         "no DMA fault over the whole run", faults == 0, f"{faults} of {entries.size} DMAs faulted"))
+    report.end[flow].append(checks.check_dma_reached_guest(cast, entries, "over the whole run"))
     for c in mine:
         e = c.edges
         if "prepare_start" not in e or "finish_end" not in e:
@@ -167,6 +168,7 @@ def _device_report(cast: Cast, report: Report, flow: str, mine: list[Cycle]) -> 
         w = entries[(entries["time_ns"] >= lo) & (entries["time_ns"] <= hi)]
         c.dma = {"dmas": int(w.size), "faults": int((w["fault"] != 0).sum())}
         c.add(checks.check_dma_faults(entries, lo, hi))
+        c.add(checks.check_dma_reached_guest(cast, w, "in the live update"))
         if "paused" in e and "resumed" in e:
             b0, b1 = e["paused"] - c.mono_offset, e["resumed"] - c.mono_offset
             inb = entries[(entries["time_ns"] >= b0) & (entries["time_ns"] <= b1)]

@@ -15,10 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import force_unmount
 
 from pkfuse.daemon.mountinfo import mounted_paths
+from pkfuse.harness import checks
+from pkfuse.harness.cast import Cast
 from pkfuse.harness.cycle import Hooks
 from pkfuse.harness.run import Config, run
 from pkfuse.vmm import abi
@@ -85,6 +88,7 @@ def test_two_live_updates_with_prestarted_successors(workdir: Path, flow: str) -
         assert c["bytes_verified"] == 2 * 64 * MiB
         if "skipped" not in d["device"][flow]:
             assert c["dma"]["faults"] == 0 and c["dma"]["records_in_blackout"] > 0
+            assert "no misdirected DMA in the live update" in names
     end = {ch["name"]: ch["ok"] for ch in d["end"][flow]}
     assert end["fsck clean"] and end["nothing left running or mounted"]
     assert d["total"][flow]["blackout_s"]["total"]["median"] > 0
@@ -162,3 +166,18 @@ def test_bad_arguments_are_one_line_before_anything_starts(workdir: Path, args: 
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("pkfuse: error: ") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not workdir.exists()
+
+
+def test_a_dma_that_reached_another_page_is_misdirected(tmp_path: Path) -> None:
+    from pkfuse.harness.device import LOG_ENTRY
+
+    cast = Cast(tmp_path / "c", guest_size=8 * MiB)
+    cast.extents = [(0, 0x100400000, 4 * MiB), (4 * MiB, 0x100A00000, 4 * MiB)]  # two scattered extents
+    e = np.zeros(3, LOG_ENTRY)
+    e["done"] = 1
+    e["iova"] = [0x1008, 0x400010, 0x400010]
+    e["phys"] = [0x100401008, 0x100A00010, 0x100800010]  # right, right, the first extent's continuation: astray
+    assert checks.misdirected(cast, e).tolist() == [False, False, True]
+    ch = checks.check_dma_reached_guest(cast, e, "here")
+    assert not ch.ok and "1 of 3 DMAs went astray, first IOVA 0x400010 reached 0x100800010" in ch.detail
+    assert checks.check_dma_reached_guest(cast, e[:2], "here").ok
