@@ -202,11 +202,10 @@ class TranslationCache:
         hit = np.zeros(n, bool)
         if n == 0:
             return phys, fault, hit
-        wr = np.broadcast_to(np.asarray(write, bool), (n,))
         regs = self.regs
         if not regs.gsts & fmt.GSTS_TES:  # the caches are not used while translation is off
             fault[:] = fmt.FR_TRANSLATION_DISABLED
-            self._fault(sid, iovas, fault, wr, False)
+            self._fault(sid, iovas, fault, _per_iova(write, n), False)
             return phys, fault, hit
         ctx = self._contexts.get(sid)
         if ctx is None:
@@ -214,34 +213,40 @@ class TranslationCache:
             reason, fpd, slpt, did = walker.walk_context(self._mem, regs, sid)
             if reason:
                 fault[:] = reason
-                self._fault(sid, iovas, fault, wr, fpd)
+                self._fault(sid, iovas, fault, _per_iova(write, n), fpd)
                 return phys, fault, hit
             ctx = self._contexts[sid] = _Context(did, slpt, fpd)
         else:
             self._stats["context_hits"] += 1
         sets = self._iotlb.get(ctx.did)
         if sets:
-            need = np.where(wr, _W, _R)
+            # the right each request needs: one for all (the common case) or per IOVA
+            need: np.uint64 | np.ndarray = (_W if write else _R) if np.ndim(write) == 0 else np.where(_per_iova(write, n), _W, _R)
+            todo: np.ndarray | None = None  # IOVAs not hit yet (None: all of them)
             for level, lv in sets.items():
                 if not lv.keys.size:
                     continue
-                todo = np.flatnonzero(~hit)
-                if not todo.size:
-                    break
-                iv = iovas[todo]
+                iv = iovas if todo is None else iovas[todo]
                 k = iv >> _SHIFT[level]
-                pos = np.minimum(np.searchsorted(lv.keys, k), lv.keys.size - 1)
-                m = (lv.keys[pos] == k) & ((lv.rights[pos] & need[todo]) != 0)
-                if m.any():
-                    at = todo[m]
-                    mask = (U64(1) << _SHIFT[level]) - U64(1)
-                    phys[at] = (lv.frame[pos[m]] << _SHIFT[level]) | (iv[m] & mask)
-                    hit[at] = True
+                pos = np.searchsorted(lv.keys, k)
+                np.minimum(pos, lv.keys.size - 1, out=pos)
+                nd = need if todo is None or need.ndim == 0 else need[todo]
+                m = (lv.keys[pos] == k) & ((lv.rights[pos] & nd) != 0)
+                if not m.any():
+                    continue
+                at = np.flatnonzero(m) if todo is None else todo[m]
+                mask = (U64(1) << _SHIFT[level]) - U64(1)
+                phys[at] = (lv.frame[pos[m]] << _SHIFT[level]) | (iv[m] & mask)
+                hit[at] = True
+                if m.all():  # every IOVA still to do hit: none left
+                    break
+                todo = np.flatnonzero(~hit)
         nhit = int(np.count_nonzero(hit))
         self._stats["hits"] += nhit
         if nhit == n:
             return phys, fault, hit
         miss = np.flatnonzero(~hit)
+        wr = _per_iova(write, n)
         self._stats["misses"] += miss.size
         self._stats["walks"] += 1
         leaf = np.zeros(miss.size, np.int8)
@@ -304,3 +309,8 @@ class TranslationCache:
         out["iotlb_dids"] = sum(1 for sets in self._iotlb.values() if any(len(lv) for lv in sets.values()))
         out["seq"] = self._seq
         return out
+
+
+def _per_iova(write: bool | np.ndarray, n: int) -> np.ndarray:
+    """The request type of each of ``n`` IOVAs (``write``: one for all, or one each)."""
+    return np.broadcast_to(np.asarray(write, bool), (n,))

@@ -145,6 +145,15 @@ def test_a_write_to_a_page_cached_for_reads_is_walked_and_faults(
     assert io.regs is not None and io.regs.faults()[-1].reason == fmt.FR_WRITE  # logged, as the walker does
 
 
+def test_per_request_write_flags_are_checked_against_the_cached_rights(
+        io: Iommu, dom: Domain, cache: TranslationCache, base: int) -> None:
+    iovas = np.array([16 * MiB, 16 * MiB, 8 * MiB], U64)
+    cache.translate(SID, iovas, False)  # filled by reads
+    phys, fault, hit = cache.translate(SID, iovas, np.array([False, True, True]))
+    assert fault.tolist() == [0, fmt.FR_WRITE, 0] and hit.tolist() == [True, False, True]
+    assert phys.tolist() == [base + 5 * MiB, 0, base + 4 * MiB]
+
+
 def test_translation_disabled_serves_nothing_from_the_caches(io: Iommu, dom: Domain, cache: TranslationCache) -> None:
     cache.translate(SID, PROBES)
     io.regs.disable()  # type: ignore[union-attr] - the register alone: no invalidation posted
