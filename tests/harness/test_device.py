@@ -64,8 +64,9 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def start_vm(m: Mount, vmms: list[Vmm], engine: str = "unicorn", **kw: object) -> Vmm:
-    spec = VmmSpec(**{"guest": str(m.path / "guest_mem" / "vm0"), "memory": MEMORY, "vcpus": 1,  # type: ignore[arg-type]
-                      "engine": engine, "dirty_share": 0.1, "dma_every": 16, **kw})
+    fields: dict[str, object] = {"guest": str(m.path / "guest_mem" / "vm0"), "memory": MEMORY, "vcpus": 1,
+                                 "engine": engine, "dirty_share": 0.1, "dma_every": 16, **kw}
+    spec = VmmSpec(**fields)  # type: ignore[arg-type]
     vmm = Vmm.start(spec)
     vmms.append(vmm)
     return vmm
