@@ -211,17 +211,9 @@ def _command(vmm: Any, words: list[str]) -> tuple[str, str]:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(args.timeout)
-        s.connect(args.path)
-        s.sendall(" ".join(args.words).encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    text = reply.decode(errors="replace").strip()
+    from pkfuse.vmm import monitor
+
+    text = monitor.call(args.path, args.words, args.timeout)
     print(text)
     return 1 if not text.startswith("ok") else 0
 

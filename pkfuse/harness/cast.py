@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 
 from backing.errors import PkfuseError
 from pkfuse.daemon.mountinfo import mount_path, mounted_paths
+from pkfuse.vmm import monitor as vmm_monitor
 
 PKFUSE = [sys.executable, "-m", "pkfuse"]
 FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
@@ -302,17 +302,7 @@ class Cast:
 
     def monitor(self, sock: Path, *words: str, timeout: float = 60.0) -> str:
         """One monitor command; its reply line (``ok ...``), or HarnessError with the ``error:`` line."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(" ".join(words).encode() + b"\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-        text = reply.decode(errors="replace").strip()
+        text = vmm_monitor.call(sock, words, timeout)
         if not text.startswith("ok"):
             raise HarnessError(f"monitor {' '.join(words)}: {text or 'no reply'}")
         return text
