@@ -222,3 +222,39 @@ def _session_mount_guard() -> Iterator[None]:
                 proc.kill()
                 proc.wait()
         _LIVE.pop(pid, None)
+
+
+def _daemon_pid(mnt: Path) -> int | None:
+    try:
+        for line in (mnt / ".pkernfs" / "status").read_text().splitlines():
+            if line.startswith("daemon_pid:"):
+                return int(line.split(":")[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_example(name: str, image: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/NAME`` against a fresh ``pkfuse mount`` of ``image``, as a user would.
+
+    An example that plays the kexec starts its own second daemon; whatever
+    daemon serves the mount at the end is stopped (by the pid its status
+    names) and the mount cleared, also when the example fails.
+    """
+    example = Path(__file__).resolve().parents[1] / "examples" / name
+    mnt = tmp_path / "ex"
+    mnt.mkdir()
+    pkfuse = [sys.executable, "-m", "pkfuse"]
+    subprocess.run([*pkfuse, "mount", "--log", str(tmp_path / "ex.log"), "--control", str(tmp_path / "ex.sock"),
+                    str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        return subprocess.run([sys.executable, str(example), str(mnt), *args], capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        pid = _daemon_pid(mnt)  # the example's second daemon, started by the example
+        subprocess.run([*pkfuse, "umount", str(mnt)], capture_output=True)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 0)
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)], capture_output=True)

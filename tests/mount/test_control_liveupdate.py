@@ -8,10 +8,8 @@ block, read without asking any daemon.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Mount
+from conftest import Mount, run_example
 from iommu_helpers import device_view
 
 from backing import format as fmt
@@ -255,41 +253,16 @@ def test_status_shows_the_sessions(live: Mount, vmms: list[Vmm]) -> None:
     assert "  session vm0: outgoing, 1 files, 1 hwpts" in (live.path / ".pkernfs" / "iommu").read_text()
 
 
-def _daemon_pid(mnt: Path) -> int | None:
-    try:
-        for line in (mnt / ".pkernfs" / "status").read_text().splitlines():
-            if line.startswith("daemon_pid:"):
-                return int(line.split(":")[1])
-    except OSError:
-        return None
-    return None
-
-
 def test_the_liveupdate_example_runs_through_a_kexec(image: Path, tmp_path: Path) -> None:
-    example = Path(__file__).resolve().parents[2] / "examples" / "liveupdate.py"
-    mnt = tmp_path / "ex"
-    mnt.mkdir()
-    pkfuse = [sys.executable, "-m", "pkfuse"]
-    subprocess.run([*pkfuse, "mount", "--log", str(tmp_path / "ex.log"), "--control", str(tmp_path / "ex.sock"),
-                    str(image), str(mnt)], check=True, capture_output=True)
-    try:
-        r = subprocess.run([sys.executable, str(example), str(mnt)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        out = r.stdout.splitlines()
-        reached = [line.split("reaches:")[1] for line in out if "reaches:" in line]
-        assert len(reached) == 3 and "fault" not in "".join(reached)
-        assert len(set(reached)) == 1  # before, during and after the kexec: the same pages
-        assert any("guest state written before the kexec" in line for line in out)
-        assert "lu-state" in next(line for line in out if line.startswith("reboot() committed"))
-        assert "lu-state" not in out[-1] and out[-1].startswith("finished")
-    finally:
-        pid = _daemon_pid(mnt)  # the example's second daemon, started by the example
-        subprocess.run([*pkfuse, "umount", str(mnt)], capture_output=True)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 0)
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    r = run_example("liveupdate.py", image, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    reached = [line.split("reaches:")[1] for line in out if "reaches:" in line]
+    assert len(reached) == 3 and "fault" not in "".join(reached)
+    assert len(set(reached)) == 1  # before, during and after the kexec: the same pages
+    assert any("guest state written before the kexec" in line for line in out)
+    assert "lu-state" in next(line for line in out if line.startswith("reboot() committed"))
+    assert "lu-state" not in out[-1] and out[-1].startswith("finished")
 
 
 def test_a_vmm_killed_with_a_preserved_session_leaks_nothing(live: Mount, image: Path) -> None:

@@ -7,18 +7,14 @@ The restart is ``Mount.restart`` (SIGKILL of the daemon, a new mount of the same
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Mount
+from conftest import Mount, run_example
 from iommu_helpers import device_view
 
 from backing import format as fmt
@@ -231,36 +227,10 @@ def test_the_image_is_clean_after_a_vm_stopped(live: Mount, engine: str, vmms: l
     assert status == 0, findings
 
 
-def _daemon_pid(mnt: Path) -> int | None:
-    try:
-        for line in (mnt / ".pkernfs" / "status").read_text().splitlines():
-            if line.startswith("daemon_pid:"):
-                return int(line.split(":")[1])
-    except OSError:
-        return None
-    return None
-
-
 def test_the_vmm_example_runs_a_live_update_and_verifies(image: Path, tmp_path: Path, engine: str) -> None:
-    example = Path(__file__).resolve().parents[2] / "examples" / "vmm.py"
-    assert len(example.read_text().splitlines()) < 150
-    mnt = tmp_path / "ex"
-    mnt.mkdir()
-    pkfuse = [sys.executable, "-m", "pkfuse"]
-    subprocess.run([*pkfuse, "mount", "--log", str(tmp_path / "ex.log"), "--control", str(tmp_path / "ex.sock"),
-                    str(image), str(mnt)], check=True, capture_output=True)
-    try:
-        r = subprocess.run([sys.executable, str(example), str(mnt), engine], capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        out = r.stdout.splitlines()
-        assert out[0].startswith(f"running on {engine}") and any(line.startswith("resumed:") for line in out)
-        assert out[-1] == "every invariant holds and the guest continued"
-    finally:
-        pid = _daemon_pid(mnt)  # the example's second daemon, started by the example
-        subprocess.run([*pkfuse, "umount", str(mnt)], capture_output=True)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 0)
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert len((Path(__file__).resolve().parents[2] / "examples" / "vmm.py").read_text().splitlines()) < 150
+    r = run_example("vmm.py", image, tmp_path, engine)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    assert out[0].startswith(f"running on {engine}") and any(line.startswith("resumed:") for line in out)
+    assert out[-1] == "every invariant holds and the guest continued"
