@@ -60,6 +60,7 @@
 #define ERROR_CONFIG 1
 #define ERROR_ROLLBACK 2
 #define ERROR_TORN 3
+#define ERROR_LOST 4
 
 #define MODE_RUN 1
 #define MODE_FILL 2

@@ -16,7 +16,7 @@
  * A start (at _start) over an existing state is a cold boot; how the guest
  * takes over such a state, in order:
  *   1. CONFIG checked (ERROR_CONFIG, error_value = the offset of the bad
- *      field); a state with a sticky error (ERROR_ROLLBACK or ERROR_TORN)
+ *      field); a state with a sticky error (ERROR_ROLLBACK, ERROR_TORN, ERROR_LOST)
  *      stops again with it; an old ERROR_CONFIG is cleared;
  *   2. step 4 completed if it was torn (checksum = F(counter + 1) but the
  *      counter not yet stored), ERROR_TORN if the checksum is neither;
@@ -268,6 +268,24 @@ static inline void check_state(vstate *st, uint64_t counter, uint64_t sum, uint6
         stop(st, ERROR_ROLLBACK, offsetof(struct vcpu_state, pages));
 }
 
+/* Step 2's check, from the second pass on: the page still holds the previous pass
+ * (or a prefix of this one: a kill in the middle of its write), else ERROR_LOST at the
+ * first qword that holds neither -- unless RAM and registers disagree: a vCPU restored
+ * from another instant finds pages of another pass, and that is a rollback. */
+static inline void check_page(vstate *st, uint64_t gpa, uint64_t counter, uint64_t sum, uint64_t pages,
+                              uint64_t pass)
+{
+    uint64_t now = pattern_key(pass), before = pattern_key(pass - 1);
+    vq *q = (vq *)(uintptr_t)gpa;
+    for (uint64_t i = 0; i < PAGE_SIZE / 8; i++) {
+        uint64_t x = q[i] ^ (gpa + 8 * i);
+        if (x != before && x != now) {
+            check_state(st, counter, sum, pages);
+            stop(st, ERROR_LOST, gpa + 8 * i);
+        }
+    }
+}
+
 /* MODE_RUN: the step of abi.py, for ever. counter, checksum and pages live in registers.
  * The check of step 1 is made again before each store of the state block (a vCPU restored
  * from registers of another instant may resume anywhere in a step: it is caught before its
@@ -281,7 +299,10 @@ static void __attribute__((noreturn)) run(uint64_t vcpu, vstate *st, const struc
         check_state(st, counter, sum, pages);
         /* 2. one page of the area, then the page count */
         if (dirty_pages) {
-            write_page(area + (pages % dirty_pages) * PAGE_SIZE, pages / dirty_pages);
+            uint64_t page = area + (pages % dirty_pages) * PAGE_SIZE, pass = pages / dirty_pages;
+            if (pass)
+                check_page(st, page, counter, sum, pages, pass);
+            write_page(page, pass);
             check_state(st, counter, sum, pages);
             st->pages = ++pages;
         }

@@ -6,8 +6,11 @@ pause the vCPUs, save their state into ``GUEST_FILE.vmstate`` and release
 everything (``--resume`` continues from there). ``run --incoming SESSION
 MOUNTPOINT`` is the successor of a live update. ``--monitor PATH`` serves a
 line protocol on a Unix stream socket (``pkfuse vmm monitor PATH COMMAND``
-sends one): ``status``, ``prepare SESSION``, ``freeze``, ``cancel``, ``stop``;
-each reply is one line, ``ok ...`` or ``error: ...``. After ``freeze`` the
+sends one): ``status``, ``pause``, ``continue``, ``prepare SESSION``,
+``freeze``, ``cancel``, ``stop``; each reply is one line, ``ok ...`` or
+``error: ...``. ``pause`` stops the vCPUs at an instruction boundary and
+``continue`` runs them again (what a test needs to read guest RAM whole,
+outside any live update). After ``freeze`` the
 VMM has nothing left to do: it exits 0 once the monitor client has its reply
 (the vCPUs were saved and the kernel has gone down).
 """
@@ -193,6 +196,12 @@ def _command(vmm: Any, words: list[str]) -> tuple[str, str]:
         match words:
             case ["status"]:
                 return "ok " + json.dumps(vmm.describe(), default=str), ""
+            case ["pause"]:
+                vmm.pause()
+                return "ok paused", ""
+            case ["continue"]:
+                vmm.resume()
+                return "ok running", ""
             case ["prepare", name]:
                 vmm.prepare(name)
                 return f"ok prepared {name}", ""
@@ -205,7 +214,7 @@ def _command(vmm: Any, words: list[str]) -> tuple[str, str]:
             case ["stop"]:
                 return "ok stopping", "monitor"
             case _:
-                return f"error: unknown command {' '.join(words)!r} (status, prepare SESSION, freeze, cancel, stop)", ""
+                return f"error: unknown command {' '.join(words)!r} (status, pause, continue, prepare SESSION, freeze, cancel, stop)", ""
     except Exception as exc:  # noqa: BLE001 -- every refusal is a reply, the VMM goes on
         return f"error: {one_line(exc)}", ""
 

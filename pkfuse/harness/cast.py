@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -105,7 +105,7 @@ class Cast:
     extents: list[tuple[int, int, int]] = field(default_factory=list)  #: the guest file's (offset, phys, len)
     base_phys: int = 0
     closed: bool = False
-    _ram: np.ndarray | None = None
+    _view: Any = None  #: the GuestMemory behind guest_view()
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).absolute()
@@ -336,46 +336,26 @@ class Cast:
         self.extents = [tuple(int(x, 0) for x in line.split()) for line in text.splitlines() if line.strip()]
         self.base_phys = int(self.status("base_phys"), 0)
 
-    def guest_ram(self) -> np.ndarray:
-        """A copy of guest RAM read from the image at the file's extents (no daemon asked); the same
-        buffer every time (the next call overwrites it)."""
-        if self._ram is None or self._ram.size != self.guest_size:
-            self._ram = np.empty(self.guest_size, np.uint8)  # kept: its pages faulted in once
-        ram = self._ram
-        view = memoryview(ram)
-        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for off, phys, length in self.extents:
-                at, end = phys - self.base_phys, off + min(length, self.guest_size - off)
-                while off < end:  # pread: no page fault per page, as a copy out of a mapping takes
-                    n = os.preadv(fd, [view[off:min(end, off + (16 << 20))]], at)
-                    if n <= 0:
-                        raise HarnessError(f"{self.image}: short read at {at:#x}")
-                    off, at = off + n, at + n
-            self._stable_records(fd, ram)
-        finally:
-            os.close(fd)
-        return ram
+    def guest_view(self) -> np.ndarray:
+        """Guest RAM in place: a read-only mapping of the image at the guest file's extents (no daemon
+        asked, nothing copied; ``pkfuse.vmm.memory.GuestMemory`` with ``read_only``). Made once and kept
+        for the cast's life: the guest file's extents never move (it is pinned while a VMM maps it, and
+        its size is frozen while preserved), and the image is the same file across every restart. Its
+        bytes are the guest's as they are now: read it with the vCPUs paused (the verifier copes with
+        a device stamping meanwhile)."""
+        if self._view is None:
+            from pkfuse.vmm.memory import Extent, GuestMemory
 
-    def _stable_records(self, fd: int, ram: np.ndarray) -> None:
-        """The device's records region again, as one instant: the device stamps while the guest is
-        paused, and a copy cut between a record and its count would hold a state that never was.
-        Read the count, the slots, the count again, until the two counts agree."""
-        from pkfuse.vmm import abi
-
-        g, size = abi.RECORDS_GPA, abi.RECORDS_SIZE
-        at = self.image_offset(g, size)
-        if at is None:
-            return
-        count = abi.RECORDS_HEADER.fields["count"][1]
-        for _ in range(100):
-            head = os.pread(fd, abi.RECORDS_HEADER.itemsize, at)
-            body = os.pread(fd, size, at)
-            if os.pread(fd, abi.RECORDS_HEADER.itemsize, at) == head:
-                ram[g:g + size] = np.frombuffer(body, np.uint8)
-                ram[g:g + len(head)] = np.frombuffer(head, np.uint8)
-                return
-        raise HarnessError(f"the records count at guest-physical {g + count:#x} never held still for one read")
+            if not self.extents:
+                raise HarnessError("the guest file's extents are not known yet (no VMM started)")
+            fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._view = GuestMemory(fd, [Extent(off, phys - self.base_phys, length)
+                                              for off, phys, length in self.extents], self.guest_size,
+                                         read_only=True)
+            finally:
+                os.close(fd)  # the mappings hold the file
+        return self._view.array
 
     def image_offset(self, gpa: int, n: int) -> int | None:
         """Where ``n`` bytes of guest RAM at ``gpa`` are in the image (None unless in one extent)."""
@@ -439,6 +419,9 @@ class Cast:
             self.clear_mount()
         except HarnessError as exc:
             problems.append(str(exc))
+        if self._view is not None:
+            self._view.close()
+            self._view = None
         left = [f"{p.name} {p.pid}" for p in self.procs if p.alive()]
         if left:
             problems.append("still running: " + ", ".join(left))

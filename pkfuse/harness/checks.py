@@ -1,11 +1,14 @@
 """What every restart cycle verifies, one ``check_<what>`` function each, each giving a ``Check``.
 
-- ``check_guest_clean``: the verifier (``pkfuse.vmm.verify``) finds nothing in guest RAM read from
-  the image with the vCPUs paused -- after the freeze, before the jump; and at the next pause after
-  finish (the next cycle's freeze, or the final stop);
+- ``check_guest_clean``: the verifier (``pkfuse.vmm.verify``) finds nothing in guest RAM read in
+  place from the image with the vCPUs paused -- after the freeze, before the jump, its state, rings
+  and records (``dirty=False``: the blackout's part); after finish, all of RAM at a pause; and at
+  the final stop;
 - ``check_guest_continued``: ``progressed(before, after, advanced=True)`` is empty: every counter
-  continues from where the freeze left it, and every vCPU stepped again -- nothing the guest wrote
-  before the jump is lost;
+  continues from where the freeze left it (and the freeze from the last verdict), and every vCPU
+  stepped again -- nothing the guest wrote before the jump is lost (its dirty pages: the guest
+  checks each before it rewrites it, a lost one stops it with ERROR_LOST, and the verdict after
+  finish checks the rest);
 - ``check_guest_running``: right after finish, the successor's ``status``: no guest error, every
   vCPU's counter already past the frozen one;
 - ``check_translations``: every mapped IOVA (each 4 KiB page of guest RAM, IOVA = GPA) translates
@@ -74,7 +77,7 @@ def translations(cast: Cast, sid: int) -> Translations:
 
 def verdict(cast: Cast) -> verify.Verdict:
     """The verifier over guest RAM read from the image (the vCPUs must be paused or gone)."""
-    return verify.verify(cast.guest_ram())
+    return verify.verify(cast.guest_view())
 
 
 def check_guest_clean(v: verify.Verdict, when: str) -> Check:

@@ -25,10 +25,14 @@ The phases (``Phase``, named as LUO names them), in order:
 ``cancel`` (every ``--cancel-every`` cycles, before the live update): a prepare, then monitor
 ``cancel``; everything must be as it was.
 
-Guest RAM is read from the image at the guest file's extents, never through the mount: between
-the freeze and the new mount no daemon answers. Its verdict needs paused vCPUs, so the verdict
-after finish is taken at the next pause -- the next cycle's freeze, or the final stop -- and
-judged as this cycle's.
+Guest RAM is read in place, from a read-only mapping of the image at the guest file's extents
+(``Cast.guest_view``), never through the mount: between the freeze and the new mount no daemon
+answers. Inside the blackout the harness reads only what is small -- the guest's state, its
+rings, the device's records (``verify(dirty=False)``, milliseconds); the dirty areas, the bulk
+of RAM, are checked by the guest itself, which checks each page still holds the last pass
+before it rewrites it (ERROR_LOST), and, after finish, by the verifier over all of RAM with the
+vCPUs paused (monitor ``pause`` / ``continue``: a pause of the guest, not a live update). So
+every byte written before the jump is checked without the harness's reading in the blackout.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ class Successors(str, enum.Enum):
     COLD = "cold"
 
 
-#: the blackout's parts, in order: ``snapshot`` is the harness's own (the copy of guest RAM and the walk of
-#: the tables it checks after the cycle; a real kexec does not pay it); ``mount`` ends when the harness sees
+#: the blackout's parts, in order: ``snapshot`` is the harness's own (its verdict over the guest's state,
+#: rings and records, in place; a real kexec does not pay it); ``mount`` ends when the harness sees
 #: ``pkfuse mount`` return or the successor begins to retrieve, whichever is first; ``wait`` is from then to
 #: the retrieve
 BLACKOUT_PARTS = ("freeze", "snapshot", "jump", "mount", "wait", "retrieve", "remap", "vm_create", "vcpu_restore")
@@ -190,9 +194,11 @@ def cancel_round(cast: Cast, cycle: Cycle, sid: int) -> None:
 
 
 def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid: int, settle: float = 0.5,
-              run_before_freeze: float = 0.2, hooks: Hooks | None = None) -> verify.Verdict:
-    """Play one cycle on ``cast`` (a VMM running, its monitor ``cast.vmm_monitor``); return the verdict
-    taken after the freeze (the previous cycle's "after").
+              run_before_freeze: float = 0.2, run_after: float = 0.2, verify_ram: bool = True,
+              hooks: Hooks | None = None) -> verify.Verdict | None:
+    """Play one cycle on ``cast`` (a VMM running, its monitor ``cast.vmm_monitor``); return the guest's
+    verdict after finish (the whole of RAM, taken at a pause; None without ``verify_ram``), which the
+    next cycle continues from. ``previous``: the last such verdict.
 
     Every check goes into ``cycle.checks``; a process that does not do its part is a HarnessError."""
     hooks = hooks or Hooks()
@@ -214,6 +220,12 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     cycle.mark("prepare_start")
     cast.monitor(cast.vmm_monitor, "prepare", GUEST)
     cycle.mark("prepare_end")
+    # where the device's DMA goes, walked before the freeze: a prepared session's mappings are fixed
+    # (its IOAS frozen), so this is what the live update must keep, and the walk of every IOVA of a
+    # large guest is not the blackout's
+    t_before = checks.translations(cast, sid)
+    boot_before = checks.ephemeral_boot(cast) if cycle.flow == "ephemeral" else None
+    cycle.mark("walked")
     if prestarted:
         _settle(settle, cycle.successor, new_mount)  # type: ignore[arg-type]
     time.sleep(run_before_freeze)
@@ -223,13 +235,10 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     cycle.mark("freeze_end")
     cycle.freeze_timings = _json_tail(reply, "ok frozen ")
 
-    # the guest as the freeze left it (a copy, verified once the cycle is over: the verifier's time
-    # is not the blackout's), and where its device's DMA goes
-    frozen_ram = cast.guest_ram()
+    # the guest as the freeze left it, in place: its state, rings and records (milliseconds; the dirty
+    # areas are checked by the guest as it rewrites each page, and by the verdict after finish)
+    before = verify.verify(cast.guest_view(), dirty=False)
     cycle.mark("copied")
-    t_before = checks.translations(cast, sid)
-    boot_before = checks.ephemeral_boot(cast) if cycle.flow == "ephemeral" else None
-    cycle.mark("walked")
     if hooks.before_jump is not None:
         hooks.before_jump(cast, cycle)
 
@@ -269,10 +278,8 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     cycle.edges["paused"] = saved
     cycle.edges["resumed"] = saved + int(cycle.timings.get("blackout", 0.0) * 1e9)
 
-    before = verify.verify(frozen_ram)
     cycle.before = before
-    cycle.bytes_verified += cast.guest_size
-    cycle.add(checks.check_guest_clean(before, "after the freeze"))
+    cycle.add(checks.check_guest_clean(before, "after the freeze (state, rings, records)"))
     if previous is not None:
         cycle.add(checks.check_guest_continued(previous, before))
     cycle.add(checks.check_guest_running(before, status))  # first: the guest's own finding is the cause
@@ -282,11 +289,32 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     if cycle.flow == "ephemeral":
         cycle.add(checks.check_ephemeral_poisoned(boot_before, checks.ephemeral_boot(cast)))
     t_after = checks.translations(cast, sid)
-    cycle.add(checks.check_translations_reach_guest(cast, t_before, "after the freeze"))
+    cycle.add(checks.check_translations_reach_guest(cast, t_before, "before the freeze"))
     cycle.add(checks.check_translations(t_before, t_after))
     cycle.add(*_after_grace(cast, cycle, pages_before))
+    after = None
+    if verify_ram and cast.vmm is not None:
+        time.sleep(run_after)  # the guest runs on the successor: it rewrites pages, checking each first
+        after = verify_paused(cast, cycle, "after finish")
+        cycle.add(checks.check_guest_continued(before, after))
     cycle.mark("end")
-    return before
+    return after
+
+
+def verify_paused(cast: Cast, cycle: Cycle, when: str) -> verify.Verdict:
+    """The whole of guest RAM verified in place with the vCPUs paused (monitor ``pause``, then
+    ``continue``): off any blackout, what the guest and the device wrote, page by page."""
+    assert cast.vmm_monitor is not None
+    cycle.mark("verify_start")
+    cast.monitor(cast.vmm_monitor, "pause")
+    try:
+        v = verify.verify(cast.guest_view())
+    finally:
+        cast.monitor(cast.vmm_monitor, "continue")
+    cycle.mark("verify_end")
+    cycle.bytes_verified += cast.guest_size
+    cycle.add(checks.check_guest_clean(v, f"{when} (all of RAM, paused)"))
+    return v
 
 
 def _after_grace(cast: Cast, cycle: Cycle, pages_before: int) -> list[checks.Check]:

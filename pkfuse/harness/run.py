@@ -43,6 +43,7 @@ class Config:
     device: bool = True  #: run ``pkfuse device`` beside the VM (when it exists)
     settle: float = 0.5  #: seconds pre-started successors get before the freeze
     run_between: float = 0.2  #: seconds the guest runs between finish and the next prepare
+    verify_ram: bool = True  #: after each finish, verify all of guest RAM at a pause (off the blackout)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -98,22 +99,23 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
             raise HarnessError("the guest did not get going within 30 s")
         time.sleep(0.01)
     time.sleep(config.run_between)
-    previous_cycle: Cycle | None = None
+    previous: Any = None  #: the last verdict over all of RAM: the next cycle continues from it
+    last: Cycle | None = None
     mine: list[Cycle] = []
     for i in range(1, config.cycles + 1):
         cycle = Cycle(i, flow, config.successors, cancel=bool(config.cancel_every) and i % config.cancel_every == 0)
         report.cycles.append(cycle)
         mine.append(cycle)
-        before = run_cycle(cast, cycle, None, sid=sid, settle=config.settle, hooks=hooks)
-        if previous_cycle is not None:  # this freeze is the previous cycle's first pause after finish
-            _judge_after(previous_cycle, before, "at the next freeze")
-        previous_cycle = cycle
+        after = run_cycle(cast, cycle, previous, sid=sid, settle=config.settle, run_after=config.run_between,
+                          verify_ram=config.verify_ram, hooks=hooks)
+        previous = after if after is not None else previous
+        last = cycle
         if progress is not None:
             progress(_progress(cycle, config.cycles))
         if cast.vmm is None:  # the successor did not survive: nothing left to cycle
             break
         time.sleep(config.run_between)
-    _end(cast, report, flow, previous_cycle, mine)
+    _end(cast, report, flow, last, previous, mine)
 
 
 def _progress(cycle: Cycle, of: int) -> str:
@@ -122,15 +124,7 @@ def _progress(cycle: Cycle, of: int) -> str:
     return cycle_line(cycle, of)
 
 
-def _judge_after(cycle: Cycle, after: Any, when: str) -> None:
-    """The guest after ``cycle``'s finish, at the first pause since: clean, and continued from the freeze."""
-    cycle.bytes_verified += int(after.config["ram_size"]) if after.config is not None else 0
-    cycle.add(checks.check_guest_clean(after, f"after finish ({when})"))
-    if cycle.before is not None:
-        cycle.add(checks.check_guest_continued(cycle.before, after))
-
-
-def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, mine: list[Cycle]) -> None:
+def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, previous: Any, mine: list[Cycle]) -> None:
     end = report.end.setdefault(flow, [])
     if cast.dev is not None:  # first: the VMM's stop releases its HWPT, and the device's context entry with it
         cast.stop(cast.dev)
@@ -140,8 +134,12 @@ def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, mine: list[C
         rc = cast.wait_exit(cast.vmm, 60, "the last VMM")
         end.append(checks.Check("last VMM stopped cleanly", rc == 0, f"exit status {rc}"))
         cast.vmm = None
-        if last is not None:
-            _judge_after(last, checks.verdict(cast), "at the final stop")
+        if last is not None:  # the guest as the last VMM left it, all of RAM, judged as the last cycle's
+            final = checks.verdict(cast)
+            last.bytes_verified += cast.guest_size
+            last.add(checks.check_guest_clean(final, "at the final stop (all of RAM)"))
+            if previous is not None or last.before is not None:
+                last.add(checks.check_guest_continued(previous if previous is not None else last.before, final))
     cast.unmount()
     end.append(checks.check_fsck(cast))
 

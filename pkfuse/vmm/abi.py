@@ -42,8 +42,14 @@ The step (mode RUN), one iteration of vCPU i's loop, in store order:
    each store of steps 2 and 4: a vCPU restored in the middle of a step
    would otherwise store its own values first, and RAM would agree with
    them by step 1 of the next);
-2. when dirty_pages > 0: write page ``pages % dirty_pages`` of its area, every
-   qword = ``pattern(gpa, pages // dirty_pages)``; then store ``pages + 1``;
+2. when dirty_pages > 0: from the second pass on, check that page ``pages %
+   dirty_pages`` of its area still holds what the last pass wrote there (each
+   qword the previous pass's pattern, or this pass's: a kill in the middle of
+   the page's write leaves a prefix of it), else stop with ERROR_LOST naming
+   the first qword that does not; write the page, every qword =
+   ``pattern(gpa, pages // dirty_pages)``; then store ``pages + 1``. So a page
+   lost under a running guest (a restart that did not keep it) is found by
+   the guest when it comes back to it, and by the verifier before that;
 3. every ``dma_every`` steps: collect completed descriptors of its ring
    (checking each, ``dma_ok``/``dma_errors``), then post one if a slot is free;
 4. store ``checksum = F(counter + 1)``, then ``counter + 1``.
@@ -94,7 +100,7 @@ per region (the device given ``--records``).
 
 A start at the entry point over a state: ``started + 1`` every time,
 ``boots + 1`` unless the state is fresh (never started, no step, no page).
-ERROR_ROLLBACK and ERROR_TORN are sticky: a start over them stops again
+ERROR_ROLLBACK, ERROR_TORN and ERROR_LOST are sticky: a start over them stops again
 with the same error (only a fresh state clears them); a start with a valid
 config clears an old ERROR_CONFIG. ERROR_CONFIG's error_value is the
 offset of the bad field in CONFIG.
@@ -161,8 +167,9 @@ ERROR_NONE = 0
 ERROR_CONFIG = 1  #: CONFIG's magic, version or geometry is wrong
 ERROR_ROLLBACK = 2  #: RAM and registers disagree (error_value = the field's offset in VCPU_STATE)
 ERROR_TORN = 3  #: a cold boot found a checksum that is neither F(counter) nor F(counter + 1)
+ERROR_LOST = 4  #: a page of its area lost what the last pass wrote (error_value = the qword's gpa)
 ERROR_NAMES = {ERROR_NONE: "none", ERROR_CONFIG: "bad config", ERROR_ROLLBACK: "rollback",
-               ERROR_TORN: "torn state"}
+               ERROR_TORN: "torn state", ERROR_LOST: "lost page"}
 
 MODE_RUN = 1  #: the step loop, forever
 MODE_FILL = 2  #: fill its dirty area with fill_value (rep stosq), OUT PORT_DONE, then spin on it

@@ -134,11 +134,13 @@ class GuestMemory:
     not kept: the mappings hold the file. ``extents``: ``Extent``s or
     ``(file_offset, image_offset, length)`` tuples, or a structured array
     with those fields. ``phys_base``: the physical address of image offset 0
-    (``phys_addr`` needs it; None for a plain file).
+    (``phys_addr`` needs it; None for a plain file). ``read_only``: mapped
+    ``PROT_READ`` (``fd`` may be O_RDONLY) and ``array`` not writeable -- an
+    observer's view, as the restart harness reads a paused guest in place.
     """
 
     def __init__(self, fd: int, extents: Sequence[Extent] | np.ndarray, size: int, *,
-                 phys_base: int | None = None) -> None:
+                 phys_base: int | None = None, read_only: bool = False) -> None:
         rows = _as_array(extents)
         _check_rows(rows, size)
         self.size = size
@@ -154,7 +156,8 @@ class GuestMemory:
             raise OSError(err, f"reserving {size:#x} bytes of address space: {os.strerror(err)}")
         self.address: int = base
         try:
-            map_, prot, flags = _libc.mmap, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED
+            prot = mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE
+            map_, flags = _libc.mmap, mmap.MAP_SHARED | MAP_FIXED
             for file_offset, image_offset, length in flat:  # the hot loop: one syscall per extent
                 want = base + file_offset
                 if map_(want, length, prot, flags, fd, image_offset) != want:
@@ -167,6 +170,9 @@ class GuestMemory:
         self._buffer = (ctypes.c_uint8 * size).from_address(base)
         self.array: np.ndarray = np.frombuffer(self._buffer, dtype=np.uint8)
         self.view = memoryview(self._buffer).cast("B")
+        if read_only:  # a store would be a SIGSEGV, not an exception
+            self.array.flags.writeable = False
+            self.view = self.view.toreadonly()
         self.closed = False
 
     @classmethod

@@ -139,8 +139,9 @@ def _offset(dtype: np.dtype, field: str) -> int:
 class Verifier:
     """One pass over guest RAM; ``run()`` gives the verdict."""
 
-    def __init__(self, ram: np.ndarray | mmap.mmap | bytes | memoryview) -> None:
+    def __init__(self, ram: np.ndarray | mmap.mmap | bytes | memoryview, *, dirty: bool = True) -> None:
         self.ram = as_ram(ram)
+        self.dirty = dirty
         self.findings: list[Finding] = []
         self.config: np.void | None = None
         self.vcpus: list[VcpuReport] = []
@@ -223,7 +224,7 @@ class Verifier:
             dma_errors=int(s["dma_errors"]), produced=int(h["produced"]), consumed=int(h["consumed"])))
         self.check_state_error(i, gpa, s)
         self.check_state_checksum(i, gpa, s)
-        if int(c["mode"]) == abi.MODE_RUN and dp:
+        if int(c["mode"]) == abi.MODE_RUN and dp and self.dirty:
             self.check_dirty_area(i, pages)
         if int(h["magic"]) == abi.RING_MAGIC:
             self.check_ring_header(i, gpa, s, h)
@@ -458,9 +459,14 @@ class Verifier:
                 f"(seq {int(w[0])})")
 
 
-def verify(ram: np.ndarray | mmap.mmap | bytes | memoryview) -> Verdict:
-    """Check every invariant of guest RAM ``ram``; the verdict lists what does not hold."""
-    return Verifier(ram).run()
+def verify(ram: np.ndarray | mmap.mmap | bytes | memoryview, *, dirty: bool = True) -> Verdict:
+    """Check every invariant of guest RAM ``ram``; the verdict lists what does not hold.
+
+    ``dirty=False`` leaves the dirty areas out (and never reads them): the guest's state, its
+    rings and the records in milliseconds, for a verdict taken inside a blackout; the areas are
+    then checked by the guest itself as it rewrites each page (ERROR_LOST) and by a later
+    verdict with ``dirty``."""
+    return Verifier(ram, dirty=dirty).run()
 
 
 def progressed(before: Verdict, after: Verdict, *, advanced: bool = False) -> list[Finding]:

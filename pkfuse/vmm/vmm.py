@@ -375,7 +375,7 @@ class Vmm:
     def describe(self) -> dict[str, Any]:
         s = self.vcpu_states()
         return {"engine": self.engine.name, "vcpus": self.nr_vcpus, "memory": self.ram.size,
-                "guest": self.guest_rel, "device": self.rid, "hwpt": self.hwpt,
+                "guest": self.guest_rel, "device": self.rid, "hwpt": self.hwpt, "paused": self.paused,
                 "counters": s["counter"].tolist(), "pages": s["pages"].tolist(),
                 "dma_posted": s["dma_posted"].tolist(), "dma_ok": s["dma_ok"].tolist(),
                 "dma_errors": s["dma_errors"].tolist(), "guest_errors": dict(self.ports.errors),

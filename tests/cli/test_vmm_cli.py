@@ -122,6 +122,26 @@ def test_a_live_update_from_the_monitor_to_a_prestarted_successor(live: Mount, t
     assert "0 sessions" in (live.path / ".pkernfs" / "status").read_text()
 
 
+def test_pause_holds_the_guest_still_and_continue_runs_it_again(live: Mount, tmp_path: Path, procs: list) -> None:
+    mon = tmp_path / "vmm.sock"
+    vm = subprocess.Popen([*PKFUSE, "vmm", "run", _guest(live), "--memory", "16M", "--monitor", str(mon),
+                           "--quiet"], stderr=subprocess.PIPE)
+    procs.append(vm)
+    _wait_for(mon)
+    assert _monitor(mon, "pause") == "ok paused"
+    held = json.loads(_monitor(mon, "status")[3:])
+    time.sleep(0.2)
+    still = json.loads(_monitor(mon, "status")[3:])
+    assert held["paused"] and still["counters"] == held["counters"]
+    assert verify.verify(_ram(_guest(live))).ok  # a paused guest's RAM is whole: the verifier's full pass
+    assert _monitor(mon, "continue") == "ok running"
+    deadline = time.monotonic() + 10
+    while json.loads(_monitor(mon, "status")[3:])["counters"][0] <= held["counters"][0]:
+        assert time.monotonic() < deadline, "the guest did not run again after continue"
+        time.sleep(0.01)
+    assert _monitor(mon, "stop") == "ok stopping" and vm.wait(30) == 0
+
+
 def test_verify_fails_on_a_damaged_guest_with_the_gpa(live: Mount) -> None:
     assert pkfuse("vmm", "run", _guest(live), "--memory", "16M", "--seconds", "0.5").returncode == 0
     state = abi.VCPU_STATE_GPA + abi.VCPU_STATE.fields["checksum"][1]

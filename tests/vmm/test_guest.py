@@ -175,6 +175,65 @@ def test_a_rollback_error_is_sticky_across_a_cold_boot(mem: GuestMemory) -> None
     assert state(mem, 0)["counter"] == 5
 
 
+def _area(mem: GuestMemory) -> tuple[int, int]:
+    """A guest set up in ``mem``; (its area's base, pages in the area)."""
+    setup(mem)
+    base, size = abi.dirty_area(boot_config(mem), 0)
+    dp = size // abi.PAGE_SIZE
+    return base, dp
+
+
+def boot_config(mem: GuestMemory) -> np.void:
+    return np.frombuffer(mem.array[abi.CONFIG_GPA:abi.CONFIG_GPA + abi.CONFIG.itemsize].tobytes(), abi.CONFIG)[0]
+
+
+def test_a_page_that_lost_the_last_pass_stops_the_guest_with_lost_when_it_comes_back_to_it(mem: GuestMemory) -> None:
+    base, dp = _area(mem)
+    ports = Ports()
+    with running(mem, ports) as e:
+        wait_for(lambda: state(mem, 0)["pages"] > dp + 2)  # in the second pass
+        e.pause()
+        cursor = int(state(mem, 0)["pages"]) % dp
+        victim = base + ((cursor + dp // 2) % dp) * abi.PAGE_SIZE + 8 * 7  # ahead of the cursor
+        mem.array[victim:victim + 8] ^= np.uint8(0x5A)  # what a restart that lost the page would leave
+        e.resume()
+        wait_for(lambda: e.stopped())
+    assert ports.of(abi.PORT_ERROR) == [(0, abi.ERROR_LOST)]
+    s = state(mem, 0)
+    assert s["error"] == abi.ERROR_LOST and s["error_value"] == victim
+    # the verifier, reading from outside, names the same qword (the guest stopped before rewriting it)
+    assert [f.gpa for f in verify.verify(mem.array).findings if f.structure == "dirty_area[0]"] == [victim]
+
+
+def test_a_page_cut_in_the_middle_of_its_write_is_taken_over_by_a_cold_boot(mem: GuestMemory) -> None:
+    base, dp = _area(mem)
+    with running(mem, Ports()) as e:
+        wait_for(lambda: state(mem, 0)["pages"] > dp + 2)
+        e.pause()
+    pages = int(state(mem, 0)["pages"])
+    page = base + (pages % dp) * abi.PAGE_SIZE
+    half = abi.PAGE_SIZE // 2  # the kill came half-way through the page's write of this pass
+    q = mem.array[page:page + half].view("<u8")
+    q[:] = abi.pattern(np.uint64(page) + np.arange(half // 8, dtype=np.uint64) * np.uint64(8), pages // dp)
+    assert verify.verify(mem.array).ok
+    ports = Ports()
+    with running(mem, ports) as e:  # a cold boot over it
+        wait_for(lambda: state(mem, 0)["pages"] > pages + dp)  # past that page, once more round
+        e.pause()
+    assert not ports.of(abi.PORT_ERROR)
+    assert verify.verify(mem.array).ok
+
+
+def test_a_lost_page_error_is_sticky_across_a_cold_boot(mem: GuestMemory) -> None:
+    setup(mem)
+    put_state(mem, 0, counter=5, checksum=abi.checksum(5, 0), pages=5, started=1, error=abi.ERROR_LOST,
+              error_value=0x600008)
+    ports = Ports()
+    with running(mem, ports) as e:
+        wait_for(lambda: e.stopped())
+    assert ports.of(abi.PORT_ERROR) == [(0, abi.ERROR_LOST)] and not ports.of(abi.PORT_STARTED)
+
+
 def test_a_bad_config_stops_with_the_offset_of_its_field(mem: GuestMemory) -> None:
     setup(mem)
     at = abi.CONFIG_GPA + abi.CONFIG.fields["ring_entries"][1]

@@ -46,6 +46,21 @@ def test_the_range_reads_what_the_image_holds(plain: int) -> None:
         assert bytes(mem.view[100:105]) == b"image"
 
 
+def test_a_read_only_view_sees_stores_made_through_the_image_and_refuses_its_own(tmp_path: Path, plain: int) -> None:
+    ro = os.open(tmp_path / "plain.img", os.O_RDONLY)
+    try:
+        with GuestMemory(ro, [Extent(0, 8 * MiB, 2 * MiB), Extent(2 * MiB, 0, 2 * MiB)], 4 * MiB,
+                         read_only=True) as view:
+            os.pwrite(plain, b"later", 100)  # a store after the mapping (the guest's, elsewhere)
+            assert bytes(view.array[2 * MiB + 100:2 * MiB + 105]) == b"later"
+            with pytest.raises(ValueError, match="read-only"):
+                view.array[0] = 1
+            with pytest.raises(TypeError):
+                view.view[0] = 1
+    finally:
+        os.close(ro)
+
+
 def test_address_array_and_view_are_the_same_bytes(plain: int) -> None:
     with GuestMemory.of_file(plain, 2 * MiB) as mem:
         mem.array[PS] = 0x5A
