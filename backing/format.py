@@ -321,6 +321,10 @@ DOMAIN_HEADER_DTYPE = np.dtype(
 )
 assert DOMAIN_HEADER_DTYPE.itemsize == 56
 DOMF_SAVED = 1  #: a fixed copy made by the save/restore flow
+#: made for an iommufd HWPT (userspace's). One that a restart finds with no HWPT and no session
+#: holding it was left by an unplanned restart (the kernel died without a reboot()): it keeps
+#: translating for its requesters (what pkernfs promises) until a device bind replaces it
+DOMF_IOMMUFD = 2
 
 # Live-update state (KIND_LU_STATE, iommu/lu-state): what reboot() preserved,
 # read back by the next daemon at mount (backing/lustate.py). The bytes are

@@ -194,6 +194,21 @@ class Iommufd:
         if regs is not None and not regs.enabled:
             self.iommu.enable()
 
+    def orphaned(self, domain_id: int) -> bool:
+        """Whether domain ``domain_id`` is an unplanned restart's leftover: made for an iommufd HWPT
+        (DOMF_IOMMUFD, not a saved copy), and now held by no HWPT of any context, not dying, not
+        held by a live-update session. Its requesters may be bound again: the first attach replaces
+        it hitlessly, and it is freed once nothing is attached to it."""
+        d = self.iommu.domains.get(domain_id)
+        if d is None or not d.flags & fmt.DOMF_IOMMUFD or d.flags & fmt.DOMF_SAVED:
+            return False
+        if any(x is d for x in self.dying):
+            return False
+        if any(isinstance(o, Hwpt) and o.domain is d for c in self.contexts for o in c.objects.values()):
+            return False
+        holds = getattr(self.lu, "holds", None)
+        return not (holds is not None and holds(domain_id))
+
     def open_context(self) -> Context:
         ctx = Context(self)
         self.contexts.append(ctx)
@@ -454,7 +469,7 @@ class Context:
             self.objects[h.id] = h
             ioas.hwpts.append(h)
             return h
-        domain = io.create_domain(ephemeral=True) if self.fd.ephemeral else io.create_domain()
+        domain = io.create_domain(ephemeral=True) if self.fd.ephemeral else io.create_domain(flags=fmt.DOMF_IOMMUFD)
         try:
             for a in ioas.areas:
                 domain.map_file(a.ino, a.offset, a.length, a.iova, write=a.writeable)
@@ -475,7 +490,8 @@ class Context:
                 raise _err(errno.EINVAL, f"requester id {rid:#x} is not 16 bits")
             if rid in self.fd.bound:
                 raise _err(errno.EBUSY, f"requester {rid_str(rid)} is bound to an iommufd already")
-            if rid in self.fd.iommu.attached and not (self.fd.lu is not None and self.fd.lu.may_bind(rid)):
+            if rid in self.fd.iommu.attached and not (self.fd.lu is not None and self.fd.lu.may_bind(rid)) \
+                    and not self.fd.orphaned(self.fd.iommu.attached[rid]):
                 raise _err(errno.EBUSY, f"requester {rid_str(rid)} is attached to domain "
                                         f"{self.fd.iommu.attached[rid]}, which no iommufd owns")
             dev = Device(self._new_id(), rid)
@@ -500,6 +516,8 @@ class Context:
             old = dev.hwpt
             if old is hwpt:
                 return hwpt.id
+            left = self.fd.iommu.attached.get(dev.rid) if old is None else None
+            orphan = self.fd.iommu.domains[left] if left is not None and self.fd.orphaned(left) else None
             try:
                 # a device still attached to its restored domain switches hitlessly, too
                 replace = old is not None or dev.rid in self.fd.iommu.attached
@@ -513,6 +531,9 @@ class Context:
             if old is not None:
                 old.devices.discard(dev.id)
                 self._drop_if_unused(old)
+            if orphan is not None and not orphan.attached:  # replaced on its last requester: freed after grace
+                self.fd.dying.append(orphan)
+                self.fd.reap()
             return hwpt.id
 
     def device_detach(self, dev_id: int) -> None:

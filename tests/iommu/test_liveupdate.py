@@ -459,3 +459,61 @@ def test_a_reboot_that_cannot_commit_is_eagain_and_changes_nothing(boots: list[B
     b.store.truncate(filler, 0)
     b.lu.reboot()  # and commits once there is room
     assert _read_state(b.store) is not None
+
+
+# ------------------------------------------------------------ an unplanned restart (no reboot())
+
+
+def test_an_unplanned_restart_keeps_an_iommufd_domain_translating_for_its_device(boots: list[Boot],
+                                                                                  image: Path) -> None:
+    b = boot(boots, image)
+    vm(b)
+    did, before = b.io.attached[RID], b.translations(RID)
+    b.kill()  # the kernel died without a reboot(): no session, nothing dropped
+    b2 = boot(boots, image)
+    assert b2.io.attached[RID] == did and b2.translations(RID) == before
+    assert b2.fd.orphaned(did)
+
+
+def test_after_an_unplanned_restart_a_new_bind_replaces_the_left_domain_hitlessly_and_frees_it(
+        boots: list[Boot], image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = boot(boots, image)
+    vm(b)
+    old, before = b.io.attached[RID], b.translations(RID)
+    b.kill()
+    b2 = boot(boots, image)
+    switches: list[int] = []
+    real_attach = b2.io.attach
+
+    def attach(domain, bus, dev, fn, *, replace=False):  # type: ignore[no-untyped-def]
+        switches.append(replace)
+        return real_attach(domain, bus, dev, fn, replace=replace)
+
+    monkeypatch.setattr(b2.io, "attach", attach)
+    ctx = b2.fd.open_context()
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, b2.ino(b"vm0"), 0, 8 * MiB, 1 << 30, writeable=True)
+    dev = ctx.device_bind(RID)  # not EBUSY: no iommufd and no session holds the domain it is on
+    ctx.device_attach(dev, ioas)
+    assert switches == [True]  # a replace: the context entry stayed present through the switch
+    assert b2.io.attached[RID] != old and b2.translations(RID) == before
+    assert any(d.domain_id == old for d in b2.fd.dying)  # freed once its grace period has passed
+    b2.io.domains[old]._quiet_after = 0.0
+    b2.fd.reap()
+    assert old not in b2.io.domains
+    b2.close()
+    status, findings = fsck.check_image(image)
+    assert status == 0 and not findings
+
+
+def test_a_domain_the_administrator_attached_is_no_orphan_after_an_unplanned_restart(
+        boots: list[Boot], image: Path) -> None:
+    b = boot(boots, image)
+    ino = b.guest(b"vm0", 8 * MiB)
+    d = b.io.create_domain()  # made by `pkfuse iommu`, not for an iommufd HWPT
+    d.map_file(ino, 0, 8 * MiB, 0, write=True)
+    d.attach(0, 3, 0)
+    b.kill()
+    b2 = boot(boots, image)
+    assert not b2.fd.orphaned(d.domain_id)
+    assert errno_of(lambda: b2.fd.open_context().device_bind(RID)) == errno.EBUSY
