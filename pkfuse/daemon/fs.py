@@ -567,9 +567,14 @@ class Operations(pyfuse3.Operations):
             return await _in_thread(self.store.write, h.ino, off, buf)
         return self.store.write(h.ino, off, buf)
 
-    @_errors
-    async def flush(self, fh: int) -> None:
-        self._handle(fh)
+    # No ``flush``: pyfuse3's default answers ENOSYS, after which the kernel sends no FLUSH on this
+    # connection again (``fc->no_flush``). A FLUSH is sent *forced*: its wait cannot be killed. The
+    # daemon holds files of its own mount (an incoming session's, handed to the successor); one
+    # closed in a worker thread as the daemon is SIGKILLed would wait for an answer only the dead
+    # trio thread could give, and the daemon -- and every process closing a file on the mount --
+    # would hang in D state for good (found by ``restart-test --kill finish``). Writes are
+    # synchronous: a flush has nothing to report. ``serve`` closes one file itself at start, so the
+    # ENOSYS is learnt before any client's close.
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

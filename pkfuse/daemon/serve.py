@@ -91,8 +91,9 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
                 log.info("control socket %s", control.path)
             if daemonized:
                 detach_stdio()
+            where = os.path.abspath(mnt)
             os.chdir("/")
-            trio.run(_main, pyfuse3, control)
+            trio.run(_main, pyfuse3, control, where)
         finally:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
@@ -164,15 +165,30 @@ def _control_server(store: Any, iommu: Any, opts: dict[str, Any]) -> ControlServ
     return ControlServer(path, iommufd, FileResolver(None, path_of=store.path_of), lu)
 
 
-async def _main(pyfuse3: Any, control: ControlServer | None) -> None:
+async def _main(pyfuse3: Any, control: ControlServer | None, mnt: str) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, pyfuse3, nursery.cancel_scope)
         if control is not None:
             nursery.start_soon(control.run)
+        nursery.start_soon(_learn_no_flush, mnt)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _learn_no_flush(mnt: str) -> None:
+    """Open and close a file of our own mount from a worker thread, so the kernel learns at once, from
+    the FLUSH it sends, that this file system has none (ENOSYS: ``Operations.flush``'s default) and
+    sends no forced FLUSH again -- see ``fs.Operations``: a forced request to a dead daemon is a
+    hang no signal ends."""
+    import trio
+
+    def touch() -> None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(os.path.join(mnt, ".pkernfs", "status"), os.O_RDONLY | os.O_CLOEXEC))
+
+    await trio.to_thread.run_sync(touch)
 
 
 async def _watch_signals(pyfuse3: Any, scope: Any) -> None:

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -14,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Mount
 
 pytestmark = pytest.mark.mount
@@ -369,3 +369,22 @@ def test_only_root_may_chown(shared_mount: Mount) -> None:
     assert as_nobody("truncate", "-s", "0", str(d / "f")).returncode == 0
     r = as_nobody("chown", "0", str(d / "f"))
     assert r.returncode != 0 and "not permitted" in r.stderr
+
+
+def test_a_close_on_the_mount_waits_for_no_answer_from_the_daemon(mounted: Mount, g: Path) -> None:
+    """No FLUSH reaches the daemon (it answers ENOSYS once, at start): a FLUSH is forced, its wait
+    unkillable, and a daemon SIGKILLed while one of its own threads closes a file of its own mount
+    would hang for good, with every process closing a file there (restart-test --kill found it)."""
+    import threading
+
+    (g / "vm0").write_bytes(b"x" * 4096)
+    fd = os.open(g / "vm0", os.O_RDWR)
+    done = threading.Event()
+    os.kill(mounted.pid, signal.SIGSTOP)  # a daemon that answers nothing
+    try:
+        threading.Thread(target=lambda: (os.close(fd), done.set()), daemon=True).start()
+        closed = done.wait(5)
+    finally:
+        os.kill(mounted.pid, signal.SIGCONT)
+    assert closed, "close() waited for the stopped daemon: a FLUSH was sent"
+    done.wait(10)
