@@ -35,6 +35,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="start the new daemon and VMM before the freeze, waiting (default), or after the jump")
     p.add_argument("--cancel-every", type=int, default=0, metavar="N",
                    help="every Nth cycle first runs a prepare that is cancelled, and checks nothing changed")
+    p.add_argument("--kill", metavar="PHASE|random",
+                   help="land the jump (SIGKILL of daemon and VMM) at a random instant inside PHASE (prepare, freeze, "
+                        "jump, restore, retrieve, rebuild, finish) or a random phase each cycle; a kill before the "
+                        "freeze committed is judged as an unplanned crash")
+    p.add_argument("--seed", type=int, help="of --kill's draws (default: drawn, and in the --json report)")
     p.add_argument("--no-device", action="store_true", help="run without pkfuse device")
     p.add_argument("--json", metavar="FILE", help="the whole report ('-': stdout)")
     p.add_argument("--workdir", metavar="DIR", help="where the image, sockets and logs go (kept)")
@@ -66,12 +71,16 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
                          f"{abi.MIN_RAM >> 20} MiB")
     if not 1 <= args.vcpus <= abi.MAX_VCPUS:
         raise ValueError(f"--vcpus {args.vcpus}: 1 to {abi.MAX_VCPUS}")
+    from pkfuse.harness.kill import KILL_PHASES
+
+    if args.kill is not None and args.kill not in (*KILL_PHASES, "random"):
+        raise ValueError(f"--kill {args.kill}: one of {', '.join(KILL_PHASES)} or random")
     own = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="pkfuse-restart-")) if own else Path(args.workdir)
     flows = ("persistent", "ephemeral") if args.flow == "both" else (args.flow,)
     config = Config(workdir, cycles=args.cycles, flows=flows, guest_size=size, vcpus=args.vcpus,
                     engine=args.engine, successors=args.successors, cancel_every=args.cancel_every,
-                    device=not args.no_device)
+                    device=not args.no_device, kill=args.kill, seed=args.seed)
     tty = sys.stderr.isatty()
 
     def progress(line: str) -> None:

@@ -49,6 +49,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seconds", type=float, help="stop after this long")
     r.add_argument("--json", metavar="FILE", help="write the final state and timings here ('-': stdout)")
     r.add_argument("--resume", action="store_true", help="continue from GUEST_FILE.vmstate")
+    r.add_argument("--reboot", action="store_true",
+                   help="cold-boot the same VM over its RAM (after a host crash: its state blocks kept, the guest "
+                        "takes them over)")
     r.add_argument("--incoming", metavar="SESSION", help="the successor of a live update: retrieve SESSION")
     r.add_argument("--timeout", type=float, default=60.0, help="--incoming: how long to wait for the daemon")
     r.add_argument("--monitor", metavar="PATH", help="serve the monitor on this Unix socket")
@@ -109,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     raise VmmError("--memory is required (unless --incoming)")
                 spec = VmmSpec(args.guest, parse_size(args.memory), args.vcpus, args.engine,
                                None if args.device == "none" else args.device, args.dirty_share, args.dma_every)
-                vmm = Vmm.start(spec, resume=args.resume)
+                vmm = Vmm.start(spec, resume=args.resume, reboot=args.reboot)
         except _Stop as exc:
             raise VmmError(f"stopped by {exc} before the VM ran") from None
         for s in old:

@@ -270,11 +270,12 @@ class Cast:
     def guest(self) -> Path:
         return self.mnt / "guest_mem" / GUEST
 
-    def start_vmm(self, monitor: Path) -> Proc:
-        """The first VMM: ``pkfuse vmm run MNT/guest_mem/vm0 --memory SIZE --vcpus N --engine E --monitor``."""
+    def start_vmm(self, monitor: Path, *, reboot: bool = False) -> Proc:
+        """The first VMM: ``pkfuse vmm run MNT/guest_mem/vm0 --memory SIZE --vcpus N --engine E --monitor``;
+        ``reboot``: after a crash, a cold boot of the same VM over its RAM (``--reboot``)."""
         p = self.spawn("vmm", ["vmm", "run", str(self.guest), "--memory", str(self.guest_size), "--vcpus",
                                str(self.vcpus), "--engine", self.engine, "--device", RID, "--monitor",
-                               str(monitor), "--quiet"], "vmm.log")
+                               str(monitor), "--quiet", *(["--reboot"] if reboot else [])], "vmm.log")
         self.wait_monitor(p, monitor)
         self.vmm, self.vmm_monitor = p, monitor
         self.read_extents()

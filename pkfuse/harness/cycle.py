@@ -43,12 +43,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from backing.errors import PkfuseError
 from pkfuse.vmm import handover, verify
 
 from . import checks
 from .cast import GUEST, Cast, HarnessError, Proc, pid_alive, realtime_ns
+from .kill import Killed, Killer, KillPlan, clear_after_kill, session_offered
 
 
 class Phase(str, enum.Enum):
@@ -102,6 +105,9 @@ class Cycle:
     before: verify.Verdict | None = None  #: the guest after the freeze
     successor: Proc | None = None
     monitor: str = ""
+    kill: dict[str, Any] = dataclasses.field(default_factory=dict)  #: --kill: the plan, where it struck, outcome
+    outcome: str = "live update"  #: or "unplanned crash" (a kill before the freeze committed, or after finish)
+    gone: str = ""  #: the successor resumed, then ended: why
 
     def mark(self, edge: str) -> int:
         self.edges[edge] = t = realtime_ns()
@@ -135,7 +141,7 @@ class Cycle:
 
     def as_dict(self) -> dict[str, Any]:
         return {"cycle": self.index, "flow": self.flow, "successors": self.successors, "cancel": self.cancel,
-                "ok": self.ok, "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
+                "ok": self.ok, "outcome": self.outcome, "kill": dict(self.kill), "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
                 "off_blackout_s": {k: self.timings.get(k) for k in ("rebuild", "finish")},
                 "freeze_s": dict(self.freeze_timings), "successor_timings_s": dict(self.timings),
                 "bytes_verified": self.bytes_verified, "dma": dict(self.dma),
@@ -195,14 +201,16 @@ def cancel_round(cast: Cast, cycle: Cycle, sid: int) -> None:
 
 def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid: int, settle: float = 0.5,
               run_before_freeze: float = 0.2, run_after: float = 0.2, verify_ram: bool = True,
-              hooks: Hooks | None = None) -> verify.Verdict | None:
+              hooks: Hooks | None = None, kill: KillPlan | None = None) -> verify.Verdict | None:
     """Play one cycle on ``cast`` (a VMM running, its monitor ``cast.vmm_monitor``); return the guest's
     verdict after finish (the whole of RAM, taken at a pause; None without ``verify_ram``), which the
-    next cycle continues from. ``previous``: the last such verdict.
+    next cycle continues from. ``previous``: the last such verdict. ``kill``: the jump lands there
+    instead (``pkfuse.harness.kill``), and the cycle is judged by what it turned out to be.
 
     Every check goes into ``cycle.checks``; a process that does not do its part is a HarnessError."""
     hooks = hooks or Hooks()
     assert cast.vmm_monitor is not None
+    killer = Killer(cast, kill) if kill is not None else None
     cycle.mono_offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
     cycle.mark("start")
     if cycle.cancel:
@@ -210,84 +218,144 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     pages_before = int(cast.status("pages_free"))
     mon2 = cast.workdir / f"vmm-{cycle.flow[0]}{cycle.index}.mon"
     js = cast.workdir / f"vmm-{cycle.flow[0]}{cycle.index}.json"
-    prestarted = cycle.successors == Successors.PRESTARTED
-    new_mount = None
-    if prestarted:  # cpr-transfer's order: the successors first, waiting
-        cycle.successor = cast.start_successor(mon2, js)
-        new_mount = cast.start_mount(wait=120.0)
-        cycle.mark("successors_started")
-
-    cycle.mark("prepare_start")
-    cast.monitor(cast.vmm_monitor, "prepare", GUEST)
-    cycle.mark("prepare_end")
-    # where the device's DMA goes, walked before the freeze: a prepared session's mappings are fixed
-    # (its IOAS frozen), so this is what the live update must keep, and the walk of every IOVA of a
-    # large guest is not the blackout's
-    t_before = checks.translations(cast, sid)
-    boot_before = checks.ephemeral_boot(cast) if cycle.flow == "ephemeral" else None
-    cycle.mark("walked")
-    if prestarted:
-        _settle(settle, cycle.successor, new_mount)  # type: ignore[arg-type]
-    time.sleep(run_before_freeze)
-
-    cycle.mark("freeze_start")
-    reply = cast.monitor(cast.vmm_monitor, "freeze")
-    cycle.mark("freeze_end")
-    cycle.freeze_timings = _json_tail(reply, "ok frozen ")
-
-    # the guest as the freeze left it, in place: its state, rings and records (milliseconds; the dirty
-    # areas are checked by the guest as it rewrites each page, and by the verdict after finish)
-    before = verify.verify(cast.guest_view(), dirty=False)
-    cycle.mark("copied")
-    if hooks.before_jump is not None:
-        hooks.before_jump(cast, cycle)
-
-    jump(cast, cycle)
-
-    cycle.mark("restore_start")
-    if prestarted:
-        assert new_mount is not None
-        deadline = time.monotonic() + 120
-        while not cast.poll_mount(new_mount):
-            if time.monotonic() > deadline:
-                raise HarnessError("the pre-started daemon did not mount within 120 s of the jump")
-            time.sleep(0.0002)
-        cycle.mark("restore_end")
-    else:
-        new_mount = cast.start_mount()
-        cast.wait_mount(new_mount)
-        cycle.mark("restore_end")
-        cycle.successor = cast.start_successor(mon2, js)
-    assert cycle.successor is not None
-    gone: checks.Check | None = None
+    t_before = boot_before = before = None
+    status: dict[str, Any] = {}
     try:
-        status = cast.wait_monitor(cycle.successor, mon2, timeout=120)
+        prestarted = cycle.successors == Successors.PRESTARTED
+        new_mount = None
+        if prestarted:  # cpr-transfer's order: the successors first, waiting
+            cycle.successor = cast.start_successor(mon2, js)
+            new_mount = cast.start_mount(wait=120.0)
+            cycle.mark("successors_started")
+
+        cycle.mark("prepare_start")
+        _arm(killer, "prepare")
+        _step(killer, cast.monitor, cast.vmm_monitor, "prepare", GUEST)
+        cycle.mark("prepare_end")
+        # where the device's DMA goes, walked before the freeze: a prepared session's mappings are fixed
+        # (its IOAS frozen), so this is what the live update must keep, and the walk of every IOVA of a
+        # large guest is not the blackout's
+        t_before = checks.translations(cast, sid)
+        boot_before = checks.ephemeral_boot(cast) if cycle.flow == "ephemeral" else None
+        cycle.mark("walked")
+        if prestarted:
+            _step(killer, _settle, settle, cycle.successor, new_mount)
+        time.sleep(run_before_freeze)
+
+        _step(killer, lambda: None)
+        cycle.mark("freeze_start")
+        _arm(killer, "freeze")
+        reply = _step(killer, cast.monitor, cast.vmm_monitor, "freeze")
+        cycle.mark("freeze_end")
+        cycle.freeze_timings = _json_tail(reply, "ok frozen ")
+
+        # the guest as the freeze left it, in place: its state, rings and records (milliseconds; the dirty
+        # areas are checked by the guest as it rewrites each page, and by the verdict after finish)
+        before = verify.verify(cast.guest_view(), dirty=False)
+        cycle.mark("copied")
+        if hooks.before_jump is not None:
+            hooks.before_jump(cast, cycle)
+        _step(killer, lambda: None)
+
+        jump(cast, cycle)
+
+        cycle.mark("restore_start")
+        _arm(killer, "restore")
+        if prestarted:
+            assert new_mount is not None
+            deadline = time.monotonic() + 120
+            while not _step(killer, cast.poll_mount, new_mount):
+                if time.monotonic() > deadline:
+                    raise HarnessError("the pre-started daemon did not mount within 120 s of the jump")
+                time.sleep(0.0002)
+            cycle.mark("restore_end")
+        else:
+            new_mount = cast.start_mount()
+            _step(killer, cast.wait_mount, new_mount)
+            cycle.mark("restore_end")
+            cycle.successor = cast.start_successor(mon2, js)
+        for phase in ("retrieve", "rebuild", "finish"):  # the successor's, from the mount on
+            _arm(killer, phase)
+        assert cycle.successor is not None
+        status = _successor_up(cast, cycle, killer, mon2, js)
+        if killer is not None:
+            time.sleep(0.001)  # a kill due at this instant
+            killer.cancel()
+            killer.check()
+    except Killed:
+        assert killer is not None
+        return _after_kill(cast, cycle, killer, previous, before, t_before, boot_before, pages_before, sid=sid,
+                           verify_ram=verify_ram, run_after=run_after, mon2=mon2, js=js)
+    finally:
+        if killer is not None:
+            killer.cancel()
+            cycle.kill = {**kill.as_dict(), "struck": killer.fired,  # type: ignore[union-attr]
+                          **cycle.kill}
+    assert before is not None and t_before is not None
+    if killer is not None:
+        cycle.kill["landed"] = "did not strike: the cycle was over first"
+    _saved_blackout(cast, cycle)
+    cycle.before = before
+    cycle.add(checks.check_guest_clean(before, "after the freeze (state, rings, records)"))
+    if previous is not None:
+        cycle.add(checks.check_guest_continued(previous, before))
+    cycle.add(checks.check_guest_running(before, status))  # first: the guest's own finding is the cause
+    return _judge_live_update(cast, cycle, before, t_before, boot_before, pages_before, sid=sid,
+                              verify_ram=verify_ram, run_after=run_after)
+
+
+def _arm(killer: Killer | None, phase: str) -> None:
+    if killer is not None:
+        killer.arm(phase)
+
+
+def _step(killer: Killer | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; a failure once the kill struck is ``Killed`` (what it cut), not the cast's fault."""
+    try:
+        result = fn(*args)
+    except (HarnessError, PkfuseError, OSError) as exc:
+        if killer is not None and killer.fired:
+            raise Killed(str(exc)) from exc
+        raise
+    if killer is not None:
+        killer.check()
+    return result
+
+
+def _successor_up(cast: Cast, cycle: Cycle, killer: Killer | None, mon2: Path, js: Path) -> dict[str, Any]:
+    """Wait for the successor's monitor (it retrieved, resumed, rebuilt, finished); its status."""
+    assert cycle.successor is not None
+    try:
+        status = _step(killer, cast.wait_monitor, cycle.successor, mon2, 120)
         cast.vmm, cast.vmm_monitor = cycle.successor, mon2
     except HarnessError as exc:
         status = _exited_status(cycle.successor, js)
         if status is None:
             raise
         # it resumed, then ended (every vCPU stopped): what it left in --json is judged, the run ends
-        gone = checks.Check("successor VMM running", False, str(exc))
+        cycle.gone = str(exc)
         cast.vmm, cast.vmm_monitor = None, None
     cycle.mark("finish_end")
     cycle.monitor = str(mon2)
     cycle.timings = {k: float(v) for k, v in status.get("timings", {}).items()}
+    return status
 
+
+def _saved_blackout(cast: Cast, cycle: Cycle) -> None:
     saved = _saved_ns(cast)
     cycle.edges["paused"] = saved
     cycle.edges["resumed"] = saved + int(cycle.timings.get("blackout", 0.0) * 1e9)
 
-    cycle.before = before
-    cycle.add(checks.check_guest_clean(before, "after the freeze (state, rings, records)"))
-    if previous is not None:
-        cycle.add(checks.check_guest_continued(previous, before))
-    cycle.add(checks.check_guest_running(before, status))  # first: the guest's own finding is the cause
-    if gone is not None:
-        cycle.add(gone)
+
+def _judge_live_update(cast: Cast, cycle: Cycle, before: verify.Verdict, t_before: checks.Translations,
+                       boot_before: int | None, pages_before: int, *, sid: int, verify_ram: bool,
+                       run_after: float, poisons: int = 1) -> verify.Verdict | None:
+    """The checks of a live update, once the successor runs (``poisons``: restores since the jump)."""
+    if cycle.gone:
+        cycle.add(checks.Check("successor VMM running", False, cycle.gone))
     cycle.add(checks.check_session_finished(cast))
     if cycle.flow == "ephemeral":
-        cycle.add(checks.check_ephemeral_poisoned(boot_before, checks.ephemeral_boot(cast)))
+        cycle.add(checks.check_ephemeral_poisoned(boot_before, checks.ephemeral_boot(cast), poisons))
     t_after = checks.translations(cast, sid)
     cycle.add(checks.check_translations_reach_guest(cast, t_before, "before the freeze"))
     cycle.add(checks.check_translations(t_before, t_after))
@@ -299,6 +367,87 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
         cycle.add(checks.check_guest_continued(before, after))
     cycle.mark("end")
     return after
+
+
+def _after_kill(cast: Cast, cycle: Cycle, killer: Killer, previous: verify.Verdict | None,
+                before: verify.Verdict | None, t_before: checks.Translations | None, boot_before: int | None,
+                pages_before: int, *, sid: int, verify_ram: bool, run_after: float, mon2: Path,
+                js: Path) -> verify.Verdict | None:
+    """The machine after a kill at ``killer``'s instant: everything but the device ended, a new daemon
+    mounts the image cold; then a live update (the session is offered: a successor retrieves it) or
+    an unplanned crash (it is not: the guest cold-boots), each judged by its own rules."""
+    killer.cancel()
+    cycle.edges["killed_at"] = killer.fired_ns
+    landed = _landed(cycle, killer.fired_ns)
+    cycle.kill.update(landed=landed, killed=list(killer.killed))
+    cycle.kill["ended_after"] = clear_after_kill(cast)
+    cycle.mark("recover_start")
+    cast.wait_mount(cast.start_mount(), timeout=120)
+    cycle.mark("recover_mounted")
+    e = cycle.edges  # the blackout's edges a kill cut short: the kill is the jump, the cold mount the restore
+    e.setdefault("freeze_end", killer.fired_ns)
+    e.setdefault("jump_start", max(killer.fired_ns, e["freeze_end"]))
+    e.setdefault("jump_end", e["recover_start"])
+    e["restore_end"] = e["recover_mounted"]
+    if t_before is None:  # cut inside prepare, before its walk: what the device reached before is the rule
+        t_before = checks.translations(cast, sid)
+    if session_offered(cast):
+        cycle.outcome = "live update"
+        cycle.kill["outcome"] = "the freeze had committed: the new daemon offers the session, a successor takes it"
+        cycle.successor = cast.start_successor(mon2, js)
+        status = _successor_up(cast, cycle, None, mon2, js)
+        _saved_blackout(cast, cycle)
+        base = before if before is not None else previous
+        if before is not None:
+            cycle.before = before
+            cycle.add(checks.check_guest_clean(before, "after the freeze (state, rings, records)"))
+        if previous is not None and before is not None:
+            cycle.add(checks.check_guest_continued(previous, before))
+        if base is not None:
+            cycle.add(checks.check_guest_running(base, status))
+        poisons = 1 + (landed in ("restore", "retrieve", "rebuild", "finish"))
+        if base is None:
+            base = verify.verify(cast.guest_view(), dirty=False)
+        return _judge_live_update(cast, cycle, base, t_before, boot_before, pages_before, sid=sid,
+                                  verify_ram=verify_ram, run_after=run_after, poisons=poisons)
+    cycle.outcome = "unplanned crash"
+    cycle.kill["outcome"] = ("no committed freeze survives: the vCPUs' state is lost, the guest cold-boots "
+                             "on its RAM")
+    # what the device reaches now, between the kernels (no VMM): pkernfs kept it, the review's design blocks it
+    t_between = checks.translations(cast, sid)
+    cycle.mark("walked_between")
+    cycle.add(checks.check_crash_translations(cycle.flow, t_before, t_between))
+    cast.start_vmm(mon2, reboot=True)  # a cold boot on the same guest file: its RAM is all that is left of the guest
+    cycle.mark("vmm_ready")
+    cycle.monitor = str(mon2)
+    status = cast.monitor_status(mon2)
+    base = previous if previous is not None else before
+    cycle.add(checks.check_session_finished(cast))
+    if base is not None:
+        cycle.add(checks.check_guest_running(base, status, cold_boot=True))
+    t_after = checks.translations(cast, sid)
+    cycle.add(checks.check_translations_reach_guest(cast, t_after, "after the new VMM attached"))
+    cycle.add(*_after_grace(cast, cycle, pages_before, saved_copy=cycle.flow == "ephemeral"))
+    after = None
+    if verify_ram:
+        time.sleep(run_after)
+        after = verify_paused(cast, cycle, "after the cold boot")
+        if base is not None:
+            cycle.add(checks.check_guest_continued(base, after))
+    cycle.mark("end")
+    return after
+
+
+def _landed(cycle: Cycle, at_ns: int) -> str:
+    """The phase the kill struck in, from the edges the harness saw before it."""
+    e = cycle.edges
+    order = [("prepare", "prepare_start"), ("freeze", "freeze_start"), ("jump", "jump_start"),
+             ("restore", "restore_start"), ("retrieve", "restore_end")]
+    landed = "before prepare"
+    for phase, edge in order:
+        if edge in e and e[edge] <= at_ns:
+            landed = phase
+    return landed  # after the mount, the successor's own phases: it was killed, it reported nothing
 
 
 def verify_paused(cast: Cast, cycle: Cycle, when: str) -> verify.Verdict:
@@ -317,7 +466,7 @@ def verify_paused(cast: Cast, cycle: Cycle, when: str) -> verify.Verdict:
     return v
 
 
-def _after_grace(cast: Cast, cycle: Cycle, pages_before: int) -> list[checks.Check]:
+def _after_grace(cast: Cast, cycle: Cycle, pages_before: int, *, saved_copy: bool | None = None) -> list[checks.Check]:
     """The saved copy gone and every page back, waited for: a replaced domain is freed once the
     IOMMU's grace period after its last detach has passed (``backing.iommu.FREE_GRACE_S``)."""
     from backing.iommu import FREE_GRACE_S
@@ -330,10 +479,11 @@ def _after_grace(cast: Cast, cycle: Cycle, pages_before: int) -> list[checks.Che
             break
         time.sleep(0.02)
     cycle.mark("freed")
-    took = (cycle.edges["freed"] - cycle.edges["finish_end"]) / 1e9
+    since = cycle.edges.get("finish_end", cycle.edges.get("vmm_ready", cycle.edges["freed"]))
+    took = (cycle.edges["freed"] - since) / 1e9
     if saved.ok:
-        saved.detail += f" ({took:.2f} s after finish)"
-    return [saved, pages] if cycle.flow == "ephemeral" else [pages]
+        saved.detail += f" ({took:.2f} s after {'finish' if 'finish_end' in cycle.edges else 'the new VMM'})"
+    return [saved, pages] if (cycle.flow == "ephemeral" if saved_copy is None else saved_copy) else [pages]
 
 
 def _exited_status(p: Proc, js: os.PathLike[str]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ and saves too, so ``Vmm.start(..., resume=True)`` continues the same guest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -154,8 +155,14 @@ class Vmm:
     # ------------------------------------------------------------ start
 
     @classmethod
-    def start(cls, spec: VmmSpec, *, resume: bool = False, text: bytes | None = None) -> Vmm:
-        """Create or open the guest file, map it, boot (or, ``resume``, restore its saved vCPUs), run."""
+    def start(cls, spec: VmmSpec, *, resume: bool = False, reboot: bool = False, text: bytes | None = None) -> Vmm:
+        """Create or open the guest file, map it, boot (or, ``resume``, restore its saved vCPUs), run.
+
+        ``reboot``: a cold boot of the same VM over its RAM (what is left of it after a host crash: no
+        vCPU state survives) -- its state blocks and rings kept, which the guest takes over, and its
+        CONFIG's vm_uuid and DMA seed kept when the RAM holds a valid one; otherwise a new guest."""
+        if resume and reboot:
+            raise VmmError("resume continues from the saved vCPUs, reboot boots over RAM: one or the other")
         mnt = find_mountpoint(spec.guest)
         rel = os.path.relpath(os.path.abspath(spec.guest), mnt)
         params = boot.GuestParams(spec.vcpus, spec.memory, spec.dirty_share, spec.mode, spec.dma_every,
@@ -181,8 +188,13 @@ class Vmm:
                 engine.restore(cpustate.decode(saved.payload, expect_uuid=saved.vm_uuid, expect_vcpus=spec.vcpus,
                                                expect_engine=saved.engine, expect_ram_size=spec.memory).blobs)
             else:
+                old = boot.read_config(ram.array) if reboot else None
+                same = old is not None and int(old["magic"]) == abi.CONFIG_MAGIC and \
+                    int(old["version"]) == abi.CONFIG_VERSION
+                if same:
+                    params = dataclasses.replace(params, vm_uuid=bytes(old["vm_uuid"]), seed=int(old["seed"]))
                 config = boot.write_boot(ram.array, params, text if text is not None else guest.load(),
-                                         fresh=True)[()]
+                                         fresh=not same)[()]
                 engine = make_engine(spec.engine, ram, spec.vcpus, ports)
                 engine.boot()
             vmm = cls(mnt, rel, guest_fd, state_fd, ram, engine, ports, config, iommufd)

@@ -5,21 +5,16 @@ mounted after a test, passing or failing (the ``workdir`` fixture checks, and cl
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import force_unmount
 
-from pkfuse.daemon.mountinfo import mounted_paths
 from pkfuse.harness import checks
 from pkfuse.harness.cast import Cast
 from pkfuse.harness.cycle import Hooks
@@ -30,33 +25,6 @@ pytestmark = pytest.mark.mount
 
 MiB = 1 << 20
 RESERVED_GPA = abi.CONFIG_GPA + abi.CONFIG.fields["reserved"][1]  #: read by the verifier, never by the guest
-
-
-def _ours(tmp_path: Path) -> list[int]:
-    """Pids whose command line names this test's directory (every process a harness here started)."""
-    key = os.fsencode(tmp_path)
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if any(key in arg for arg in f.read().split(b"\0")):
-                        found.append(int(d))
-    return found
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """The harness's workdir; afterwards nothing of it may be running or mounted (else: cleared, and fail)."""
-    yield tmp_path / "rt"
-    mounts = [m for m in mounted_paths() if m.startswith(str(tmp_path))]
-    procs = _ours(tmp_path)
-    for pid in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for m in mounts:
-        force_unmount(Path(m))
-    assert not mounts and not procs, f"left behind: mounts {mounts}, processes {procs}"
 
 
 def _config(workdir: Path, **kw: object) -> Config:

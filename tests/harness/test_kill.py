@@ -1,0 +1,67 @@
+"""``--kill``: the jump at a random instant inside a phase (``pkfuse.harness.kill``), and how each outcome
+is judged: a kill before the freeze committed is an unplanned crash -- pkernfs keeps every translation
+and the device's DMA, the review's design blocks the device (faults, never misdirected) -- and a kill
+after it is still a live update, which a new daemon offers and a successor takes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from test_restart import _config, _ok
+
+from pkfuse.harness import kill
+from pkfuse.harness.run import run
+
+pytestmark = pytest.mark.mount
+
+
+def test_a_plan_lands_inside_its_phase_and_random_draws_every_phase() -> None:
+    rng = random.Random(1)
+    spans = {"prepare": 0.01, "freeze": 0.02, "restore": 0.05, "retrieve": 0.04, "rebuild": 0.03, "finish": 0.02}
+    for _ in range(200):
+        p = kill.choose("freeze", rng, spans)
+        assert p.phase == "freeze" and 0 <= p.delay <= 0.02
+        f = kill.choose("finish", rng, spans)  # after the successor's retrieve and rebuild
+        assert 0.07 <= f.delay <= 0.09
+    assert kill.choose("jump", rng, spans).delay == 0.0
+    assert {kill.choose("random", rng, spans).phase for _ in range(300)} == set(kill.KILL_PHASES)
+    with pytest.raises(ValueError, match="--kill reboot: one of prepare"):
+        kill.choose("reboot", rng, spans)
+
+
+def _checks(report) -> dict[str, bool]:  # type: ignore[no-untyped-def]
+    return {ch.name: ch.ok for ch in report.cycles[0].checks}
+
+
+def test_a_kill_in_prepare_is_an_unplanned_crash_that_pkernfs_keeps_translating_through(workdir: Path) -> None:
+    report = run(_config(workdir, cycles=1, kill="prepare", seed=7))
+    _ok(report)
+    c = report.cycles[0]
+    assert c.outcome == "unplanned crash" and c.kill["struck"] and c.kill["landed"] == "prepare"
+    checks = _checks(report)
+    assert checks["DMA translation kept through the crash"] and checks["no DMA fault through the crash"]
+    assert checks["guest running after a cold boot"] and checks["guest memory clean after the cold boot (all of RAM, paused)"]
+    assert c.dma["faults"] == 0 and c.dma["dmas"] > 0
+
+
+def test_a_kill_in_prepare_leaves_the_reviews_design_blocking_the_device_never_misdirecting(workdir: Path) -> None:
+    report = run(_config(workdir, cycles=1, flows=("ephemeral",), kill="prepare", seed=7))
+    _ok(report)
+    c = report.cycles[0]
+    assert c.outcome == "unplanned crash"
+    checks = _checks(report)
+    assert checks["device blocked after the crash"] and checks["no misdirected DMA through the crash"]
+    assert checks["no DMA fault after the new VMM attached"] and checks["no saved copy after finish"]
+    assert c.dma["faults"] > 0  # the difference between the designs, shown: the device was blocked
+
+
+def test_a_kill_in_restore_is_still_a_live_update_the_next_daemon_offers(workdir: Path) -> None:
+    report = run(_config(workdir, cycles=1, kill="restore", seed=3))
+    _ok(report)
+    c = report.cycles[0]
+    assert c.outcome == "live update" and c.kill["landed"] in ("restore", "retrieve")
+    checks = _checks(report)
+    assert checks["translations before = after"] and checks["no DMA fault in the live update"]
+    assert checks["guest continued"] and c.blackout()["total"] > 0
