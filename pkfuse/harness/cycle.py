@@ -102,6 +102,7 @@ class Cycle:
     before: verify.Verdict | None = None  #: the guest after the freeze
     successor: Proc | None = None
     monitor: str = ""
+    engine: str = ""  #: the successor VMM's engine ("kvm", "unicorn"), from its status
 
     def mark(self, edge: str) -> int:
         self.edges[edge] = t = realtime_ns()
@@ -135,7 +136,7 @@ class Cycle:
 
     def as_dict(self) -> dict[str, Any]:
         return {"cycle": self.index, "flow": self.flow, "successors": self.successors, "cancel": self.cancel,
-                "ok": self.ok, "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
+                "engine": self.engine, "ok": self.ok, "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
                 "off_blackout_s": {k: self.timings.get(k) for k in ("rebuild", "finish")},
                 "freeze_s": dict(self.freeze_timings), "successor_timings_s": dict(self.timings),
                 "bytes_verified": self.bytes_verified, "dma": dict(self.dma),
@@ -273,6 +274,7 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
     cycle.mark("finish_end")
     cycle.monitor = str(mon2)
     cycle.timings = {k: float(v) for k, v in status.get("timings", {}).items()}
+    cycle.engine = str(status.get("engine", ""))
 
     saved = _saved_ns(cast)
     cycle.edges["paused"] = saved

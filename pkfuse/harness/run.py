@@ -56,8 +56,9 @@ def device_available() -> bool:
     return importlib.util.find_spec("pkfuse.cli.device") is not None
 
 
-def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[str], None] | None = None) -> Report:
-    """Every flow of ``config``; the report (``report.ok``: every check held)."""
+def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[Cycle], None] | None = None) -> Report:
+    """Every flow of ``config``; the report (``report.ok``: every check held). ``progress`` is called with
+    each cycle once it is over (its checks made; its DMA counts come at the end of its flow)."""
     report = Report(config.as_dict())
     for flow in config.flows:
         cast = Cast(Path(config.workdir) / flow, domains=flow, guest_size=config.guest_size, vcpus=config.vcpus,
@@ -85,7 +86,7 @@ def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[str],
 
 
 def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hooks | None,
-              progress: Callable[[str], None] | None) -> None:
+              progress: Callable[[Cycle], None] | None) -> None:
     sid = parse_rid(RID)
     cast.mkfs()
     cast.wait_mount(cast.start_mount())
@@ -111,17 +112,11 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
         previous = after if after is not None else previous
         last = cycle
         if progress is not None:
-            progress(_progress(cycle, config.cycles))
+            progress(cycle)
         if cast.vmm is None:  # the successor did not survive: nothing left to cycle
             break
         time.sleep(config.run_between)
     _end(cast, report, flow, last, previous, mine)
-
-
-def _progress(cycle: Cycle, of: int) -> str:
-    from .report import cycle_line
-
-    return cycle_line(cycle, of)
 
 
 def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, previous: Any, mine: list[Cycle]) -> None:
