@@ -4,7 +4,8 @@
 check): a bar of the cycles done of all asked, then per flow ``done/asked``, the last cycle's
 blackout, the failures so far, the time elapsed and the ETA (the mean time per cycle so far
 times the cycles left; ``?`` before the first). It never reaches the last column (a line that
-wraps cannot be redrawn with ``\\r``): the bar narrows first, then the text is cut.
+wraps cannot be redrawn with ``\\r``): the bar narrows, the words shorten (80 columns hold the
+short form and a bar), then the bar goes and last the text is cut.
 
 ``ProgressBar`` draws it (``\\r``, the line, erase to the end of the line) after every cycle and
 once a second in between, from a thread of its own (the elapsed time moves while a cycle runs),
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 BAR_MAX = 30  #: the bar's cells at most
-BAR_MIN = 5  #: below this the bar is left out
+BAR_MIN = 4  #: below this the bar is left out
 TICK_S = 1.0  #: seconds between redraws while a cycle runs
 ERASE = "\x1b[K"  #: erase to the end of the line (ANSI EL)
 
@@ -62,15 +63,16 @@ def render(state: State, width: int) -> str:
     done = sum(state.done.values())
     flows = " ".join(f"{f} {state.done.get(f, 0)}/{n}" for f, n in state.asked.items())
     last = "-" if state.last_blackout_s is None else f"{state.last_blackout_s * 1e3:.0f} ms"
-    failed = f"{state.failures} failed"
-    text = (f"{flows} | last blackout {last} | {failed} | {duration(state.elapsed_s)} elapsed, "
-            f"ETA {duration(state.eta_s())}")
+    elapsed, eta = duration(state.elapsed_s), duration(state.eta_s())
+    texts = (f"{flows} | last blackout {last} | {state.failures} failed | {elapsed} elapsed, ETA {eta}",
+             f"{flows} | last {last} | {state.failures} failed | {elapsed}, ETA {eta}")  # for 80 columns
     room = width - 1
-    cells = min(BAR_MAX, room - len(text) - 3)  # "[", "]", " "
-    if cells >= BAR_MIN:
-        full = cells * done // total if total else 0
-        return f"[{'#' * full}{'-' * (cells - full)}] {text}"
-    return text[:max(room, 0)]
+    for text in texts:  # the bar first, in the words that leave it room
+        cells = min(BAR_MAX, room - len(text) - 3)  # "[", "]", " "
+        if cells >= BAR_MIN:
+            full = cells * done // total if total else 0
+            return f"[{'#' * full}{'-' * (cells - full)}] {text}"
+    return next((t for t in texts if len(t) <= room), texts[-1][:max(room, 0)])
 
 
 def terminal_width(stream: TextIO, fallback: int = 80) -> int:

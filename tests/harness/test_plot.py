@@ -155,15 +155,18 @@ def test_the_line_shows_flows_last_blackout_failures_elapsed_and_eta() -> None:
     assert len(line) == 119
 
 
-def test_the_bar_narrows_then_goes_and_the_line_never_reaches_the_last_column() -> None:
+def test_the_bar_narrows_the_words_shorten_and_the_line_never_reaches_the_last_column() -> None:
     s = state()
-    widths = {w: progress.render(s, w) for w in (200, 110, 100, 90, 60, 1, 0)}
+    widths = {w: progress.render(s, w) for w in (200, 100, 90, 80, 75, 60, 1, 0)}
     assert widths[200].startswith("[" + "#" * 7 + "-" * 23 + "] ")  # BAR_MAX cells at most
-    assert widths[100].startswith("[#------] ")  # 7 cells: 1 of them is 5/20 done
-    assert widths[90] == "persistent 5/10 ephemeral 0/10 | last blackout 214 ms | 1 failed | 50s elapsed, ETA 2m30s"
+    assert widths[100].startswith("[#------] persistent 5/10 ephemeral 0/10 | last blackout 214 ms")  # 7 cells
+    short = "persistent 5/10 ephemeral 0/10 | last 214 ms | 1 failed | 50s, ETA 2m30s"
+    assert widths[90] == f"[###-----------] {short}"  # the long words leave no bar: the short ones do
+    assert widths[80] == f"[#---] {short}"  # a terminal of 80 columns: a bar of 4 cells, all the words
+    assert widths[75] == short  # no room for a bar
+    assert widths[60] == short[:59]
     assert all(len(line) <= max(w - 1, 0) for w, line in widths.items())
-    assert widths[60] == "persistent 5/10 ephemeral 0/10 | last blackout 214 ms | 1 f"
-    assert widths[0] == ""
+    assert widths[0] == widths[1] == ""
 
 
 def test_before_the_first_cycle_the_eta_is_unknown_and_after_the_last_zero() -> None:
@@ -196,6 +199,6 @@ def test_the_bar_is_redrawn_in_place_and_cleared_at_the_end() -> None:
     first = progress.State({"persistent": 2}, {"persistent": 0})
     assert frames[0] == progress.render(first, 80) + progress.ERASE  # not a terminal: 80 columns
     assert frames[0].startswith("[---") and frames[0].endswith("0 failed | 0s elapsed, ETA ?\x1b[K")
-    assert "persistent 1/2 | last blackout 250 ms | 0 failed | 4s elapsed, ETA 4s\x1b[K" in frames[1]
-    assert "persistent 2/2 | last blackout 250 ms | 1 failed | 10s elapsed, ETA 0s\x1b[K" in frames[2]
+    assert frames[1].endswith("] persistent 1/2 | last blackout 250 ms | 0 failed | 4s elapsed, ETA 4s\x1b[K")
+    assert frames[2].endswith("] persistent 2/2 | last blackout 250 ms | 1 failed | 10s elapsed, ETA 0s\x1b[K")
     assert frames[3:] == ["\x1b[K"] and "\n" not in out.getvalue()
