@@ -3,13 +3,15 @@
 ``render`` is the line, a pure function of a ``State`` and the terminal's width (what the tests
 check): a bar of the cycles done of all asked, then per flow ``done/asked``, the last cycle's
 blackout, the failures so far, the time elapsed and the ETA (the mean time per cycle so far
-times the cycles left; ``?`` before the first). It never reaches the last column (a line that
+times the cycles left, counting down between cycles; ``?`` before the first). It never reaches the last column (a line that
 wraps cannot be redrawn with ``\\r``): the bar narrows, the words shorten (80 columns hold the
 short form and a bar), then the bar goes and last the text is cut.
 
 ``ProgressBar`` draws it (``\\r``, the line, erase to the end of the line) after every cycle and
 once a second in between, from a thread of its own (the elapsed time moves while a cycle runs),
-and ``clear()`` erases it at the end, before the summary and any error line. The command draws
+and ``clear()`` erases it at the end, before the summary and any error line. It keeps the cycles
+it was given and counts their failures at every draw: a cycle's verdict after finish is judged at
+the next pause, its DMA at the end of its flow, so a cycle can fail after it was first shown. The command draws
 one only when stderr is a terminal; otherwise nothing is printed per cycle.
 """
 
@@ -20,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Protocol, TextIO
 
 BAR_MAX = 30  #: the bar's cells at most
 BAR_MIN = 4  #: below this the bar is left out
@@ -38,11 +40,15 @@ class State:
     last_blackout_s: float | None = None
     elapsed_s: float = 0.0
 
+    done_at_s: float = 0.0  #: ``elapsed_s`` when the last cycle was done
+
     def eta_s(self) -> float | None:
+        """The mean time per cycle up to the last one done, times the cycles left, less the time since."""
         n = sum(self.done.values())
         if n == 0:
             return None
-        return self.elapsed_s / n * max(sum(self.asked.values()) - n, 0)
+        left = max(sum(self.asked.values()) - n, 0)
+        return max(self.done_at_s / n * left - (self.elapsed_s - self.done_at_s), 0.0) if left else 0.0
 
 
 def duration(seconds: float | None) -> str:
@@ -82,6 +88,17 @@ def terminal_width(stream: TextIO, fallback: int = 80) -> int:
         return fallback
 
 
+class CycleLike(Protocol):
+    """What the bar reads of a ``pkfuse.harness.cycle.Cycle``."""
+
+    flow: str
+
+    @property
+    def ok(self) -> bool: ...
+
+    def blackout(self) -> dict[str, float]: ...
+
+
 class ProgressBar:
     """The line on ``stream``, redrawn by ``cycle_done`` and every ``tick`` seconds until ``clear``."""
 
@@ -94,18 +111,21 @@ class ProgressBar:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._drawn = False
+        self._cycles: list[CycleLike] = []
         self._ticker = threading.Thread(target=self._tick, args=(tick,), name="progress", daemon=True)
 
     def start(self) -> None:
         self.draw()
         self._ticker.start()
 
-    def cycle_done(self, flow: str, ok: bool, blackout_s: float | None) -> None:
+    def cycle_done(self, cycle: CycleLike) -> None:
         with self._lock:
-            self.state.done[flow] = self.state.done.get(flow, 0) + 1
-            self.state.failures += not ok
-            if blackout_s is not None:
-                self.state.last_blackout_s = blackout_s
+            self._cycles.append(cycle)
+            self.state.done[cycle.flow] = self.state.done.get(cycle.flow, 0) + 1
+            self.state.done_at_s = self.clock() - self.t0
+            blackout = cycle.blackout()
+            if blackout:
+                self.state.last_blackout_s = blackout["total"]
         self.draw()
 
     def draw(self) -> None:
@@ -113,6 +133,7 @@ class ProgressBar:
             if self._stop.is_set():
                 return
             self.state.elapsed_s = self.clock() - self.t0
+            self.state.failures = sum(not c.ok for c in self._cycles)
             self.stream.write("\r" + render(self.state, terminal_width(self.stream)) + ERASE)
             self.stream.flush()
             self._drawn = True
@@ -133,4 +154,4 @@ class ProgressBar:
             self.draw()
 
 
-__all__ = ["ProgressBar", "State", "duration", "render", "terminal_width"]
+__all__ = ["CycleLike", "ProgressBar", "State", "duration", "render", "terminal_width"]

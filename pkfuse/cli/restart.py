@@ -21,10 +21,6 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pkfuse.harness.cycle import Cycle
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -101,11 +97,6 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
 
         bar = ProgressBar(dict.fromkeys(flows, args.cycles), sys.stderr)
 
-    def progress(cycle: Cycle) -> None:
-        if bar is not None:
-            blackout = cycle.blackout()
-            bar.cycle_done(cycle.flow, cycle.ok, blackout["total"] if blackout else None)
-
     hooks = None
     if args.corrupt_gpa is not None:
         from pkfuse.harness.cycle import Hooks
@@ -115,7 +106,7 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
     try:
         if bar is not None:
             bar.start()
-        report = run(config, hooks=hooks, progress=progress)
+        report = run(config, hooks=hooks, progress=bar.cycle_done if bar is not None else None)
     finally:
         if bar is not None:
             bar.clear()

@@ -118,7 +118,7 @@ def write_png(report: Report, path: str) -> tuple[int, int]:
     for part in reversed(BLACKOUT_PARTS):  # top to bottom, as the parts are stacked
         handles.append(Patch(facecolor=COLOURS[part], edgecolor="black", linewidth=0.3,
                              hatch="//" if part == "snapshot" else None, label=part.replace("_", " ")))
-    fig.legend(handles=handles, loc="outside right upper", title="part", fontsize="small",
+    fig.legend(handles=handles, loc="outside right center", title="part", fontsize="small",
                title_fontsize="small")
     fig.savefig(path, format="png", dpi=DPI)
     return width, height

@@ -144,7 +144,7 @@ def test_plot_into_a_missing_directory_is_one_line_before_anything_starts(
 def state(**kw: object) -> progress.State:
     fields: dict[str, object] = {"asked": {"persistent": 10, "ephemeral": 10},
                                  "done": {"persistent": 5, "ephemeral": 0}, "failures": 1,
-                                 "last_blackout_s": 0.2144, "elapsed_s": 50.0, **kw}
+                                 "last_blackout_s": 0.2144, "elapsed_s": 50.0, "done_at_s": 50.0, **kw}
     return progress.State(**fields)  # type: ignore[arg-type]
 
 
@@ -169,6 +169,12 @@ def test_the_bar_narrows_the_words_shorten_and_the_line_never_reaches_the_last_c
     assert widths[0] == widths[1] == ""
 
 
+def test_the_eta_counts_down_between_cycles() -> None:
+    assert state().eta_s() == 150.0  # 10 s a cycle, 15 left
+    assert state(elapsed_s=62.0).eta_s() == 138.0
+    assert state(elapsed_s=500.0).eta_s() == 0.0  # late: not negative
+
+
 def test_before_the_first_cycle_the_eta_is_unknown_and_after_the_last_zero() -> None:
     start = state(done={"persistent": 0, "ephemeral": 0}, failures=0, last_blackout_s=None, elapsed_s=3.2)
     assert start.eta_s() is None
@@ -184,21 +190,25 @@ def test_durations() -> None:
         ["?", "0s", "59s", "1m00s", "3m05s", "59m59s", "1h00m", "2h03m"]
 
 
-def test_the_bar_is_redrawn_in_place_and_cleared_at_the_end() -> None:
+def test_the_bar_is_redrawn_in_place_counts_late_failures_and_is_cleared_at_the_end() -> None:
     out = io.StringIO()
     now = [100.0]
-    bar = progress.ProgressBar({"persistent": 2}, out, tick=3600, clock=lambda: now[0])
+    bar = progress.ProgressBar({"persistent": 3}, out, tick=3600, clock=lambda: now[0])
     bar.start()
     now[0] = 104.0
-    bar.cycle_done("persistent", True, 0.25)
+    first = make_cycle(1, "persistent", PERSISTENT[0])
+    bar.cycle_done(first)
     now[0] = 110.0
-    bar.cycle_done("persistent", False, None)
+    first.add(Check("guest memory clean after finish (at the next freeze)", False, "judged at cycle 2's freeze"))
+    bar.cycle_done(make_cycle(2, "persistent", None))  # the run ended inside it: no blackout
     bar.clear()
     bar.draw()  # after clear: nothing more
     frames = out.getvalue().split("\r")[1:]
-    first = progress.State({"persistent": 2}, {"persistent": 0})
-    assert frames[0] == progress.render(first, 80) + progress.ERASE  # not a terminal: 80 columns
+    start = progress.State({"persistent": 3}, {"persistent": 0})
+    assert frames[0] == progress.render(start, 80) + progress.ERASE  # not a terminal: 80 columns
     assert frames[0].startswith("[---") and frames[0].endswith("0 failed | 0s elapsed, ETA ?\x1b[K")
-    assert frames[1].endswith("] persistent 1/2 | last blackout 250 ms | 0 failed | 4s elapsed, ETA 4s\x1b[K")
-    assert frames[2].endswith("] persistent 2/2 | last blackout 250 ms | 1 failed | 10s elapsed, ETA 0s\x1b[K")
+    total = sum(PERSISTENT[0].values())
+    assert frames[1].endswith(f"] persistent 1/3 | last blackout {total} ms | 0 failed | 4s elapsed, ETA 8s\x1b[K")
+    # the second cycle has no blackout: the last one stays; the first failed since it was shown
+    assert frames[2].endswith(f"] persistent 2/3 | last blackout {total} ms | 1 failed | 10s elapsed, ETA 5s\x1b[K")
     assert frames[3:] == ["\x1b[K"] and "\n" not in out.getvalue()
