@@ -5,8 +5,9 @@ the report holds (persistent, then ephemeral), sharing the y axis so the designs
 glance; in each, a stacked bar per cycle of the blackout's parts (``cycle.BLACKOUT_PARTS``, in
 ms, from ``Cycle.blackout()``) -- the harness's own ``snapshot`` hatched, since a kexec does not
 pay it --; one legend for the figure; the title names guest size, vCPUs, engine and successors.
-A cycle that failed a check has its tick label in red and "failed" above its bar; a cycle with
-no blackout measured (the run ended inside it) has an empty bar marked "no blackout".
+A cycle that failed a check has its bar outlined in red, its tick label in red and "failed" above
+it; a cycle with no blackout measured (the run ended inside it) has an empty bar marked "no
+blackout".
 
 ``bars`` is the figure's data, pure and without matplotlib (what the tests compare with the
 cycles); ``write_png`` draws it with matplotlib's Agg backend, imported only there;
@@ -133,6 +134,9 @@ def _panel(ax: Any, fb: FlowBars, top: float) -> None:
         ax.bar(x, h, bottom=bottom, width=0.7, color=COLOURS[part], edgecolor="black", linewidth=0.3,
                hatch="//" if part == "snapshot" else None)
         bottom = [b + v for b, v in zip(bottom, h)]
+    bad = [i for i in x if fb.failed[i] and fb.measured[i]]
+    if bad:  # a failed cycle's bar outlined in red, whether or not its tick is labelled
+        ax.bar(bad, [bottom[i] for i in bad], width=0.7, fill=False, edgecolor="red", linewidth=1.5)
     ok = sum(not f for f in fb.failed)
     ax.set_title(f"{fb.flow}: {ok}/{n} cycles ok", fontsize="medium")
     ax.set_xlabel("cycle" + (" (c: after a cancelled prepare)" if any(fb.cancel) else ""))
