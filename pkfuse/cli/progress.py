@@ -10,8 +10,8 @@ short form and a bar), then the bar goes and last the text is cut.
 ``ProgressBar`` draws it (``\\r``, the line, erase to the end of the line) after every cycle and
 once a second in between, from a thread of its own (the elapsed time moves while a cycle runs),
 and ``clear()`` erases it at the end, before the summary and any error line. It keeps the cycles
-it was given and counts their failures at every draw: a cycle's verdict after finish is judged at
-the next pause, its DMA at the end of its flow, so a cycle can fail after it was first shown. The command draws
+it was given and counts their failures at every draw: a cycle's DMA checks are made at the end of
+its flow and the last one's guest at the final stop, so a cycle can fail after it was first shown. The command draws
 one only when stderr is a terminal; otherwise nothing is printed per cycle.
 """
 
