@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything pkfuse needs on a Debian machine, idempotently:
 # apt packages for FUSE, a virtual environment in .venv, the package with
-# its test extra. A second run only checks stamps and returns in well under
-# a second; it prints nothing when already set up. Run it, do not source it.
+# its test and plot extras (plot: matplotlib, for restart-test --plot). A
+# second run only checks stamps and returns in well under a second; it
+# prints nothing when already set up. Run it, do not source it.
 #
 # Exit status 0 when set up, 1 on any failure (one "setup: error:" line for
 # the failures it foresees). PKFUSE_VENV and PKFUSE_PYTHON choose the
@@ -142,9 +143,9 @@ elif [ ! -x "$VENV/bin/python" ]; then
     "$interp" -m venv "$VENV" >&2
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setup: installing pkfuse and its test extra into $VENV" >&2
+    echo "setup: installing pkfuse and its test and plot extras into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" >&2
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[test,plot]" >&2
     echo "$want" > "$stamp"
 fi
 # Bytecode for pkfuse's own modules: an editable install compiles none, and

@@ -4,14 +4,18 @@ Builds the cast in ``--workdir`` (a temporary directory by default, removed afte
 and kept after a failing one, for its logs): an image sized for ``--guest-size``, the daemon,
 the VMM and, where this pkfuse has it, ``pkfuse device`` on the VMM's requester id; then
 ``--cycles`` live updates per design (``--flow``), each checked (``pkfuse.harness.checks``);
-then a clean unmount and fsck. A line per cycle on a terminal; ``--json FILE`` gets the whole
-report. Exit 0 only when every check held; otherwise 1 and one line naming the cycle and the
-check. Ctrl-C or SIGTERM: every process the test started is ended and its mount cleared.
+then a clean unmount and fsck. A progress bar on a terminal (``pkfuse.cli.progress``; nothing
+per cycle otherwise); ``--json FILE`` gets the whole report, ``--plot FILE.png`` the blackout of
+every cycle part by part, both designs side by side (``pkfuse.harness.plot``; matplotlib, the
+``plot`` extra: without it ``--plot`` is refused before anything starts). Exit 0 only when every
+check held; otherwise 1 and one line naming the cycle and the check. Ctrl-C or SIGTERM: every
+process the test started is ended and its mount cleared.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -42,6 +46,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="of --kill's draws (default: drawn, and in the --json report)")
     p.add_argument("--no-device", action="store_true", help="run without pkfuse device")
     p.add_argument("--json", metavar="FILE", help="the whole report ('-': stdout)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="a PNG of each cycle's blackout, part by part, a panel per design (needs matplotlib)")
     p.add_argument("--workdir", metavar="DIR", help="where the image, sockets and logs go (kept)")
     p.add_argument("--corrupt-gpa", type=lambda v: int(v, 0), metavar="GPA", help=argparse.SUPPRESS)
     # (the test suite's: flip a byte of guest RAM at GPA in the image after cycle 1's freeze, before its jump)
@@ -52,40 +58,53 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_restart_test(args: argparse.Namespace) -> int:
+def check_arguments(args: argparse.Namespace) -> int:
+    """Every refusal before anything starts, as a ``ValueError`` (one line); the guest size in bytes."""
     from backing.mkfs import parse_size
-    from pkfuse.harness.report import summary_lines
-    from pkfuse.harness.run import Config, run
-
-    from .report import error
+    from pkfuse.vmm import abi
 
     if args.cycles < 1:
         raise ValueError(f"--cycles {args.cycles}: at least 1")
     if args.cancel_every < 0:
         raise ValueError(f"--cancel-every {args.cancel_every}: not negative")
     size = parse_size(args.guest_size)
-    from pkfuse.vmm import abi
-
     if size % abi.RAM_ALIGN or size < abi.MIN_RAM:
         raise ValueError(f"--guest-size {args.guest_size}: a multiple of {abi.RAM_ALIGN >> 20} MiB, at least "
                          f"{abi.MIN_RAM >> 20} MiB")
     if not 1 <= args.vcpus <= abi.MAX_VCPUS:
         raise ValueError(f"--vcpus {args.vcpus}: 1 to {abi.MAX_VCPUS}")
+    if args.plot is not None:
+        from pkfuse.harness.plot import require_matplotlib
+
+        require_matplotlib()
+        where = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(where):
+            raise ValueError(f"--plot {args.plot}: no directory {where}")
     from pkfuse.harness.kill import KILL_PHASES
 
     if args.kill is not None and args.kill not in (*KILL_PHASES, "random"):
         raise ValueError(f"--kill {args.kill}: one of {', '.join(KILL_PHASES)} or random")
+    return size
+
+
+def cmd_restart_test(args: argparse.Namespace) -> int:
+    from pkfuse.harness.report import summary_lines
+    from pkfuse.harness.run import Config, run
+
+    from .report import error
+
+    size = check_arguments(args)
     own = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="pkfuse-restart-")) if own else Path(args.workdir)
     flows = ("persistent", "ephemeral") if args.flow == "both" else (args.flow,)
     config = Config(workdir, cycles=args.cycles, flows=flows, guest_size=size, vcpus=args.vcpus,
                     engine=args.engine, successors=args.successors, cancel_every=args.cancel_every,
                     device=not args.no_device, kill=args.kill, seed=args.seed)
-    tty = sys.stderr.isatty()
+    bar = None
+    if sys.stderr.isatty():
+        from .progress import ProgressBar
 
-    def progress(line: str) -> None:
-        if tty:
-            print(line, file=sys.stderr, flush=True)
+        bar = ProgressBar(dict.fromkeys(flows, args.cycles), sys.stderr)
 
     hooks = None
     if args.corrupt_gpa is not None:
@@ -94,11 +113,20 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
         hooks = Hooks(before_jump=lambda cast, cycle: cycle.index == 1 and cast.flip_byte(args.corrupt_gpa))
     old = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM tears down as Ctrl-C does
     try:
-        report = run(config, hooks=hooks, progress=progress)
+        if bar is not None:
+            bar.start()
+        report = run(config, hooks=hooks, progress=bar.cycle_done if bar is not None else None)
     finally:
+        if bar is not None:
+            bar.clear()
         signal.signal(signal.SIGTERM, old)
     if args.json:
         report.write_json(args.json)
+    if args.plot:
+        from pkfuse.harness.plot import write_png
+
+        width, height = write_png(report, args.plot)
+        print(f"blackout per part and cycle: {args.plot} ({width}x{height})")
     for line in summary_lines(report):
         print(line)
     if not report.ok:

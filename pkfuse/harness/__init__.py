@@ -11,7 +11,8 @@ One module per job:
   pages, DMA faults and records, fsck at the end), a ``Check`` each;
 - ``tables``: what a requester reaches, walked as the hardware walks it;
 - ``run``: a whole test, per design: the cast up, the cycles, the end checks, the cast down;
-- ``report``: per cycle and in total, JSON, the progress line, the one-line error.
+- ``report``: per cycle and in total, JSON, the summary lines, the one-line error;
+- ``plot``: the figure of ``--plot``: each cycle's blackout, part by part, both designs side by side.
 
 ``pkfuse restart-test`` (``pkfuse/cli/restart.py``) is its command line. Next: ``--kill
 PHASE|random`` (the jump inside another phase), the pytest plugin, ``pkfuse bench --only restart``.

@@ -28,6 +28,9 @@
   (every DMA it made, through its own context cache and IOTLB, reached the guest file's page for
   its IOVA: no stale or misdirected translation, in the live update and over the whole run) and
   ``check_records_advanced`` (its free-running writer stamped records inside the blackout);
+- after a translation change (a test's, through backing's ``Iommu``): ``check_no_stale_dma`` (no DMA
+  logged after it reached a page the tables no longer give for its IOVA: ``stale_after``, the
+  "after the change" form of ``misdirected``; both are ``astray`` against a page map);
 - at the end: ``check_fsck`` (``backing.fsck.check_image`` clean: its pool checks find no page
   leaked or owned twice).
 """
@@ -46,6 +49,7 @@ from pkfuse.vmm import abi, verify
 
 from . import tables
 from .cast import Cast
+from .device import IOTLB_HIT
 
 
 @dataclasses.dataclass
@@ -239,21 +243,58 @@ def check_dma_faults(entries: np.ndarray, start_mono: int, end_mono: int, when: 
     return Check(name, True, f"{w.size} DMAs")
 
 
+def guest_pages(extents: list[tuple[int, int, int]], size: int) -> np.ndarray:
+    """The physical address of each 4 KiB page of a guest of ``size`` bytes (IOVA = GPA = file offset),
+    from the guest file's ``(offset, phys, length)`` extents; 0 where no extent covers the page."""
+    pages = size // fmt.PAGE_SIZE
+    page_phys = np.zeros(pages, np.uint64)
+    for off, phys, length in extents:
+        lo, hi = off // fmt.PAGE_SIZE, min((off + length) // fmt.PAGE_SIZE, pages)
+        page_phys[lo:hi] = phys + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fmt.PAGE_SIZE)
+    return page_phys
+
+
+def astray(entries: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """The performed DMAs of the log that reached another physical address than ``pages`` gives for
+    their IOVA (``pages[iova >> 12]`` plus the offset in the page; where ``pages`` holds 0, or past its
+    end, nothing may be reached at all): a boolean per entry."""
+    done = entries["done"] == 1
+    iova = entries["iova"]
+    page = iova >> np.uint64(fmt.PAGE_SHIFT)
+    inside = page < np.uint64(pages.size)
+    want = np.zeros(entries.size, np.uint64)
+    want[inside] = pages[page[inside].astype(np.int64)]
+    mapped = want != 0
+    want[mapped] += iova[mapped] & np.uint64(fmt.PAGE_SIZE - 1)
+    return done & (~mapped | (entries["phys"] != want))
+
+
 def misdirected(cast: Cast, entries: np.ndarray) -> np.ndarray:
     """The performed DMAs of the log that reached another physical address than the guest file's page
     for their IOVA (IOVA = GPA; the extents say where each page is): a boolean per entry."""
-    pages = cast.guest_size // fmt.PAGE_SIZE
-    page_phys = np.zeros(pages, np.uint64)
-    for off, phys, length in cast.extents:
-        lo, hi = off // fmt.PAGE_SIZE, min((off + length) // fmt.PAGE_SIZE, pages)
-        page_phys[lo:hi] = phys + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fmt.PAGE_SIZE)
-    done = entries["done"] == 1
-    iova = entries["iova"]
-    inside = iova < np.uint64(cast.guest_size)
-    want = np.zeros(entries.size, np.uint64)
-    want[inside] = page_phys[(iova[inside] >> np.uint64(fmt.PAGE_SHIFT)).astype(np.int64)] \
-        + (iova[inside] & np.uint64(fmt.PAGE_SIZE - 1))
-    return done & (~inside | (entries["phys"] != want))
+    return astray(entries, guest_pages(cast.extents, cast.guest_size))
+
+
+def stale_after(entries: np.ndarray, since_mono: int, pages: np.ndarray) -> np.ndarray:
+    """The DMAs logged at or after ``since_mono`` (CLOCK_MONOTONIC, the log's clock) that went astray of
+    ``pages``, the translation as the tables give it after a change the driver finished before
+    ``since_mono`` (its invalidation's wait included): each is a translation the device's context cache
+    or IOTLB served stale -- the old page reached after an unmap or a remap."""
+    return astray(entries, pages) & (entries["time_ns"] >= np.uint64(since_mono))
+
+
+def check_no_stale_dma(entries: np.ndarray, since_mono: int, pages: np.ndarray, when: str) -> Check:
+    """No DMA after a translation change (``stale_after``) reached what the tables no longer map there."""
+    bad = stale_after(entries, since_mono, pages)
+    name = f"no stale DMA {when}"
+    later = int((entries["time_ns"] >= np.uint64(since_mono)).sum())
+    if bad.any():
+        e = entries[np.flatnonzero(bad)[0]]
+        hits = int((entries["iotlb"][bad] == IOTLB_HIT).sum())
+        return Check(name, False, f"{int(bad.sum())} of {later} DMAs since the change reached a page the tables no "
+                                  f"longer give ({hits} served by the IOTLB), first IOVA {int(e['iova']):#x} -> "
+                                  f"{int(e['phys']):#x}")
+    return Check(name, True, f"{later} DMAs since the change, each where the tables say")
 
 
 def check_dma_reached_guest(cast: Cast, entries: np.ndarray, when: str) -> Check:
@@ -282,4 +323,5 @@ def check_fsck(cast: Cast) -> Check:
 __all__ = ["Check", "Translations", "translations", "verdict", "check_guest_clean", "check_guest_continued",
            "check_guest_running", "check_translations", "check_translations_reach_guest", "check_session_finished", "check_no_saved_copy",
            "check_pages", "check_cancel", "check_ephemeral_poisoned", "check_dma_faults", "check_dma_reached_guest",
-           "check_records_advanced", "check_fsck", "check_crash_translations"]
+           "check_records_advanced", "check_fsck", "guest_pages", "astray", "misdirected", "stale_after",
+           "check_no_stale_dma", "check_crash_translations"]

@@ -108,6 +108,7 @@ class Cycle:
     kill: dict[str, Any] = dataclasses.field(default_factory=dict)  #: --kill: the plan, where it struck, outcome
     outcome: str = "live update"  #: or "unplanned crash" (a kill before the freeze committed, or after finish)
     gone: str = ""  #: the successor resumed, then ended: why
+    engine: str = ""  #: the successor VMM's engine ("kvm", "unicorn"), from its status
 
     def mark(self, edge: str) -> int:
         self.edges[edge] = t = realtime_ns()
@@ -141,7 +142,7 @@ class Cycle:
 
     def as_dict(self) -> dict[str, Any]:
         return {"cycle": self.index, "flow": self.flow, "successors": self.successors, "cancel": self.cancel,
-                "ok": self.ok, "outcome": self.outcome, "kill": dict(self.kill), "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
+                "engine": self.engine, "ok": self.ok, "outcome": self.outcome, "kill": dict(self.kill), "edges_ns": dict(self.edges), "blackout_s": self.blackout(),
                 "off_blackout_s": {k: self.timings.get(k) for k in ("rebuild", "finish")},
                 "freeze_s": dict(self.freeze_timings), "successor_timings_s": dict(self.timings),
                 "bytes_verified": self.bytes_verified, "dma": dict(self.dma),
@@ -338,6 +339,7 @@ def _successor_up(cast: Cast, cycle: Cycle, killer: Killer | None, mon2: Path, j
     cycle.mark("finish_end")
     cycle.monitor = str(mon2)
     cycle.timings = {k: float(v) for k, v in status.get("timings", {}).items()}
+    cycle.engine = str(status.get("engine", ""))
     return status
 
 

@@ -1,4 +1,4 @@
-"""The restart test's report: per cycle and in total, as JSON, as a progress line, as one line of error.
+"""The restart test's report: per cycle and in total, as JSON, as summary lines, as one line of error.
 
 Per cycle: the blackout (vCPUs paused -> resumed, the successor's own ``blackout``) and its parts
 -- ``freeze`` (the pause to the freeze's reply: save and ``reboot()``), ``jump`` (SIGKILL of the
@@ -85,18 +85,6 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def cycle_line(c: Cycle, of: int) -> str:
-    """One line per cycle: blackout and parts in ms, faults, verdict."""
-    b = c.blackout()
-    parts = " ".join(f"{k} {ms(b.get(k))}" for k in BLACKOUT_PARTS) if b else "no blackout measured"
-    faults = f", {c.dma['faults']} faults in {c.dma['dmas']} DMAs" if c.dma.get("dmas") is not None else ""
-    verdict = "ok" if c.ok else f"FAILED: {c.failed()[0].name}"
-    return (f"cycle {c.index}/{of} {c.flow}{' +cancel' if c.cancel else ''}: blackout {ms(b.get('total'))} ms, "
-            f"{ms(b.get('without_snapshot'))} without the harness's snapshot "
-            f"({parts}); rebuild {ms(c.timings.get('rebuild'))} finish {ms(c.timings.get('finish'))}{faults}: "
-            f"{verdict}")
-
-
 def summary_lines(report: Report) -> list[str]:
     t = report.totals()
     lines = [f"{t['cycles_ok']}/{t['cycles']} cycles ok, {t['bytes_verified'] >> 20} MiB of guest RAM verified, "
@@ -116,4 +104,4 @@ def summary_lines(report: Report) -> list[str]:
     return lines
 
 
-__all__ = ["Report", "cycle_line", "summary_lines"]
+__all__ = ["Report", "summary_lines"]

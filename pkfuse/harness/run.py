@@ -61,8 +61,9 @@ def device_available() -> bool:
     return importlib.util.find_spec("pkfuse.cli.device") is not None
 
 
-def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[str], None] | None = None) -> Report:
-    """Every flow of ``config``; the report (``report.ok``: every check held)."""
+def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[Cycle], None] | None = None) -> Report:
+    """Every flow of ``config``; the report (``report.ok``: every check held). ``progress`` is called with
+    each cycle once it is over (its checks made; its DMA counts come at the end of its flow)."""
     if config.kill is not None and config.seed is None:
         config.seed = random.SystemRandom().randrange(1 << 32)
     report = Report(config.as_dict())
@@ -92,7 +93,7 @@ def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[str],
 
 
 def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hooks | None,
-              progress: Callable[[str], None] | None) -> None:
+              progress: Callable[[Cycle], None] | None) -> None:
     sid = parse_rid(RID)
     cast.mkfs()
     cast.wait_mount(cast.start_mount())
@@ -122,7 +123,7 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
         previous = after if after is not None else previous
         last = cycle
         if progress is not None:
-            progress(_progress(cycle, config.cycles))
+            progress(cycle)
         if cast.vmm is None:  # the successor did not survive: nothing left to cycle
             break
         time.sleep(config.run_between)
@@ -155,12 +156,6 @@ def _spans(done: list[Cycle]) -> dict[str, float]:
                 "retrieve": sum(b[k] for k in ("wait", "retrieve", "remap", "vm_create", "vcpu_restore")),
                 "rebuild": c.timings.get("rebuild", 0.02), "finish": c.timings.get("finish", 0.01)}
     return {}
-
-
-def _progress(cycle: Cycle, of: int) -> str:
-    from .report import cycle_line
-
-    return cycle_line(cycle, of)
 
 
 def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, previous: Any, mine: list[Cycle]) -> None:

@@ -5,8 +5,10 @@ mounted after a test, passing or failing (the ``workdir`` fixture checks, and cl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -133,14 +135,22 @@ def test_a_rollback_the_guest_sees_is_named_and_ends_the_run(workdir: Path) -> N
 
 def test_the_command_exits_1_with_one_line_naming_cycle_and_check(workdir: Path) -> None:
     out = workdir.parent / "report.json"
+    png = workdir.parent / "blackout.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []  # the plot extra, where installed
     r = subprocess.run([sys.executable, "-m", "pkfuse", "restart-test", "--cycles", "1", "--workdir", str(workdir),
-                        "--json", str(out), "--corrupt-gpa", hex(RESERVED_GPA)],
+                        "--json", str(out), "--corrupt-gpa", hex(RESERVED_GPA), *plot],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("pkfuse: error: restart-test failed: cycle 1 (persistent): guest memory clean"), r.stderr
     d = json.loads(out.read_text())
     assert d["ok"] is False and d["error"].startswith("cycle 1 (persistent)")
+    if plot:  # drawn for a failing run too: its one cycle, measured and marked failed
+        from pkfuse.harness.plot import figure_size
+
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == figure_size(1)
+        assert f"blackout per part and cycle: {png} " in r.stdout, r.stdout
 
 
 def test_sigterm_tears_the_cast_down(workdir: Path) -> None:
@@ -160,6 +170,7 @@ def test_sigterm_tears_the_cast_down(workdir: Path) -> None:
     (["--cycles", "0"], "--cycles 0: at least 1"),
     (["--guest-size", "3M"], "--guest-size 3M: a multiple of 2 MiB"),
     (["--vcpus", "0"], "--vcpus 0: 1 to"),
+    (["--kill", "reboot"], "--kill reboot: one of prepare, freeze, jump"),
 ])
 def test_bad_arguments_are_one_line_before_anything_starts(workdir: Path, args: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "pkfuse", "restart-test", "--workdir", str(workdir), *args],
