@@ -44,6 +44,8 @@ class Config:
     settle: float = 0.5  #: seconds pre-started successors get before the freeze
     run_between: float = 0.2  #: seconds the guest runs between finish and the next prepare
     verify_ram: bool = True  #: after each finish, verify all of guest RAM at a pause (off the blackout)
+    iommu_pgsize: str = "2M"  #: the VMMs' ``--iommu-pgsize``: "4K" maps guest RAM with 4 KiB leaves only
+    dirty_share: float | None = None  #: the VMM's ``--dirty-share`` (None: its default)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -61,7 +63,8 @@ def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[str],
     report = Report(config.as_dict())
     for flow in config.flows:
         cast = Cast(Path(config.workdir) / flow, domains=flow, guest_size=config.guest_size, vcpus=config.vcpus,
-                    engine=config.engine, device=config.device and device_available())
+                    engine=config.engine, device=config.device and device_available(),
+                    iommu_pgsize=config.iommu_pgsize, dirty_share=config.dirty_share)
         if config.device and not cast.device:
             report.device[flow] = {"skipped": "pkfuse device is not in this pkfuse: the cast runs without it"}
         elif not config.device:
