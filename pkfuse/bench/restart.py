@@ -179,7 +179,8 @@ def leaf_summary(sizes: list[np.ndarray]) -> tuple[float, str]:
 
 
 def row_results(hr: Any, design: str, variant: Variant, *, floor: Floor | None, what: str,
-                leaves: list[np.ndarray] | None = None) -> list[tuple[str, float, str, dict[str, Any]]]:
+                leaves: list[np.ndarray] | None = None,
+                mount: dict[str, float] | None = None) -> list[tuple[str, float, str, dict[str, Any]]]:
     """The bench's results for one harness report (``pkfuse.harness.report.Report``) of one design:
     (name, value, unit, ``Report.add``'s keywords) each."""
     cycles = [c for c in hr.cycles if c.flow == design]
@@ -199,6 +200,8 @@ def row_results(hr: Any, design: str, variant: Variant, *, floor: Floor | None, 
     value = [b["total"] - b.get("snapshot", 0.0) for b in blackouts]
     med = {p: _median([b.get(p, 0.0) for b in blackouts]) * 1e3 for p in PARTS}
     parts = ", ".join(f"{PART_NAMES.get(p, p)} {med[p]:.0f}" for p in PARTS)
+    if mount:
+        parts += " (mount: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in mount.items()) + ")"
     snap_note = (f"; the harness's snapshot {_median(snap) * 1e3:.0f} ms left out (with it "
                  f"{_median([b['total'] for b in blackouts]) * 1e3:.0f})" if any(snap) else "")
     kw: dict[str, Any] = dict(detail=f"median of {len(value)} ({min(value) * 1e3:.0f}-{max(value) * 1e3:.0f} ms): "
@@ -233,6 +236,55 @@ def row_results(hr: Any, design: str, variant: Variant, *, floor: Floor | None, 
     out.append((f"  checks held, {head}", float(sum(c.ok for c in cycles)), "cycles", dict(
         at_least=max(1, n), detail=error or "every check of every cycle, and the end's (fsck)")))
     return out
+
+
+# ------------------------------------------------------------------ the mount part, from the daemon's log
+
+#: the daemon's log lines that mark the steps of a restore, in order (``pkfuse.daemon.serve``, ``backing.store``)
+MOUNT_MARKS = (("opened", "state recovered"), ("restored", "live update: boot"), ("served", "control socket"))
+MOUNT_STEPS = ("image opened", "IOMMU + sessions restored", "FUSE mount + socket", "seen")
+
+
+def _log_times(text: str) -> list[tuple[int, str]]:
+    """(CLOCK_REALTIME ns, message) of each line of a daemon log (``logs.py``'s format, local time, ms)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            stamp, msecs = line[:23].split(",")
+            t = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+            out.append((int(t * 1e9) + int(msecs) * 1_000_000, line[24:]))
+        except ValueError:
+            continue
+    return out
+
+
+def mount_steps(log_text: str, cycles: list[Any]) -> dict[str, float]:
+    """The mount part of each cycle's blackout split at the new daemon's log lines, medians in seconds:
+    until the image is opened (the lock noticed, fork, Store.open's replay; cold, also the interpreter's
+    start), the IOMMU's tables and the sessions restored, the FUSE mount call and the control socket, and
+    the rest (the ``pkfuse mount`` parent seeing the mount answer, the harness seeing it return). Lines are
+    stamped to the millisecond: each step is +-1 ms."""
+    lines = _log_times(log_text)
+    per: dict[str, list[float]] = {k: [] for k in MOUNT_STEPS}
+    for c in cycles:
+        e = c.edges
+        if "jump_end" not in e or not c.blackout():
+            continue
+        start = e["jump_end"]
+        end = start + int(c.blackout()["mount"] * 1e9)
+        at: dict[str, int] = {}
+        for key, text in MOUNT_MARKS:
+            hit = next((t for t, msg in lines if start - 1_000_000 <= t <= end + 1_000_000 and text in msg
+                        and t >= at.get("opened", 0)), None)
+            if hit is None:
+                break
+            at[key] = hit
+        if len(at) != len(MOUNT_MARKS):
+            continue
+        edges = [start, at["opened"], at["restored"], at["served"], max(end, at["served"])]
+        for k, a, b in zip(MOUNT_STEPS, edges, edges[1:]):
+            per[k].append(max(0, b - a) / 1e9)
+    return {k: _median(v) for k, v in per.items() if v}
 
 
 # ------------------------------------------------------------------ running a row
@@ -279,12 +331,17 @@ def run_row(report: Report, tmp: str, design: str, variant: Variant, *, guest: i
 
     try:
         hr = harness.run(config, progress=after_cycle)
+        try:
+            mount = mount_steps((work / design / "daemon.log").read_text(errors="replace"), hr.cycles)
+        except OSError:
+            mount = {}
     except (EngineError, RuntimeError) as exc:
         report.add(f"blackout, {design}, {variant.label}", 0.0, "ms", below=0.0, detail=f"did not run: {exc}")
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for name, value, unit, kw in row_results(hr, design, variant, floor=floor, what=what, leaves=leaves):
+    for name, value, unit, kw in row_results(hr, design, variant, floor=floor, what=what, leaves=leaves,
+                                             mount=mount):
         report.add(name, value, unit, **kw)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,22 @@ def test_rows_from_a_report_take_medians_without_the_snapshot_and_judge_the_targ
     missed = {r.name.split(",")[0].strip() for r in report.misses}
     assert missed == {"DMAs served in each blackout", "DMA faults", "IOVAs on 4 KiB leaves after each rebuild",
                       "checks held"}
+
+
+def test_the_mount_part_is_split_at_the_new_daemons_log_lines() -> None:
+    c = _cycle(1, "persistent", 180, 100, 40)  # mount: jump_end + 30 ms
+    t = (c.edges["jump_end"] // MS) / 1e3  # the log's clock: local time, to the millisecond
+
+    def line(dt_ms: int, msg: str) -> str:
+        at = t + dt_ms / 1e3
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f",{int(round(at * 1e3)) % 1000:03d} 7 INFO x: {msg}"
+
+    log = "\n".join([line(-500, "control socket /old"), line(12, "host.img: was not closed cleanly; state recovered"),
+                     line(20, "live update: boot 1, 1 sessions restored, 0 refused"), line(23, "mounting"),
+                     line(24, "control socket /s"), "a line without a stamp"])
+    steps = rb.mount_steps(log, [c])
+    assert list(steps) == list(rb.MOUNT_STEPS)
+    assert [round(v * 1e3) for v in steps.values()] == [12, 8, 4, 6]  # and 6 ms until the harness saw it
 
 
 def test_a_report_without_a_blackout_is_a_miss_naming_the_error() -> None:
