@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart-guest-size", default=None, metavar="SIZE",
                         help="restart area: guest RAM (default 16G; 256M with --quick)")
     parser.add_argument("--restart-cycles", type=int, default=None, metavar="N",
-                        help="restart area: live updates per row (default 3; 1 with --quick)")
+                        help="restart area: live updates per row (default 5; 1 with --quick)")
     parser.add_argument("--restart-dirty-share", type=float, default=None, metavar="F",
                         help="restart area: the share of RAM the guest keeps dirtying (default 0.5, or 1 GiB's "
                              "worth of a bigger guest)")

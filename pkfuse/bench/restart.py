@@ -2,7 +2,7 @@
 
 Each row is a whole restart test (``pkfuse.harness.run.run`` of a ``Config``): an image, its
 daemon, a VM on KVM (Unicorn where ``/dev/kvm`` does not open) with 2 vCPUs, and its DMA device
-(``pkfuse device --records`` at 2,000 DMA/s through the IOMMU), then ``--restart-cycles`` live
+(``pkfuse device --records`` at 2,000 DMA/s through the IOMMU), then ``--restart-cycles`` (5) live
 updates, every one checked as ``pkfuse restart-test`` checks it, then the end checks (fsck). Rows,
 for each design (persistent: pkernfs, the domains in the image; ephemeral: the review's, the
 domains in host RAM and a saved copy made at the freeze):
@@ -364,7 +364,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
     quick = bool(getattr(args, "quick", False))
     size_arg = getattr(args, "restart_guest_size", None)
     guest = _parse_size(size_arg) if size_arg else (256 * MiB if quick else 16 * GiB)
-    cycles = getattr(args, "restart_cycles", None) or (1 if quick else 3)
+    cycles = getattr(args, "restart_cycles", None) or (1 if quick else 5)
     share = getattr(args, "restart_dirty_share", None)
     dirty = share if share is not None else default_dirty_share(guest)
     if not device_available():
