@@ -36,6 +36,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cancel-every", type=int, default=0, metavar="N",
                    help="every Nth cycle first runs a prepare that is cancelled, and checks nothing changed")
     p.add_argument("--no-device", action="store_true", help="run without pkfuse device")
+    p.add_argument("--iommu-pgsize", choices=("2M", "4K"), default="2M",
+                   help="the VMMs' IOMMU leaves: superpages where aligned (default) or 4 KiB only")
+    p.add_argument("--dirty-share", type=float, default=None, metavar="F",
+                   help="the share of guest RAM the guest keeps dirtying (default: the VMM's, 0.5)")
     p.add_argument("--json", metavar="FILE", help="the whole report ('-': stdout)")
     p.add_argument("--workdir", metavar="DIR", help="where the image, sockets and logs go (kept)")
     p.add_argument("--corrupt-gpa", type=lambda v: int(v, 0), metavar="GPA", help=argparse.SUPPRESS)
@@ -66,12 +70,14 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
                          f"{abi.MIN_RAM >> 20} MiB")
     if not 1 <= args.vcpus <= abi.MAX_VCPUS:
         raise ValueError(f"--vcpus {args.vcpus}: 1 to {abi.MAX_VCPUS}")
+    if args.dirty_share is not None and not 0 < args.dirty_share <= 1:
+        raise ValueError(f"--dirty-share {args.dirty_share:g}: above 0, at most 1")
     own = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="pkfuse-restart-")) if own else Path(args.workdir)
     flows = ("persistent", "ephemeral") if args.flow == "both" else (args.flow,)
     config = Config(workdir, cycles=args.cycles, flows=flows, guest_size=size, vcpus=args.vcpus,
                     engine=args.engine, successors=args.successors, cancel_every=args.cancel_every,
-                    device=not args.no_device)
+                    device=not args.no_device, iommu_pgsize=args.iommu_pgsize, dirty_share=args.dirty_share)
     tty = sys.stderr.isatty()
 
     def progress(line: str) -> None:
