@@ -198,7 +198,9 @@ def row_results(hr: Any, design: str, variant: Variant, *, floor: Floor | None, 
         return out
     snap = [b.get("snapshot", 0.0) for b in blackouts]
     value = [b["total"] - b.get("snapshot", 0.0) for b in blackouts]
-    med = {p: _median([b.get(p, 0.0) for b in blackouts]) * 1e3 for p in PARTS}
+    # the parts' medians as the harness's report totals them (each part's own median over the cycles)
+    per = hr.totals().get(design, {}).get("blackout_s", {})
+    med = {p: (per[p]["median"] if p in per else _median([b.get(p, 0.0) for b in blackouts])) * 1e3 for p in PARTS}
     parts = ", ".join(f"{PART_NAMES.get(p, p)} {med[p]:.0f}" for p in PARTS)
     if mount:
         parts += " (mount: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in mount.items()) + ")"
