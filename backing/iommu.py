@@ -88,7 +88,8 @@ removed at open. Ephemeral tables need no crash story: a kill loses them all.
 
 Superpages: ``map`` uses 1 GiB (SL-PDPE) and 2 MiB (SL-PDE) leaves wherever
 the IOVA slot is wholly inside the request and IOVA and physical address
-are aligned alike. ``unmap`` of part of a superpage splits it first (the
+are aligned alike (``huge=False``: 4 KiB leaves only, for an IOAS whose
+huge pages are off). ``unmap`` of part of a superpage splits it first (the
 rest stays mapped), so unmap works on any 4 KiB-aligned range.
 
 All state changes hold ``store.lock``; none sleeps while holding it
@@ -452,9 +453,11 @@ class Domain:
 
     # ------------------------------------------------------------- mapping
 
-    def map(self, iova: int, phys_addr: int, length: int, *, write: bool = True) -> None:
+    def map(self, iova: int, phys_addr: int, length: int, *, write: bool = True, huge: bool = True) -> None:
         """Map ``[iova, iova + length)`` to ``[phys_addr, ...)``, readable, writable if ``write``.
 
+        ``huge`` False: 4 KiB leaves only, no superpage (iommufd's IOAS with
+        ``IOMMU_OPTION_HUGE_PAGES`` 0: "everything is mapped to PAGE_SIZE").
         Refuses (StoreError) EINVAL for misalignment or a range beyond 48
         bits, EFAULT unless every physical page belongs to a guest-RAM
         file, EEXIST if any part of the IOVA range is mapped already. A
@@ -469,12 +472,13 @@ class Domain:
             a, n = iova >> fmt.PAGE_SHIFT, length >> fmt.PAGE_SHIFT
             pfn0 = phys_addr >> fmt.PAGE_SHIFT
             runs = self.iommu._guest_runs(pfn0 - g.base_pfn, n, strict=True)
-            plan = self._plan_map(a, a + n, pfn0, write)
+            plan = self._plan_map(a, a + n, pfn0, write, huge)
             self._apply_plan(plan)
             for ino, _page, count, _off in runs:
                 self.pins[ino] = self.pins.get(ino, 0) + count
 
-    def map_file(self, ino: int, offset: int, length: int, iova: int, *, write: bool = True) -> None:
+    def map_file(self, ino: int, offset: int, length: int, iova: int, *, write: bool = True,
+                 huge: bool = True) -> None:
         """Map bytes ``[offset, offset + length)`` of guest-RAM file ``ino`` at ``iova``, all or nothing.
 
         The call behind iommufd's IOAS_MAP_FILE. Offsets and lengths are
@@ -484,7 +488,8 @@ class Domain:
         ``[iova, iova + length)`` inside the 48-bit IOVA space. The range is
         split where the file's extents stop being physically contiguous and
         each piece goes through ``map`` (2 MiB and 1 GiB leaves wherever IOVA
-        and physical address are aligned alike). If a piece is refused
+        and physical address are aligned alike, unless ``huge`` is False: then
+        4 KiB leaves only). If a piece is refused
         (EEXIST for an IOVA mapped already, ENOSPC for table pages, ...) the
         pieces mapped before it are unmapped, so translations and pins are
         as before the call. Holds ``store.lock`` throughout, so the file's
@@ -525,18 +530,19 @@ class Domain:
             done: list[tuple[int, int]] = []
             try:
                 for p_iova, p_phys, n in pieces:
-                    self.map(p_iova, p_phys, n, write=write)
+                    self.map(p_iova, p_phys, n, write=write, huge=huge)
                     done.append((p_iova, n))
             except BaseException:
                 for p_iova, n in reversed(done):  # all or nothing
                     self.unmap(p_iova, n)
                 raise
 
-    def _plan_map(self, a: int, b: int, pfn0: int, write: bool) -> _Plan:
-        """Every entry a map of IOVA pages [a, b) writes; new tables numbered -1, -2, ..."""
+    def _plan_map(self, a: int, b: int, pfn0: int, write: bool, huge: bool = True) -> _Plan:
+        """Every entry a map of IOVA pages [a, b) writes; new tables numbered -1, -2, ...
+        (superpages where aligned, unless ``huge`` is False)."""
         u64 = self._u64
         delta = pfn0 - a
-        aligned = (False, delta % _LEVEL_PAGES[1] == 0, delta % _LEVEL_PAGES[2] == 0, True)
+        aligned = (False, huge and delta % _LEVEL_PAGES[1] == 0, huge and delta % _LEVEL_PAGES[2] == 0, True)
         plan = _Plan()
         slots, tref = self._pml4_slots(a, b)
         for level in range(fmt.VTD_LEVELS):

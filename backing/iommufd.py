@@ -18,6 +18,8 @@ context is ENOENT, as a foreign id is to the kernel.
   every area is mirrored into every HWPT allocated from it, all or nothing.
   A file with an area is pinned (truncate-down and unlink give EBUSY) for as
   long as the area exists, whether or not a HWPT maps it.
+  ``huge_pages`` is ``IOMMU_OPTION_HUGE_PAGES`` (``Context.option``): on by
+  default; off, every HWPT maps it with 4 KiB leaves only.
 * ``Hwpt`` -- a hardware page table: one ``Domain`` (VT-d second-level
   tables in ``iommu/dom-<DID>``) made from one IOAS. ``auto`` HWPTs are the
   ones ``device_attach`` makes for an IOAS; they go when no device uses them.
@@ -60,6 +62,10 @@ U64_MAX = (1 << 64) - 1
 #: the leaf sizes an automatically placed IOVA is aligned for, largest first
 _LEAF_SIZES = (1 << 30, 1 << 21, PS)
 
+#: ``enum iommufd_option`` and ``enum iommufd_option_ops`` (iommufd.h), for ``Context.option``
+OPTION_RLIMIT_MODE, OPTION_HUGE_PAGES = 0, 1
+OPTION_OP_SET, OPTION_OP_GET = 0, 1
+
 
 def _err(code: int, msg: str) -> StoreError:
     return StoreError(code, msg)
@@ -100,6 +106,7 @@ class Ioas:
         self.areas: list[Area] = []  #: sorted by iova, never overlapping
         self.hwpts: list[Hwpt] = []
         self.frozen = False  #: preserved by a live-update session: map/unmap EBUSY
+        self.huge_pages = True  #: IOMMU_OPTION_HUGE_PAGES: superpages where aligned; False: 4 KiB leaves only
 
     def overlapping(self, first: int, last: int) -> list[Area]:
         """Areas that share an IOVA with ``[first, last]``."""
@@ -280,6 +287,7 @@ class Context:
         self.objects: dict[int, Obj] = {}
         self._ids = itertools.count(1)
         self.closed = False
+        self.rlimit_mode = 0  #: IOMMU_OPTION_RLIMIT_MODE, kept only: pkfuse accounts no pinned memory
 
     @property
     def _lock(self):  # noqa: ANN202 - the store's RLock
@@ -366,7 +374,7 @@ class Context:
             done: list[Domain] = []
             try:
                 for h in ioas.hwpts:
-                    h.domain.map_file(ino, start, length, iova, write=writeable)
+                    h.domain.map_file(ino, start, length, iova, write=writeable, huge=ioas.huge_pages)
                     done.append(h.domain)
             except BaseException:
                 for d in done:  # all or nothing across the domains
@@ -432,6 +440,49 @@ class Context:
         ioas.areas.remove(area)
         self.fd._pin(area, -1)
 
+    def option(self, option_id: int, op: int, object_id: int, val64: int) -> int:
+        """IOMMU_OPTION: set or get one option; returns its value (``val64`` back on a set).
+
+        ``OPTION_HUGE_PAGES`` is per IOAS (``object_id``): 1 (the default) lets
+        maps use superpages, 0 maps everything with 4 KiB leaves. As
+        ``iopt_disable_large_pages``: turning it off is EINVAL once the IOAS
+        has both areas and HWPTs (what is mapped may be in superpages already);
+        turning it on is always allowed (later maps may use superpages). A
+        preserved IOAS is EBUSY (pkfuse: its HWPT's tables are fixed).
+        ``OPTION_RLIMIT_MODE`` is global (``object_id`` 0, else EOPNOTSUPP):
+        pkfuse accounts no pinned memory, so it only keeps the value. Other
+        options or ops EOPNOTSUPP, a value other than 0 or 1 EINVAL, an
+        ``object_id`` that is no IOAS ENOENT, as main.c and ioas.c answer.
+        """
+        with self._lock:
+            if option_id == OPTION_RLIMIT_MODE:
+                if object_id:
+                    raise _err(errno.EOPNOTSUPP, "IOMMU_OPTION_RLIMIT_MODE is global: object_id must be 0")
+                if op == OPTION_OP_GET:
+                    return self.rlimit_mode
+                if op != OPTION_OP_SET:
+                    raise _err(errno.EOPNOTSUPP, f"unknown option op {op}")
+                if val64 not in (0, 1):
+                    raise _err(errno.EINVAL, f"IOMMU_OPTION_RLIMIT_MODE is 0 or 1, not {val64}")
+                self.rlimit_mode = val64
+                return val64
+            if option_id != OPTION_HUGE_PAGES:
+                raise _err(errno.EOPNOTSUPP, f"unknown option {option_id}")
+            ioas = self.ioas(object_id)
+            if op == OPTION_OP_GET:
+                return int(ioas.huge_pages)
+            if op != OPTION_OP_SET:
+                raise _err(errno.EOPNOTSUPP, f"unknown option op {op}")
+            if val64 not in (0, 1):
+                raise _err(errno.EINVAL, f"IOMMU_OPTION_HUGE_PAGES is 0 or 1, not {val64}")
+            if ioas.frozen and bool(val64) != ioas.huge_pages:
+                raise _err(errno.EBUSY, f"IOAS {object_id} is preserved for live update: its maps are fixed")
+            if not val64 and ioas.huge_pages and ioas.areas and ioas.hwpts:
+                raise _err(errno.EINVAL, f"IOAS {object_id} has areas mapped into HWPTs already: huge pages "
+                                         "can be turned off only before")
+            ioas.huge_pages = bool(val64)
+            return val64
+
     def ioas_iova_ranges(self, ioas_id: int) -> tuple[list[tuple[int, int]], int]:
         """The IOVA ranges a map may use, as (start, last), and the IOVA alignment in bytes."""
         with self._lock:
@@ -472,7 +523,7 @@ class Context:
         domain = io.create_domain(ephemeral=True) if self.fd.ephemeral else io.create_domain(flags=fmt.DOMF_IOMMUFD)
         try:
             for a in ioas.areas:
-                domain.map_file(a.ino, a.offset, a.length, a.iova, write=a.writeable)
+                domain.map_file(a.ino, a.offset, a.length, a.iova, write=a.writeable, huge=ioas.huge_pages)
         except BaseException:
             io.destroy_domain(domain)  # never attached: no grace period to wait out
             raise

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-AREAS = ("store", "mount", "iommu", "control", "vmm", "crash")  #: modules of this package, run in this order
+AREAS = ("store", "mount", "iommu", "control", "vmm", "crash", "restart")  #: modules of this package, in run order
+#: what a run without ``--only`` measures: ``restart`` (whole live updates of a 16 GiB VM, minutes) only on request
+DEFAULT_AREAS = tuple(a for a in AREAS if a != "restart")
 
 
 @dataclasses.dataclass
@@ -98,18 +100,27 @@ def best_interleaved(fns: list[Callable[[], object]], *, rounds: int,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast sanity run")
     parser.add_argument("--only", action="append", choices=AREAS, metavar="AREA",
-                        help=f"run only this area (repeatable): {', '.join(AREAS)}")
+                        help=f"run only this area (repeatable): {', '.join(AREAS)}; without it, every area "
+                             "but restart")
     parser.add_argument("--dir", default=None, help="directory for scratch images (default: a temporary one)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     parser.add_argument("--stress", type=int, default=0, metavar="N",
                         help="crash area: run N kill points instead of the default")
+    # the restart area's (pkfuse.bench.restart, not imported here: every pkfuse command builds this parser)
+    parser.add_argument("--restart-guest-size", default=None, metavar="SIZE",
+                        help="restart area: guest RAM (default 16G; 256M with --quick)")
+    parser.add_argument("--restart-cycles", type=int, default=None, metavar="N",
+                        help="restart area: live updates per row (default 5; 1 with --quick)")
+    parser.add_argument("--restart-dirty-share", type=float, default=None, metavar="F",
+                        help="restart area: the share of RAM the guest keeps dirtying (default 0.5, or 1 GiB's "
+                             "worth of a bigger guest)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected areas; exit status 1 if a target was missed."""
     report = Report()
     print(f"{'area':7s} {'measure':52s} {'value':>12s} {'unit':8s} {'target':16s}")
-    for area in args.only or AREAS:
+    for area in args.only or DEFAULT_AREAS:
         report.area = area
         module = importlib.import_module(f"{__name__}.{area}")
         module.run(report, args)

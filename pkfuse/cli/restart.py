@@ -45,6 +45,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "freeze committed is judged as an unplanned crash")
     p.add_argument("--seed", type=int, help="of --kill's draws (default: drawn, and in the --json report)")
     p.add_argument("--no-device", action="store_true", help="run without pkfuse device")
+    p.add_argument("--iommu-pgsize", choices=("2M", "4K"), default="2M",
+                   help="the VMMs' IOMMU leaves: superpages where aligned (default) or 4 KiB only")
+    p.add_argument("--dirty-share", type=float, default=None, metavar="F",
+                   help="the share of guest RAM the guest keeps dirtying (default: the VMM's, 0.5)")
     p.add_argument("--json", metavar="FILE", help="the whole report ('-': stdout)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="a PNG of each cycle's blackout, part by part, a panel per design (needs matplotlib)")
@@ -73,6 +77,8 @@ def check_arguments(args: argparse.Namespace) -> int:
                          f"{abi.MIN_RAM >> 20} MiB")
     if not 1 <= args.vcpus <= abi.MAX_VCPUS:
         raise ValueError(f"--vcpus {args.vcpus}: 1 to {abi.MAX_VCPUS}")
+    if args.dirty_share is not None and not 0 < args.dirty_share <= 1:
+        raise ValueError(f"--dirty-share {args.dirty_share:g}: above 0, at most 1")
     if args.plot is not None:
         from pkfuse.harness.plot import require_matplotlib
 
@@ -99,7 +105,8 @@ def cmd_restart_test(args: argparse.Namespace) -> int:
     flows = ("persistent", "ephemeral") if args.flow == "both" else (args.flow,)
     config = Config(workdir, cycles=args.cycles, flows=flows, guest_size=size, vcpus=args.vcpus,
                     engine=args.engine, successors=args.successors, cancel_every=args.cancel_every,
-                    device=not args.no_device, kill=args.kill, seed=args.seed)
+                    device=not args.no_device, kill=args.kill, seed=args.seed,
+                    iommu_pgsize=args.iommu_pgsize, dirty_share=args.dirty_share)
     bar = None
     if sys.stderr.isatty():
         from .progress import ProgressBar

@@ -46,6 +46,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="00:03.0", help="requester id of the DMA device, or 'none'")
     r.add_argument("--dirty-share", type=float, default=0.5, help="fraction of RAM the guest keeps dirtying")
     r.add_argument("--dma-every", type=int, default=64, help="guest steps between DMA requests (0: none)")
+    r.add_argument("--iommu-pgsize", choices=["2M", "4K"], default="2M",
+                   help="IOMMU leaves of the device's HWPT: 2M (default) superpages wherever guest RAM is aligned "
+                        "for them; 4K every leaf 4 KiB (IOMMU_OPTION_HUGE_PAGES 0 on the IOAS); give the successor "
+                        "(--incoming) the same")
     r.add_argument("--seconds", type=float, help="stop after this long")
     r.add_argument("--json", metavar="FILE", help="write the final state and timings here ('-': stdout)")
     r.add_argument("--resume", action="store_true", help="continue from GUEST_FILE.vmstate")
@@ -106,12 +110,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         try:
             if args.incoming:
-                vmm = Vmm.incoming(args.guest, args.incoming, engine=args.engine, timeout=args.timeout)
+                vmm = Vmm.incoming(args.guest, args.incoming, engine=args.engine, timeout=args.timeout,
+                                   iommu_pgsize=args.iommu_pgsize)
             else:
                 if args.memory is None:
                     raise VmmError("--memory is required (unless --incoming)")
                 spec = VmmSpec(args.guest, parse_size(args.memory), args.vcpus, args.engine,
-                               None if args.device == "none" else args.device, args.dirty_share, args.dma_every)
+                               None if args.device == "none" else args.device, args.dirty_share, args.dma_every,
+                               iommu_pgsize=args.iommu_pgsize)
                 vmm = Vmm.start(spec, resume=args.resume, reboot=args.reboot)
         except _Stop as exc:
             raise VmmError(f"stopped by {exc} before the VM ran") from None

@@ -196,6 +196,7 @@ class ControlServer:
                 wire.IOMMU_IOAS_MAP_FILE: (wire.iommu_ioas_map_file, self._ioas_map_file),
                 wire.IOMMU_IOAS_UNMAP: (wire.iommu_ioas_unmap, self._ioas_unmap),
                 wire.IOMMU_IOAS_IOVA_RANGES: (wire.iommu_ioas_iova_ranges, self._ioas_iova_ranges),
+                wire.IOMMU_OPTION: (wire.iommu_option, self._option),
                 wire.IOMMU_HWPT_ALLOC: (wire.iommu_hwpt_alloc, self._hwpt_alloc),
                 wire.VFIO_DEVICE_BIND_IOMMUFD: (wire.pkfuse_device_bind_iommufd, self._device_bind),
                 wire.VFIO_DEVICE_ATTACH_IOMMUFD_PT: (wire.pkfuse_device_attach_iommufd_pt, self._device_attach),
@@ -382,6 +383,10 @@ class ControlServer:
         if capacity < len(ranges):  # the kernel copies the count back with EMSGSIZE
             return errno.EMSGSIZE, wire.respond(arg) + wire.encode_iova_ranges(ranges[:capacity]), []
         return 0, wire.respond(arg) + wire.encode_iova_ranges(ranges), []
+
+    async def _option(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
+        arg.val64 = self._ctx(conn).option(arg.option_id, arg.op, arg.object_id, arg.val64)
+        return 0, wire.respond(arg), []
 
     async def _hwpt_alloc(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
         if arg.flags or arg.data_type:

@@ -253,7 +253,8 @@ def _iommufd_object(iommufd: Iommufd, obj: object) -> list[str]:
     if isinstance(obj, Ioas):
         hwpts = ", ".join(str(h.id) for h in obj.hwpts) or "none"
         frozen = ", preserved" if obj.frozen else ""
-        out = [f"ioas {obj.id}: {len(obj.areas)} areas, hwpts {hwpts}{frozen}"]
+        small = ", huge pages off" if not obj.huge_pages else ""  # IOMMU_OPTION_HUGE_PAGES 0: 4 KiB leaves
+        out = [f"ioas {obj.id}: {len(obj.areas)} areas, hwpts {hwpts}{frozen}{small}"]
         for a in obj.areas:
             out.append(f"  {a.iova:#014x}-{a.last:#014x} -> {_ino_path(iommufd.store, a.ino)}+{a.offset:#x} "
                        f"{'rw' if a.writeable else 'r-'}")

@@ -97,6 +97,8 @@ class Cast:
     engine: str = "auto"
     device: bool = True
     device_rate: float = 2000.0
+    iommu_pgsize: str = "2M"  #: ``pkfuse vmm run --iommu-pgsize`` of the VMM and of every successor
+    dirty_share: float | None = None  #: ``pkfuse vmm run --dirty-share`` (None: the VMM's default)
     procs: list[Proc] = field(default_factory=list)
     daemon: Proc | None = None  #: the daemon serving ``mnt`` now (or last)
     vmm: Proc | None = None  #: the running VMM
@@ -275,7 +277,8 @@ class Cast:
         ``reboot``: after a crash, a cold boot of the same VM over its RAM (``--reboot``)."""
         p = self.spawn("vmm", ["vmm", "run", str(self.guest), "--memory", str(self.guest_size), "--vcpus",
                                str(self.vcpus), "--engine", self.engine, "--device", RID, "--monitor",
-                               str(monitor), "--quiet", *(["--reboot"] if reboot else [])], "vmm.log")
+                               str(monitor), "--quiet", *self._vmm_options(first=True),
+                               *(["--reboot"] if reboot else [])], "vmm.log")
         self.wait_monitor(p, monitor)
         self.vmm, self.vmm_monitor = p, monitor
         self.read_extents()
@@ -285,7 +288,14 @@ class Cast:
         """``pkfuse vmm run --incoming vm0 MNT --json FILE --monitor SOCK2``: waits for a daemon offering vm0."""
         return self.spawn("successor", ["vmm", "run", "--incoming", GUEST, str(self.mnt), "--engine", self.engine,
                                         "--json", str(json_file), "--monitor", str(monitor), "--timeout",
-                                        f"{timeout:g}", "--quiet"], "vmm.log")
+                                        f"{timeout:g}", "--quiet", *self._vmm_options(first=False)], "vmm.log")
+
+    def _vmm_options(self, *, first: bool) -> list[str]:
+        """The options beyond the defaults: the IOMMU page size (the successors' too), the dirty share."""
+        opts = ["--iommu-pgsize", self.iommu_pgsize] if self.iommu_pgsize != "2M" else []
+        if first and self.dirty_share is not None:
+            opts += ["--dirty-share", f"{self.dirty_share:g}"]
+        return opts
 
     def wait_monitor(self, p: Proc, monitor: Path, timeout: float = 60.0) -> dict:
         """Wait until ``p`` serves its monitor; its ``status`` (``Vmm.describe()``)."""

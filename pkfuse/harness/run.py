@@ -49,6 +49,8 @@ class Config:
     verify_ram: bool = True  #: after each finish, verify all of guest RAM at a pause (off the blackout)
     kill: str | None = None  #: ``--kill``: a phase of ``kill.KILL_PHASES`` or "random" (the jump lands there)
     seed: int | None = None  #: of the kills' instants (None: drawn, and recorded in the report)
+    iommu_pgsize: str = "2M"  #: the VMMs' ``--iommu-pgsize``: "4K" maps guest RAM with 4 KiB leaves only
+    dirty_share: float | None = None  #: the VMM's ``--dirty-share`` (None: its default)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -69,7 +71,8 @@ def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[Cycle
     report = Report(config.as_dict())
     for flow in config.flows:
         cast = Cast(Path(config.workdir) / flow, domains=flow, guest_size=config.guest_size, vcpus=config.vcpus,
-                    engine=config.engine, device=config.device and device_available())
+                    engine=config.engine, device=config.device and device_available(),
+                    iommu_pgsize=config.iommu_pgsize, dirty_share=config.dirty_share)
         if config.device and not cast.device:
             report.device[flow] = {"skipped": "pkfuse device is not in this pkfuse: the cast runs without it"}
         elif not config.device:

@@ -340,6 +340,17 @@ class Iommufd(_Connection):
             return ranges, out.out_iova_alignment
         raise AssertionError("unreachable")  # the loop returns or raises
 
+    def option(self, option_id: int, op: int, object_id: int = 0, val64: int = 0) -> int:
+        """IOMMU_OPTION: set (``op`` SET, ``val64``) or get (``op`` GET) an option; returns its value.
+
+        ``option_id``: ``wire.iommufd_option``; e.g. ``IOMMU_OPTION_HUGE_PAGES``
+        0 on a new IOAS (``object_id``), before its first map into a HWPT, for
+        4 KiB leaves only.
+        """
+        out, _, _ = self._call(wire.IOMMU_OPTION, wire.new(wire.iommu_option, option_id=int(option_id), op=int(op),
+                                                            object_id=object_id, val64=val64))
+        return out.val64
+
     def hwpt_alloc(self, dev_id: int, pt_id: int, flags: int = 0) -> int:
         """IOMMU_HWPT_ALLOC: a HWPT (an iommu_domain) for the device from IOAS ``pt_id``; returns its id.
 

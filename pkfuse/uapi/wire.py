@@ -358,6 +358,51 @@ class iommu_ioas_unmap(_Struct):
 IOMMU_IOAS_UNMAP = _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_UNMAP)
 
 
+class iommufd_option(enum.IntEnum):
+    """``enum iommufd_option`` (iommufd.h).
+
+    RLIMIT_MODE: how RLIMIT_MEMLOCK accounting works (0 per user, 1 per
+    process); global, object_id 0. HUGE_PAGES: 1 (the default) lets
+    contiguous pages be combined into larger IOMMU mappings, 0 maps
+    everything with PAGE_SIZE leaves ("useful for benchmarking"); per IOAS,
+    object_id the IOAS, and it can be turned off only before an area is
+    mapped into a HWPT (``iopt_disable_large_pages``: EINVAL after).
+    """
+
+    IOMMU_OPTION_RLIMIT_MODE = 0
+    IOMMU_OPTION_HUGE_PAGES = 1
+
+
+class iommufd_option_ops(enum.IntEnum):
+    """``enum iommufd_option_ops`` (iommufd.h)."""
+
+    IOMMU_OPTION_OP_SET = 0
+    IOMMU_OPTION_OP_GET = 1
+
+
+@_min_size_through("val64")
+class iommu_option(_Struct):
+    """``struct iommu_option`` (iommufd.h): set or get one option of an object or of the context.
+
+    option_id: ``iommufd_option``; unknown EOPNOTSUPP. op: ``iommufd_option_ops``;
+    unknown EOPNOTSUPP. __reserved: must be 0 (EOPNOTSUPP). object_id: the
+    IOAS for HUGE_PAGES, 0 for RLIMIT_MODE. val64: in, the value to set (0 or
+    1, else EINVAL); out, the value (a get), as main.c copies val64 back.
+    """
+
+    _fields_ = [
+        ("size", u32),
+        ("option_id", u32),
+        ("op", u16),
+        ("__reserved", u16),
+        ("object_id", u32),
+        ("val64", aligned_u64),
+    ]
+
+
+IOMMU_OPTION = _IO(IOMMUFD_TYPE, IOMMUFD_CMD_OPTION)
+
+
 class iommufd_hwpt_alloc_flags(enum.IntFlag):
     """``enum iommufd_hwpt_alloc_flags`` (iommufd.h)."""
 
@@ -1046,6 +1091,7 @@ SIZES: dict[type[ctypes.Structure], int] = {
     iommu_ioas_iova_ranges: 32,
     iommu_ioas_map_file: 40,
     iommu_ioas_unmap: 24,
+    iommu_option: 24,
     iommu_hwpt_alloc: 48,
     iommu_hwpt_lu_set_preserve: 12,
     vfio_device_bind_iommufd: 24,

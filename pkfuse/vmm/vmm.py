@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from backing.errors import PkfuseError
-from pkfuse.uapi import Iommufd, LiveUpdate
+from pkfuse.uapi import Iommufd, LiveUpdate, wire
 from pkfuse.uapi.client import Session, parse_rid
 
 from . import abi, boot, cpustate, guest, handover
@@ -46,6 +46,10 @@ from .memory import GuestMemory
 log = logging.getLogger(__name__)
 
 RAM_TOKEN, STATE_TOKEN, HWPT_TOKEN = 1, 2, 3
+#: the IOMMU leaf sizes a VMM may ask for its device's HWPT: "2M" lets the kernel use superpages wherever
+#: guest RAM's pages are aligned for them (iommufd's default), "4K" sets IOMMU_OPTION_HUGE_PAGES 0 on the
+#: IOAS before guest RAM is mapped, so every leaf is 4 KiB
+IOMMU_PGSIZES = ("2M", "4K")
 STATE_SUFFIX = ".vmstate"
 STATUS_FILE = Path(".pkernfs", "status")
 
@@ -68,6 +72,7 @@ class VmmSpec:
     dma_length: int = abi.BUFFER_SIZE
     seed: int = 0
     mode: int = abi.MODE_RUN
+    iommu_pgsize: str = "2M"  #: ``IOMMU_PGSIZES``: "4K" turns the IOAS's huge pages off
 
 
 def find_mountpoint(path: str | os.PathLike[str]) -> Path:
@@ -140,6 +145,7 @@ class Vmm:
         self.nr_vcpus = int(config["nr_vcpus"])
         self.vm_uuid = bytes(config["vm_uuid"])
         self.rid: int | None = None
+        self.iommu_pgsize = "2M"  #: set by start / incoming before the device is attached
         self.ioas: int | None = None
         self.dev: int | None = None
         self.hwpt: int | None = None
@@ -201,6 +207,7 @@ class Vmm:
         except BaseException:
             _cleanup(engine, ram, iommufd, guest_fd, state_fd)
             raise
+        vmm.iommu_pgsize = _pgsize(spec.iommu_pgsize)
         try:
             if spec.device is not None:
                 vmm.attach_device(parse_rid(spec.device))
@@ -211,8 +218,14 @@ class Vmm:
         return vmm
 
     def attach_device(self, rid: int) -> None:
-        """Guest RAM into a new IOAS at IOVA = GPA, the device bound, a HWPT allocated and attached."""
+        """Guest RAM into a new IOAS at IOVA = GPA, the device bound, a HWPT allocated and attached.
+
+        With ``iommu_pgsize`` "4K" the IOAS's huge pages are turned off first (IOMMU_OPTION), as a
+        VMM on iommufd would do it: the only way the uAPI gives to ask for 4 KiB leaves."""
         self.ioas = self.iommufd.ioas_alloc()
+        if self.iommu_pgsize == "4K":
+            self.iommufd.option(wire.iommufd_option.IOMMU_OPTION_HUGE_PAGES,
+                                wire.iommufd_option_ops.IOMMU_OPTION_OP_SET, self.ioas, 0)
         self.iommufd.ioas_map_file(self.ioas, self.guest_fd, 0, self.ram.size, 0)
         self.dev = self.iommufd.device_bind(rid)
         self.hwpt = self.iommufd.hwpt_alloc(self.dev, self.ioas)
@@ -303,8 +316,13 @@ class Vmm:
 
     @classmethod
     def incoming(cls, mnt: str | os.PathLike[str], name: str, *, engine: str | None = None,
-                 timeout: float = 60.0) -> Vmm:
-        """The successor: wait for the daemon, retrieve session ``name``, resume the guest, rebuild, finish."""
+                 timeout: float = 60.0, iommu_pgsize: str = "2M") -> Vmm:
+        """The successor: wait for the daemon, retrieve session ``name``, resume the guest, rebuild, finish.
+
+        ``iommu_pgsize`` is the rebuilt IOAS's, as the predecessor's command line had it (cpr-transfer
+        starts the new VMM with the same configuration): the persistent design adopts the preserved
+        domain only if the maps agree, whatever its leaves."""
+        iommu_pgsize = _pgsize(iommu_pgsize)
         mnt = Path(mnt)
         t: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -345,6 +363,7 @@ class Vmm:
                     c.close()
             raise
         vmm.lu, vmm.session = lu, session
+        vmm.iommu_pgsize = iommu_pgsize
         t.update(retrieve=t2 - t1, remap=t3 - t2, vm_create=t4 - t3, vcpu_restore=t5 - t4,
                  blackout=(resumed_ns - saved.saved_ns) / 1e9)
         try:
@@ -388,6 +407,7 @@ class Vmm:
         s = self.vcpu_states()
         return {"engine": self.engine.name, "vcpus": self.nr_vcpus, "memory": self.ram.size,
                 "guest": self.guest_rel, "device": self.rid, "hwpt": self.hwpt, "paused": self.paused,
+                "iommu_pgsize": self.iommu_pgsize,
                 "counters": s["counter"].tolist(), "pages": s["pages"].tolist(),
                 "dma_posted": s["dma_posted"].tolist(), "dma_ok": s["dma_ok"].tolist(),
                 "dma_errors": s["dma_errors"].tolist(), "guest_errors": dict(self.ports.errors),
@@ -395,6 +415,12 @@ class Vmm:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _pgsize(name: str) -> str:
+    if name not in IOMMU_PGSIZES:
+        raise VmmError(f"unknown IOMMU page size {name!r}: {' or '.join(IOMMU_PGSIZES)}")
+    return name
 
 
 def _open_sized(path: str, size: int, what: str) -> int:

@@ -13,10 +13,18 @@ from pathlib import Path
 import pytest
 
 from backing import format as fmt
-from backing import fsck
+from backing import fsck, vtd
 from backing.errors import StoreError
 from backing.iommu import Iommu
-from backing.iommufd import U64_MAX, Context, Iommufd
+from backing.iommufd import (
+    OPTION_HUGE_PAGES,
+    OPTION_OP_GET,
+    OPTION_OP_SET,
+    OPTION_RLIMIT_MODE,
+    U64_MAX,
+    Context,
+    Iommufd,
+)
 from backing.store import Store
 
 MiB = 1 << 20
@@ -185,6 +193,59 @@ def test_unmap_of_a_superset_removes_every_whole_map_inside(store: Store, ctx: C
 def test_iova_ranges_are_the_48_bit_space_in_pages(ctx: Context) -> None:
     ioas = ctx.ioas_alloc()
     assert ctx.ioas_iova_ranges(ioas) == ([(0, (1 << 48) - 1)], PS)
+
+
+# ------------------------------------------------------------------ IOMMU_OPTION
+
+
+def leaf_pages(ctx: Context, hwpt: int) -> set[int]:
+    """The sizes, in 4 KiB pages, of the leaves of a HWPT's domain, as its tables hold them."""
+    levels, problems = ctx.hwpt(hwpt).domain.walk()
+    assert not problems
+    return set(vtd.leaf_ranges(levels)[2].tolist())
+
+
+def test_huge_pages_off_maps_every_leaf_4k_and_on_uses_superpages(store: Store, ctx: Context) -> None:
+    ino = guest(store, b"vm0", 8 * MiB)
+    assert phys_of(store, ino, 0) % (2 * MiB) == 0  # the allocator's 2 MiB alignment: superpages possible
+    dev = ctx.device_bind(RID)
+    hwpts = {}
+    for huge in (1, 0):
+        ioas = ctx.ioas_alloc()
+        assert ctx.option(OPTION_HUGE_PAGES, OPTION_OP_GET, ioas, 7) == 1  # the default
+        assert ctx.option(OPTION_HUGE_PAGES, OPTION_OP_SET, ioas, huge) == huge
+        assert ctx.option(OPTION_HUGE_PAGES, OPTION_OP_GET, ioas, 0) == huge
+        hwpts[huge] = ctx.hwpt_alloc(dev, ioas)
+        ctx.ioas_map_file(ioas, ino, 0, 8 * MiB, 0, writeable=True)
+        d = ctx.hwpt(hwpts[huge]).domain
+        assert d.translate_soft(5 * MiB + 3 * PS) == phys_of(store, ino, 5 * MiB + 3 * PS)
+    assert leaf_pages(ctx, hwpts[1]) == {512}
+    assert leaf_pages(ctx, hwpts[0]) == {1}
+    assert ctx.hwpt(hwpts[0]).domain.table_pages == 1 + 1 + 1 + 4  # PML4, PDPT, PD and a PT per 2 MiB
+
+
+def test_huge_pages_off_after_a_map_into_a_hwpt_is_einval_before_one_is_allowed(store: Store, ctx: Context) -> None:
+    ino = guest(store, b"vm0", 4 * MiB)
+    dev = ctx.device_bind(RID)
+    ioas = ctx.ioas_alloc()
+    ctx.ioas_map_file(ioas, ino, 0, 4 * MiB, 0, writeable=True)
+    ctx.option(OPTION_HUGE_PAGES, OPTION_OP_SET, ioas, 0)  # areas but no HWPT: nothing is in superpages yet
+    hwpt = ctx.hwpt_alloc(dev, ioas)  # made after: maps the areas with 4 KiB leaves
+    assert leaf_pages(ctx, hwpt) == {1}
+    ctx.option(OPTION_HUGE_PAGES, OPTION_OP_SET, ioas, 1)  # on again: always allowed
+    assert errno_of(lambda: ctx.option(OPTION_HUGE_PAGES, OPTION_OP_SET, ioas, 0)) == errno.EINVAL
+    assert ctx.option(OPTION_HUGE_PAGES, OPTION_OP_GET, ioas, 0) == 1
+
+
+def test_option_refusals_are_the_kernels_errnos(ctx: Context) -> None:
+    ioas = ctx.ioas_alloc()
+    assert errno_of(lambda: ctx.option(OPTION_HUGE_PAGES, OPTION_OP_SET, ioas, 2)) == errno.EINVAL
+    assert errno_of(lambda: ctx.option(OPTION_HUGE_PAGES, 2, ioas, 0)) == errno.EOPNOTSUPP
+    assert errno_of(lambda: ctx.option(9, OPTION_OP_GET, ioas, 0)) == errno.EOPNOTSUPP
+    assert errno_of(lambda: ctx.option(OPTION_HUGE_PAGES, OPTION_OP_GET, ioas + 1, 0)) == errno.ENOENT
+    assert errno_of(lambda: ctx.option(OPTION_RLIMIT_MODE, OPTION_OP_GET, ioas, 0)) == errno.EOPNOTSUPP
+    assert ctx.option(OPTION_RLIMIT_MODE, OPTION_OP_SET, 0, 1) == 1
+    assert ctx.option(OPTION_RLIMIT_MODE, OPTION_OP_GET, 0, 0) == 1
 
 
 # ------------------------------------------------------------------ HWPT

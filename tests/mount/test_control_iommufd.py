@@ -224,6 +224,28 @@ def test_iova_ranges_round_trip(iommufd: Iommufd) -> None:
     assert iommufd.ioas_iova_ranges(ioas) == ([(0, (1 << 48) - 1)], PS)
 
 
+def test_option_huge_pages_off_makes_4k_leaves_and_refusals_travel_as_errnos(live: Mount, iommufd: Iommufd) -> None:
+    O, OP = wire.iommufd_option, wire.iommufd_option_ops
+    ioas = iommufd.ioas_alloc()
+    assert iommufd.option(O.IOMMU_OPTION_HUGE_PAGES, OP.IOMMU_OPTION_OP_GET, ioas) == 1
+    assert iommufd.option(O.IOMMU_OPTION_HUGE_PAGES, OP.IOMMU_OPTION_OP_SET, ioas, 0) == 0
+    assert iommufd.option(O.IOMMU_OPTION_HUGE_PAGES, OP.IOMMU_OPTION_OP_GET, ioas) == 0
+    fd = guest_fd(live)
+    try:
+        iommufd.ioas_map_file(ioas, fd, 0, 8 * MiB, 0)
+        dev = iommufd.device_bind(RID)
+        iommufd.device_attach(dev, iommufd.hwpt_alloc(dev, ioas))
+        assert "huge pages off" in (live.path / ".pkernfs" / "iommu").read_text()
+        iommufd.option(O.IOMMU_OPTION_HUGE_PAGES, OP.IOMMU_OPTION_OP_SET, ioas, 1)  # on again: always allowed
+        assert errno_of(lambda: iommufd.option(O.IOMMU_OPTION_HUGE_PAGES, OP.IOMMU_OPTION_OP_SET, ioas, 0)) \
+            == errno.EINVAL  # mapped into a HWPT already
+        assert errno_of(lambda: iommufd.option(7, OP.IOMMU_OPTION_OP_GET, ioas)) == errno.EOPNOTSUPP
+        req = wire.new(wire.iommu_option, option_id=1, op=1, object_id=ioas, __reserved=1)
+        assert errno_of(lambda: iommufd._call(wire.IOMMU_OPTION, req)) == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+
+
 def test_ids_of_another_connection_are_enoent(live: Mount, iommufd: Iommufd) -> None:
     ioas = iommufd.ioas_alloc()
     with Iommufd(str(live.path)) as other:

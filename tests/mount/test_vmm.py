@@ -19,6 +19,7 @@ from iommu_helpers import device_view
 
 from backing import format as fmt
 from backing import fsck
+from pkfuse.harness.tables import device_leaves
 from pkfuse.vmm import abi, handover, verify
 from pkfuse.vmm.vmm import Vmm, VmmError, VmmSpec
 
@@ -170,6 +171,46 @@ def test_a_live_update_continues_the_guest_through_a_kexec(
     assert device_view(m.image, SID, IOVAS) == dma  # adopted or replaced, the same translations
     status = (m.path / ".pkernfs" / "status").read_text()
     assert "0 sessions" in status, status  # finished
+
+
+@pytest.mark.parametrize("domains", ["persistent", "ephemeral"])
+def test_iommu_pgsize_4k_gives_the_device_4k_leaves_through_a_live_update(
+        make_image: Callable[..., Path], tmp_path: Path, mount_image: Callable[..., Mount], vmms: list[Vmm],
+        domains: str) -> None:
+    """``--iommu-pgsize 4K``: IOMMU_OPTION_HUGE_PAGES 0 on the IOAS, so the hardware's walk of every IOVA
+    ends at a 4 KiB leaf -- before the freeze, between the kernels and after the successor's rebuild;
+    the default maps the same guest with 2 MiB leaves."""
+    m = mount_image(make_image("128M"), "--control", str(tmp_path / "ctl.sock"), "--domains", domains)
+    iovas = IOVAS[:-1]
+    small = Vmm.start(_spec(m, "auto", guest=str(m.path / "guest_mem" / "vm1"), dma_every=0))
+    vmms.append(small)
+    assert set(device_leaves(m.image, SID, iovas)[0].tolist()) == {2 * MiB}  # the default: superpages
+    small.close(save=False)
+    vmm = Vmm.start(_spec(m, "auto", iommu_pgsize="4K"))
+    vmms.append(vmm)
+    _run_until(vmm, 100)
+
+    def leaves() -> set[int]:
+        size, fault = device_leaves(m.image, SID, iovas)
+        assert not fault.any(), fault
+        return set(size.tolist())
+
+    assert leaves() == {4096}
+    assert "huge pages off" in (m.path / ".pkernfs" / "iommu").read_text()
+    assert vmm.describe()["iommu_pgsize"] == "4K"
+    vmm.prepare("vm0")
+    dma = device_view(m.image, SID, IOVAS)
+    vmm.freeze()
+    before = verify.verify(vmm.ram.array)
+    vmm.close(save=False)
+    m.restart()
+    assert leaves() == {4096} and device_view(m.image, SID, IOVAS) == dma  # the saved domain, between kernels
+    succ = Vmm.incoming(m.path, "vm0", timeout=30, iommu_pgsize="4K")
+    vmms.append(succ)
+    _run_until(succ, int(before.vcpus[0].counter) + 100)
+    assert leaves() == {4096} and device_view(m.image, SID, IOVAS) == dma  # adopted or replaced: 4 KiB still
+    succ.pause()
+    assert verify.progressed(before, _clean(succ)) == []
 
 
 def test_a_cancelled_prepare_leaves_the_vm_as_it_was(live: Mount, engine: str, vmms: list[Vmm]) -> None:

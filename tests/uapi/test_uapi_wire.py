@@ -27,6 +27,9 @@ LAYOUTS: dict[type[ctypes.Structure], tuple[int, list[tuple[str, int]]]] = {
         [("size", 0), ("flags", 4), ("ioas_id", 8), ("fd", 12), ("start", 16), ("length", 24), ("iova", 32)],
     ),
     w.iommu_ioas_unmap: (24, [("size", 0), ("ioas_id", 4), ("iova", 8), ("length", 16)]),
+    w.iommu_option: (
+        24, [("size", 0), ("option_id", 4), ("op", 8), ("__reserved", 10), ("object_id", 12), ("val64", 16)],
+    ),
     w.iommu_hwpt_alloc: (
         48,
         [("size", 0), ("flags", 4), ("dev_id", 8), ("pt_id", 12), ("out_hwpt_id", 16), ("__reserved", 20),
@@ -68,6 +71,7 @@ MIN_SIZES: dict[type[ctypes.Structure], int] = {
     w.iommu_ioas_iova_ranges: 32,
     w.iommu_ioas_map_file: 40,
     w.iommu_ioas_unmap: 24,
+    w.iommu_option: 24,  # IOCTL_OP(IOMMU_OPTION, iommufd_option, struct iommu_option, val64)
     w.iommu_hwpt_alloc: 24,
     w.iommu_hwpt_lu_set_preserve: 12,
     w.vfio_device_bind_iommufd: 16,
@@ -112,6 +116,7 @@ def test_ioctl_numbers_are_asm_generic_io_encodings() -> None:
     assert w.IOMMU_IOAS_ALLOC == 0x3B81
     assert w.IOMMU_IOAS_IOVA_RANGES == 0x3B84
     assert w.IOMMU_IOAS_UNMAP == 0x3B86
+    assert w.IOMMU_OPTION == 0x3B87
     assert w.IOMMU_HWPT_ALLOC == 0x3B89
     assert w.IOMMU_IOAS_MAP_FILE == 0x3B8F
     assert w.IOMMU_HWPT_LU_SET_PRESERVE == 0x3B95
