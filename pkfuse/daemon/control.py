@@ -307,12 +307,16 @@ class ControlServer:
         if conn.device is None:
             if cmd != wire.PKFUSE_OPEN:
                 return errno.EBADF, b"", []
+            if fds:  # open(2) takes no descriptor
+                return errno.EBADF, b"", []
             return await self._open(conn, wire.decode(wire.pkfuse_open, payload))
         if cmd == wire.PKFUSE_OPEN:
             return errno.EBUSY, b"", []
         entry = self._handlers[conn.device].get(cmd)
         if entry is None:
             return errno.ENOTTY, b"", []
+        if fds and cmd not in wire.REQUEST_FDS:  # a call that takes no descriptor was sent some
+            return errno.EBADF, b"", []
         struct_type, handler = entry
         arg = wire.decode(struct_type, payload)
         wire.check_reserved(arg)

@@ -248,7 +248,8 @@ class Operations(pyfuse3.Operations):
         if name == b"status":
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
                                       control=self.control_path, iommufd=self.iommufd,
-                                      liveupdate=self.liveupdate, guest_maps=self.guest_maps).encode()
+                                      liveupdate=self.liveupdate, guest_maps=self.guest_maps,
+                                      connections=len(self.connections) if self.iommufd is not None else None).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text
