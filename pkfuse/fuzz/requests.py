@@ -81,7 +81,7 @@ import numpy as np
 from backing import format as fmt
 from backing.fsck import check_image
 from backing.mkfs import mkfs
-from pkfuse.daemon.mountinfo import mounted_paths
+from pkfuse.daemon.mountinfo import mount_device, mounted_paths
 from pkfuse.harness.tables import device_view
 from pkfuse.uapi import transport, wire
 
@@ -308,27 +308,45 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, *, kill: bool = False) -> int | None:
-        """Unmount and reap the daemon (``kill``: SIGKILL it first, as a restart does); clear the mount."""
+        """Unmount and reap the daemon (``kill``: SIGKILL it first, as a restart does); clear the mount.
+
+        A daemon stuck in a FUSE request to its own mount cannot die (its thread waits for an
+        answer only it could give): after SIGKILL its FUSE connection is aborted through fusectl.
+        """
         rc = None
         if self.proc is not None:
+            if self.proc.poll() is None and not kill:
+                subprocess.run(["fusermount3", "-u", "-q", str(self.mnt)], capture_output=True, check=False)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(10)
             if self.proc.poll() is None:
-                if kill:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                else:
-                    subprocess.run(["fusermount3", "-u", "-q", str(self.mnt)], capture_output=True, check=False)
+                os.kill(self.proc.pid, signal.SIGKILL)
                 try:
-                    rc = self.proc.wait(10)
+                    self.proc.wait(5)
                 except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    rc = self.proc.wait()
-            else:
-                rc = self.proc.returncode
+                    self.abort()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(10)
+            rc = self.proc.poll()
         for cmd in (["fusermount3", "-u", "-q", str(self.mnt)], ["fusermount3", "-u", "-z", "-q", str(self.mnt)]):
             if str(self.mnt) not in mounted_paths():
                 break
             subprocess.run(cmd, capture_output=True, check=False)
         self.proc = None
         return rc
+
+    def abort(self) -> None:
+        """Abort our mount's FUSE connection (``/sys/fs/fuse/connections/N/abort``; fusectl mounted if
+        it is not, as root): every request waiting on it fails with ENOTCONN."""
+        dev = mount_device(str(self.mnt))
+        if dev is None:
+            return
+        ctl = Path("/sys/fs/fuse/connections")
+        with contextlib.suppress(OSError):
+            if os.geteuid() == 0 and ctl.is_dir() and not any(ctl.iterdir()):
+                subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], capture_output=True, check=False)
+            (ctl / str(os.minor(dev) if os.major(dev) == 0 else dev) / "abort").write_text("1")
+            log.warning("aborted the FUSE connection of %s (a daemon that could not die)", self.mnt)
 
     def log_problems(self) -> list[str]:
         """Traceback and ERROR/CRITICAL lines the daemon logged since the last call."""
@@ -366,6 +384,7 @@ class Stats:
     violations: int = 0
     sequences: int = 0
     restarts: int = 0
+    skipped: int = 0  #: steps naming a connection that is closed or was never made
     slowest: tuple[float, str] = (0.0, "")
     findings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     ops: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -383,7 +402,7 @@ class Stats:
         return {"cases": self.cases, "accepted": self.accepted, "refused": sum(self.refused.values()),
                 "refused_by_errno": dict(sorted(self.refused.items())), "crashes": self.crashes,
                 "hangs": self.hangs, "violations": self.violations, "sequences": self.sequences,
-                "daemon_restarts": self.restarts,
+                "daemon_restarts": self.restarts, "skipped_steps": self.skipped,
                 "slowest_case": {"seconds": round(self.slowest[0], 6), "case": self.slowest[1]},
                 "steps_by_op": dict(sorted(self.ops.items())), "findings": self.findings[:20], **extra}
 
@@ -434,11 +453,12 @@ class RequestFuzzer:
         self._close_fds()
         self.daemon.stop()
 
-    def restart(self, *, kill: bool = True) -> None:
-        """A fresh daemon on a fresh image (after a crash, a hang, a violation or a reboot())."""
+    def restart(self) -> None:
+        """A fresh daemon on a fresh image (after a crash, a hang, a violation or a reboot()): the old
+        one killed first, so that closing our files on its mount cannot wait on it."""
+        self.daemon.stop(kill=True)
         self._drop_conns()
         self._close_fds()
-        self.daemon.stop(kill=kill)
         self.stats.restarts += 1
         self.start()
 
@@ -449,8 +469,17 @@ class RequestFuzzer:
         self.conns, self.bound, self.sessions = [], {}, {}
 
     def _close_fds(self) -> None:
-        transport.close_fds(self.fds.values())
-        self.fds = {}
+        """Close the descriptors (a close of a file on the mount is a FLUSH the daemon answers: if it
+        does not within ``CALL_TIMEOUT``, the daemon is killed, which answers it)."""
+        fds, self.fds = list(self.fds.values()), {}
+        t = threading.Thread(target=transport.close_fds, args=(fds,), daemon=True)
+        t.start()
+        t.join(CALL_TIMEOUT)
+        if t.is_alive():
+            self.stats.hangs += 1
+            self.stats.findings.append({"kind": "hang", "what": "closing files on the mount", "steps": []})
+            self.daemon.stop(kill=True)
+            t.join(CALL_TIMEOUT)
 
     def _open_fds(self) -> None:
         g = self.daemon.mnt / "guest_mem"
@@ -643,6 +672,8 @@ class RequestFuzzer:
         self.steps.append(step)
         op = step["op"]
         self.stats.ops[op] += 1
+        if any(step.get(k, -1) != -1 and self.conn(step, k) is None for k in ("c", "c2")):
+            self.stats.skipped += 1  # it names a connection closed (or never made): nothing to send it on
         getattr(self, "op_" + op)(step)
 
     def conn(self, step: dict[str, Any], key: str = "c") -> MConn | None:
