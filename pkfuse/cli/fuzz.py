@@ -41,14 +41,23 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve() if args.workdir else None
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
-    rep = requests.run(args.seconds, seed=args.seed, engine=args.engine, workdir=workdir, length=args.length)
-    slow = rep["slowest_case"]
-    print(f"fuzz requests ({rep['engine']}, seed {rep['seed']}): {rep['cases']} cases in {rep['sequences']} "
-          f"sequences, {rep['accepted']} accepted, {rep['refused']} refused, {rep['crashes']} crashes, "
-          f"{rep['hangs']} hangs, {rep['violations']} violations; slowest {slow['seconds'] * 1e3:.1f} ms "
-          f"({slow['case']})")
-    for f in rep["findings"][:5]:
-        print(f"  {f['kind']}: {f['what']}")
-    if args.json is not None:
-        requests.write_json(rep, args.json)
-    return 0 if rep["crashes"] == rep["hangs"] == rep["violations"] == 0 else 1
+
+    def report(rep: dict) -> int:
+        slow = rep["slowest_case"]
+        print(f"fuzz requests ({rep['engine']}, seed {rep['seed']}): {rep['cases']} cases in {rep['sequences']} "
+              f"sequences, {rep['accepted']} accepted, {rep['refused']} refused, {rep['crashes']} crashes, "
+              f"{rep['hangs']} hangs, {rep['violations']} violations; slowest {slow['seconds'] * 1e3:.1f} ms "
+              f"({slow['case']})")
+        for f in rep["findings"][:5]:
+            print(f"  {f['kind']}: {f['what']}")
+        if args.json is not None:
+            requests.write_json(rep, args.json)
+        return 0 if rep["crashes"] == rep["hangs"] == rep["violations"] == 0 else 1
+
+    if args.engine == "atheris":
+        try:
+            import atheris  # noqa: F401 - only whether it is there
+        except ImportError:
+            raise ValueError("--engine atheris: atheris is not installed (pip install atheris)") from None
+    return report(requests.run(args.seconds, seed=args.seed, engine=args.engine, workdir=workdir,
+                               length=args.length, on_report=report))

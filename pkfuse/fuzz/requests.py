@@ -48,8 +48,9 @@ fuzzer starts a fresh daemon and goes on. A sequence that ends in
 Randomness comes from an ``Entropy``: Python's ``random`` with a seed
 (``--engine random``, the default), or atheris's ``FuzzedDataProvider``
 (``--engine atheris``), whose coverage feedback then sees this process --
-the model, the client's wire code -- and not the daemon's, which runs in
-its own process: it steers towards new model paths, not new daemon paths.
+the generator and the model, whose rules follow the daemon's checks one by
+one, so a new branch of the model is a new check reached in the daemon --
+and not the daemon's own code, which runs in its own process.
 """
 
 from __future__ import annotations
@@ -171,13 +172,20 @@ class Entropy:
 
 
 class AtherisEntropy(Entropy):
-    """Choices read from atheris's FuzzedDataProvider (coverage-guided); once it runs dry, zeros."""
+    """Choices read from atheris's FuzzedDataProvider (the input libFuzzer mutates, coverage-guided);
+    once the input is used up, from ``random`` seeded with it, so that a short input still makes a
+    whole sequence and the same input the same one."""
 
-    def __init__(self, fdp: Any) -> None:
+    def __init__(self, fdp: Any, data: bytes) -> None:
         self.fdp = fdp
+        self.rng = random.Random(data)
 
     def int(self, lo: int, hi: int) -> int:
-        return int(self.fdp.ConsumeIntInRange(lo, hi)) if hi > lo else lo
+        if hi <= lo:
+            return lo
+        if self.fdp.remaining_bytes():
+            return int(self.fdp.ConsumeIntInRange(lo, hi))
+        return self.rng.randint(lo, hi)
 
 
 # -------------------------------------------------------------------- model
@@ -1940,47 +1948,58 @@ def replay(steps_of: Sequence[Sequence[dict[str, Any]]], workdir: Path | None = 
 
 
 def run(seconds: float, *, seed: int | None = None, engine: str = "random", workdir: Path | None = None,
-        length: int = 40) -> dict[str, Any]:
-    """Fuzz for ``seconds``; the report (see ``Stats.report``)."""
+        length: int = 40, on_report: Callable[[dict[str, Any]], int] | None = None) -> dict[str, Any]:
+    """Fuzz for ``seconds``; the report (see ``Stats.report``).
+
+    With ``engine="atheris"`` libFuzzer's loop never returns: when the time is up the daemon is
+    stopped, ``on_report`` gets the report and the process exits with what it returns.
+    """
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     own = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="pkfuse-fuzz-")) if own else workdir
     fz = RequestFuzzer(wd)
     t0 = time.monotonic()
-    try:
-        fz.start()
-        if engine == "atheris":
-            _run_atheris(fz, seconds, seed, length)
-        else:
-            e = Entropy(seed)
-            while time.monotonic() - t0 < seconds:
-                fz.run_sequence(entropy=e, length=length, lu=e.chance(0.4))
-    finally:
+
+    def finish() -> dict[str, Any]:
         fz.close()
         if own:
             shutil.rmtree(wd, ignore_errors=True)
-    return fz.stats.report(seconds=round(time.monotonic() - t0, 3), engine=engine, seed=seed)
+        return fz.stats.report(seconds=round(time.monotonic() - t0, 3), engine=engine, seed=seed)
+
+    try:
+        fz.start()
+        if engine == "atheris":
+            _run_atheris(fz, t0 + seconds, seed, length, wd, lambda: (on_report or (lambda r: 0))(finish()))
+        e = Entropy(seed)
+        while time.monotonic() - t0 < seconds:
+            fz.run_sequence(entropy=e, length=length, lu=e.chance(0.4))
+    except BaseException:
+        finish()
+        raise
+    return finish()
 
 
-def _run_atheris(fz: RequestFuzzer, seconds: float, seed: int, length: int) -> None:
-    """libFuzzer's loop (atheris) feeding the generator; stops after ``seconds``."""
+def _run_atheris(fz: RequestFuzzer, deadline: float, seed: int, length: int, workdir: Path,
+                 done: Callable[[], int]) -> None:
+    """libFuzzer's loop (atheris) feeding the generator, one sequence per input, until ``deadline``;
+    then ``done()`` and exit with its status (libFuzzer's loop has no other way out)."""
     import atheris
-
-    deadline = time.monotonic() + seconds
-
-    class Done(Exception):
-        pass
 
     def one(data: bytes) -> None:
         if time.monotonic() > deadline:
-            raise Done
+            sys.stdout.flush()
+            status = done()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
         fdp = atheris.FuzzedDataProvider(data)
-        fz.run_sequence(entropy=AtherisEntropy(fdp), length=length, lu=fdp.ConsumeBool())
+        fz.run_sequence(entropy=AtherisEntropy(fdp, data), length=length, lu=fdp.ConsumeBool())
 
-    with contextlib.suppress(Done, SystemExit):
-        atheris.Setup([sys.argv[0], f"-seed={seed % (1 << 31)}", "-max_len=512"], one)
-        atheris.Fuzz()
+    atheris.instrument_all()  # this process's code: the generator and the model, whose rules mirror the daemon's
+    atheris.Setup([sys.argv[0], f"-seed={seed % (1 << 31) or 1}", "-max_len=4096",
+                   f"-artifact_prefix={workdir}/"], one)
+    atheris.Fuzz()
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
