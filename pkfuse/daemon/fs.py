@@ -321,6 +321,8 @@ class Operations(pyfuse3.Operations):
             ino = parent_inode
         elif name == b"..":
             ino = self.store.parent(parent_inode)  # ENOENT for a stale inode
+        elif len(name) > fmt.NAME_MAX:  # statfs says f_namemax: no such name can exist, as ext4 says
+            raise StoreError(errno.ENAMETOOLONG, f"name longer than {fmt.NAME_MAX} bytes")
         else:
             ino = self.store.lookup(parent_inode, name)
         entry = self._entry(self.store.getattr(ino))
