@@ -250,6 +250,7 @@ class MConn:
     session: MSession | None = None
     closed: bool = False
     ctx_gone: bool = False  #: its iommufd context has left the daemon's list
+    last_error: tuple[int, int] | None = None  #: (cmd, errno) of its last refused domain call, for LAST_ERROR
 
     def new_id(self) -> int:
         self.next_id += 1
@@ -1151,6 +1152,78 @@ class RequestFuzzer:
             self.rebooted = True
             self.boot += 1
 
+    # ------------------------------------------------- the kernel's domains
+
+    DOMAIN_CALLS = {  # call -> (command, struct)
+        "create": (wire.PKFUSE_DOMAIN_CREATE, wire.pkfuse_domain_create),
+        "destroy": (wire.PKFUSE_DOMAIN_DESTROY, wire.pkfuse_domain_destroy),
+        "copy": (wire.PKFUSE_DOMAIN_COPY, wire.pkfuse_domain_copy),
+        "map": (wire.PKFUSE_DOMAIN_MAP, wire.pkfuse_domain_map),
+        "map_file": (wire.PKFUSE_DOMAIN_MAP_FILE, wire.pkfuse_domain_map_file),
+        "unmap": (wire.PKFUSE_DOMAIN_UNMAP, wire.pkfuse_domain_unmap),
+        "attach": (wire.PKFUSE_DOMAIN_ATTACH, wire.pkfuse_domain_attach),
+        "detach": (wire.PKFUSE_DOMAIN_DETACH, wire.pkfuse_domain_detach),
+    }
+    NO_DOMAIN = 4000  #: a DID no HWPT of a sequence reaches (HWPTs take the smallest free ones)
+
+    def op_domain(self, step: dict[str, Any]) -> None:
+        """A ``pkfuse iommu`` call served live, always refused (so that no kernel domain outlives the
+        sequence): unknown flags, a reserved field set, a DID out of range or absent, a rid of 17 bits."""
+        c = self.conn(step)
+        if c is None:
+            return
+        call, how = step["call"], step["how"]
+        cmd, st = self.DOMAIN_CALLS[call]
+        fields: dict[str, Any] = {"domain_id": self.NO_DOMAIN}
+        if call == "copy":
+            fields = {"src_domain_id": self.NO_DOMAIN, "domain_id": 0}
+        if call in ("map", "map_file", "unmap"):
+            fields.update(iova=0, length=PS)
+        if call == "map_file":
+            fields["path"] = b"guest_mem/a"
+        if call in ("attach", "detach"):
+            fields["rid"] = 0x100
+        want = self.dispatch_errno(c, cmd)
+        recorded = want is None
+        if how == "flags":
+            fields["flags"] = 0x80
+            code = errno.EOPNOTSUPP
+        elif how == "reserved" and any(n == "__reserved" for n, _ in st._fields_):
+            fields["__reserved"] = 1
+            code, recorded = errno.EOPNOTSUPP, False  # refused by the struct rules: no message kept
+        elif how == "rid" and call in ("attach", "detach"):
+            fields["rid"] = 0x10000
+            code = errno.EINVAL
+        elif how == "range" and call == "create":
+            fields["domain_id"] = 0x10000
+            code = errno.EINVAL
+        elif call == "create":  # a DID in use: the smallest, which HWPTs or nothing hold
+            fields["flags"] = 0x80
+            code = errno.EOPNOTSUPP
+        else:
+            code = errno.ENOENT
+        want = want or code
+        self.ask(c, _msg(cmd, st, **fields), [], f"pkfuse iommu {call} ({how})", want)
+        if recorded:
+            c.last_error = (cmd, want)
+
+    def op_last_error(self, step: dict[str, Any]) -> None:
+        c = self.conn(step)
+        if c is None:
+            return
+        flags = step.get("flags", 0)
+        want = self.dispatch_errno(c, wire.PKFUSE_LAST_ERROR)
+        if want is None:
+            want = errno.EOPNOTSUPP if flags else errno.ENODATA if c.last_error is None else None
+        payload, _ = self.ask(c, _msg(wire.PKFUSE_LAST_ERROR, wire.pkfuse_last_error, flags=flags), [],
+                              f"last_error(flags {flags:#x})", want)
+        if want is None:
+            out = wire.pkfuse_last_error.from_buffer_copy(payload)
+            if (out.out_cmd, out.out_errno) != c.last_error or not wire.cstring(out.out_message):
+                raise Violation(f"last_error: command {out.out_cmd:#x} errno {ename(out.out_errno)}, the model says "
+                                f"{c.last_error[0]:#x} {ename(c.last_error[1])}, with a message")
+            c.last_error = None
+
     # ------------------------------------------------------------- wire
 
     def op_raw(self, step: dict[str, Any]) -> None:
@@ -1664,6 +1737,7 @@ class Generator:
             ("ioas_alloc", 4), ("map_file", 16), ("unmap", 8), ("iova_ranges", 2), ("hwpt_alloc", 4), ("bind", 3),
             ("attach", 8), ("detach", 3), ("destroy", 6), ("guest_mmap", 3), ("open", 3), ("close", 2),
             ("raw", 9), ("pipeline", 1), ("race_bind", 1), ("race_map_truncate", 1), ("race_maps", 1), ("check", 2),
+            ("domain", 3), ("last_error", 2),
         ]
         if self.lu:
             table += [("create_session", 3), ("preserve_fd", 5), ("hwpt_preserve", 4), ("session_call", 1),
@@ -1861,6 +1935,19 @@ class Generator:
             return self.gen_open()
         return {"op": "race_maps", "c": pair[0], "c2": pair[1], "ioas": self.pick(pair[0], "ioas"),
                 "ioas2": self.pick(pair[1], "ioas"), "file": self.e.choice(["a", "b", "c"])}
+
+    def gen_domain(self) -> dict[str, Any]:
+        c = self.iommu()
+        if c is None:
+            return self.gen_open()
+        return {"op": "domain", "c": c, "call": self.e.choice(sorted(RequestFuzzer.DOMAIN_CALLS)),
+                "how": self.e.choice(["flags", "reserved", "rid", "range", "absent"])}
+
+    def gen_last_error(self) -> dict[str, Any]:
+        c = self.iommu()
+        if c is None:
+            return self.gen_open()
+        return {"op": "last_error", "c": c, "flags": 0 if self.e.chance(0.9) else 1}
 
     def gen_check(self) -> dict[str, Any]:
         return {"op": "check"}

@@ -152,6 +152,16 @@ SEQUENCES: dict[str, list[dict]] = {
         {"op": "raw", "c": 0, "how": "tail_zero", "cmd": wire.IOMMU_IOAS_ALLOC},
         {"op": "open", "c": X, "path": "iommu", "flags": 2}, {"op": "open", "c": X, "path": "long"},
         {"op": "iova_ranges", "c": 0, "ioas": 1, "num": 0}, {"op": "pipeline", "c": 0, "n": 8}, CHECK],
+    "pkfuse iommu calls served live, refused, and their reasons read back once": opening(lu=True) + [
+        {"op": "last_error", "c": 0},
+        {"op": "domain", "c": 0, "call": "create", "how": "flags"}, {"op": "last_error", "c": 0},
+        {"op": "last_error", "c": 0}, {"op": "domain", "c": 0, "call": "attach", "how": "rid"},
+        {"op": "domain", "c": 0, "call": "map", "how": "reserved"},  # struct rules: the attach's reason stays
+        {"op": "last_error", "c": 1}, {"op": "last_error", "c": 0, "flags": 1}, {"op": "last_error", "c": 0}] + [
+        {"op": "domain", "c": 1, "call": call, "how": "absent"}
+        for call in ("destroy", "copy", "map", "map_file", "unmap", "attach", "detach")] + [
+        {"op": "domain", "c": 1, "call": "create", "how": "range"}, {"op": "last_error", "c": 1},
+        {"op": "domain", "c": LU, "call": "destroy", "how": "absent"}, {"op": "last_error", "c": LU}, CHECK],
     "concurrent conflicting calls": opening() + [
         {"op": "race_bind", "c": 0, "c2": 1, "rid": 0x21},
         {"op": "race_map_truncate", "c": 0, "ioas": 1, "file": "b", "iova": 64 * MiB},

@@ -41,7 +41,7 @@ def test_the_corpus_replays_clean(tmp_path: Path) -> None:
     assert report["sequences"] == len(corpus)
     assert report["skipped_steps"] == 0  # every step reached the connection it names
     for name in ("EBADF", "EINVAL", "EOVERFLOW", "EEXIST", "ENOENT", "EBUSY", "ESHUTDOWN", "EMSGSIZE", "E2BIG",
-                 "ENOTTY", "EACCES"):
+                 "ENOTTY", "EACCES", "ENODATA"):
         assert report["refused_by_errno"].get(name), (name, report["refused_by_errno"])
 
 
