@@ -357,7 +357,11 @@ class Context:
             if start % PS or length % PS or (iova is not None and iova % PS):
                 raise _err(errno.EINVAL, "start, length and iova must be 4 KiB aligned")
             store = self.fd.store
-            a = store.getattr(ino)
+            try:
+                a = store.getattr(ino)
+            except StoreError:  # a descriptor of a file that is no inode of the image (a .pkernfs view)
+                raise _err(errno.EINVAL, f"inode {ino} is no file of the image: only guest-RAM files can be "
+                                         "mapped") from None
             if a.kind != fmt.KIND_GUEST:
                 raise _err(errno.EINVAL, "only guest-RAM files can be mapped")
             if start + length > a.npages * PS:
@@ -616,8 +620,8 @@ class Context:
     # ------------------------------------------------------------ destroy
 
     def destroy(self, obj_id: int) -> None:
-        """Destroy any object not in use: EBUSY for an IOAS with HWPTs, a HWPT with devices,
-        an attached device. A device is unbound (pkfuse has no VFIO device fd to close)."""
+        """Destroy any object not in use: EBUSY for an IOAS with HWPTs, a HWPT with devices or
+        preserved by a live-update session, an attached device. A device is unbound (pkfuse has no VFIO device fd to close)."""
         with self._lock:
             obj = self._get(obj_id)
             if isinstance(obj, Ioas):
@@ -632,6 +636,8 @@ class Context:
                 if obj.devices:
                     raise _err(errno.EBUSY, f"HWPT {obj_id} is attached to devices "
                                             f"{', '.join(str(d) for d in sorted(obj.devices))}")
+                if self.fd.keeps(obj):  # the session holds it: freed, its domain would be gone at reboot()
+                    raise _err(errno.EBUSY, f"HWPT {obj_id} is preserved by a live-update session")
                 self._free_hwpt(obj)
             else:
                 if obj.hwpt is not None:

@@ -79,6 +79,8 @@ def mkfs(
             raise StoreError(errno.EEXIST, f"{path} exists and is not empty (use --force to overwrite)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)  # the image is memory: its owner's (and root's) only, an overwritten one too
         try:  # the lock a Store holds: truncating a mapped image would SIGBUS its daemon
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -3,7 +3,7 @@
 Every user error is one line ``pkfuse: error: ...`` on stderr and a nonzero
 exit status (2 for bad arguments, 1 otherwise; ``pkfuse mount`` documents
 its own statuses); a traceback means a bug in pkfuse. Each command's module
-(``image``, ``mount``, ``iommu``, ``vmm``, ``device``, ``restart``) registers its own subparser; the logic they
+(``image``, ``mount``, ``iommu``, ``vmm``, ``device``, ``restart``, ``fuzz``) registers its own subparser; the logic they
 call lives in ``backing`` and ``pkfuse.daemon``.
 """
 
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import device, image, mount, report, restart, vmm
+from . import device, fuzz, image, mount, report, restart, vmm
 
 PROG = "pkfuse"
 
@@ -37,6 +37,7 @@ def build_parser(load_iommu: bool = True) -> argparse.ArgumentParser:
     vmm.add_parsers(sub)
     device.add_parsers(sub)
     restart.add_parsers(sub)
+    fuzz.add_parsers(sub)
 
     p = sub.add_parser("bench", help="measure the project's speed numbers",
                        description="Measure pkfuse's speed numbers in one run; exit 1 if a target is missed.")

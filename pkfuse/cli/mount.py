@@ -27,6 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached (for debugging and tests)")
     p.add_argument("--read-only", "-r", action="store_true", help="mount read-only (shared lock on the image)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let users other than the one mounting reach the mount (FUSE's allow_other; file modes "
+                        "are still checked: default_permissions). Without it only the mounting user can")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS", help="comma-separated mount options")
     p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     p.add_argument("--regs", metavar="FILE", help="IOMMU register file (default IMAGE.regs)")
@@ -55,6 +58,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opts = options.parse_options(args.options or [])
     if args.read_only:
         opts["read_only"] = True
+    if args.allow_other:
+        opts["fuse"].add("allow_other")
     if args.regs:
         opts["regs"] = args.regs
     if args.control:

@@ -63,16 +63,22 @@ def default_path(uuid: bytes) -> str:
     return os.path.join(base, uuid.hex() + ".sock")
 
 
-def bind_socket(path: str) -> socket.socket:
-    """A listening SEQPACKET socket at ``path``, mode 0600 from the start.
+def bind_socket(path: str, owner: int | None = None) -> socket.socket:
+    """A listening SEQPACKET socket at ``path``, mode 0600 from the start, owned by ``owner``.
 
-    A stale socket file (nobody accepts on it: a killed daemon's) is
-    replaced; a live one, or anything that is not a socket, is refused.
+    ``owner``: the image's owner, who may connect besides root (the daemon,
+    running as root, hands the socket to that uid; the directory it makes is
+    0711, searchable but not listable). A stale socket file (nobody accepts
+    on it: a killed daemon's) is replaced; a live one, or anything that is not
+    a socket, is refused.
     """
     if len(os.fsencode(path)) > 107:
         raise MountError(f"control socket path {path} is longer than a socket address allows (107 bytes)",
                          EXIT_ERROR)
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o711, exist_ok=True)
+        os.chmod(parent, 0o711)  # makedirs' mode went through the umask
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
@@ -91,6 +97,8 @@ def bind_socket(path: str) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old)
+    if owner is not None and owner != os.geteuid():
+        os.chown(path, owner, -1)  # mode 0600: the owner and root may connect, nobody else
     sock.listen(64)
     return sock
 
@@ -148,6 +156,11 @@ def _accmode(fd: int) -> int:
     return os.O_RDONLY
 
 
+def may_connect(uid: int, owner: int | None) -> bool:
+    """Whether a peer with ``uid`` may use the control socket: root and the image's owner."""
+    return uid == 0 or uid == owner or (owner is None and uid == os.geteuid())
+
+
 class Connection:
     """One accepted connection: what it opened, and the kernel object behind it."""
 
@@ -178,8 +191,10 @@ class ControlServer:
     ``statistics()`` counts connections by what they opened and requests by errno.
     """
 
-    def __init__(self, path: str, iommufd: Iommufd, resolver: FileResolver, lu: LiveUpdate | None = None) -> None:
+    def __init__(self, path: str, iommufd: Iommufd, resolver: FileResolver, lu: LiveUpdate | None = None,
+                 owner: int | None = None) -> None:
         self.path = path
+        self.owner = owner  #: the image's owner's uid: with root, the only peers served (None: our euid)
         self.iommufd = iommufd
         self.resolver = resolver
         self.lu = lu
@@ -219,7 +234,7 @@ class ControlServer:
 
     def listen(self) -> None:
         """Bind the socket (before the mount is announced, so a client never finds it missing)."""
-        self._listener = bind_socket(self.path)
+        self._listener = bind_socket(self.path, self.owner)
 
     async def run(self) -> None:
         assert self._listener is not None, "listen() first"
@@ -258,6 +273,12 @@ class ControlServer:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         peer = tuple(int.from_bytes(creds[i:i + 4], "little") for i in (0, 4, 8))
         conn = Connection(sock, peer, device, session, on_close)  # type: ignore[arg-type]
+        # a session fd's other end is the daemon's own socketpair: whoever holds the fd may use it,
+        # as a kernel file descriptor passed along; an accepted connection is checked
+        refused = device is None and not may_connect(conn.uid, self.owner)
+        if refused:
+            log.warning("pid %d (uid %d) refused: only root and the image's owner (uid %s) may use the control "
+                        "socket", conn.pid, conn.uid, self.owner if self.owner is not None else os.geteuid())
         self.connections.add(conn)
         try:
             while True:
@@ -265,6 +286,16 @@ class ControlServer:
                                                          transport.RECV_FLAGS)
                 if transport.at_eof(sock, data, anc):
                     return  # the peer closed: the file is released
+                if refused:  # open(2) of a device node the caller may not open: EACCES, for every request
+                    try:
+                        _, _, fds = transport.parse_request(data, anc, flags)
+                    except wire.WireError:  # its descriptors are closed already
+                        fds = []
+                    await _close(fds)
+                    self.requests += 1
+                    self.refused[errno.EACCES] = self.refused.get(errno.EACCES, 0) + 1
+                    await sock.sendmsg([transport.pack_reply(errno.EACCES)], [], transport.SEND_FLAGS)
+                    continue
                 await self._one(conn, data, anc, flags)
         except (ConnectionResetError, BrokenPipeError):
             return
@@ -308,12 +339,16 @@ class ControlServer:
         if conn.device is None:
             if cmd != wire.PKFUSE_OPEN:
                 return errno.EBADF, b"", []
+            if fds:  # open(2) takes no descriptor
+                return errno.EBADF, b"", []
             return await self._open(conn, wire.decode(wire.pkfuse_open, payload))
         if cmd == wire.PKFUSE_OPEN:
             return errno.EBUSY, b"", []
         entry = self._handlers[conn.device].get(cmd)
         if entry is None:
             return errno.ENOTTY, b"", []
+        if fds and cmd not in wire.REQUEST_FDS:  # a call that takes no descriptor was sent some
+            return errno.EBADF, b"", []
         struct_type, handler = entry
         arg = wire.decode(struct_type, payload)
         wire.check_reserved(arg)

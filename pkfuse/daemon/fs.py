@@ -248,7 +248,8 @@ class Operations(pyfuse3.Operations):
         if name == b"status":
             return views.render_status(self.store, iommu=self.iommu, regs_path=self.regs_path,
                                       control=self.control_path, iommufd=self.iommufd,
-                                      liveupdate=self.liveupdate, guest_maps=self.guest_maps).encode()
+                                      liveupdate=self.liveupdate, guest_maps=self.guest_maps,
+                                      connections=len(self.connections) if self.iommufd is not None else None).encode()
         if name == b"memmap":
             return views.render_memmap(self.store).encode()
         if name == b"info":  # what `pkfuse info MOUNTPOINT` prints: `pkfuse info IMAGE`'s text
@@ -320,6 +321,8 @@ class Operations(pyfuse3.Operations):
             ino = parent_inode
         elif name == b"..":
             ino = self.store.parent(parent_inode)  # ENOENT for a stale inode
+        elif len(name) > fmt.NAME_MAX:  # statfs says f_namemax: no such name can exist, as ext4 says
+            raise StoreError(errno.ENAMETOOLONG, f"name longer than {fmt.NAME_MAX} bytes")
         else:
             ino = self.store.lookup(parent_inode, name)
         entry = self._entry(self.store.getattr(ino))

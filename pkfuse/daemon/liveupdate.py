@@ -8,8 +8,12 @@ as a connection of its own (device ``session``), so the session's calls
 (PRESERVE_FD, RETRIEVE_FD, FINISH) are requests on it and closing every
 copy of it is closing the session -- an outgoing session is cancelled, a
 retrieved one finished if it can be. IOMMU_HWPT_LU_SET_PRESERVE names its
-session by sending that fd back; the daemon knows it by the inode number
-of the client's end (taken with ``fstat`` before it was sent).
+session by sending that fd back; the daemon knows it by the device and inode
+number of the client's end (taken with ``fstat`` before it was sent), and
+only a socket qualifies: a file elsewhere with the same inode number names
+no session. The ``fstat`` of what a client sends runs in a worker thread, as
+every descriptor a client passes is resolved (``control.FileResolver``): a
+file on our own mount would make it a FUSE request to this very thread.
 
 A retrieved file is opened by the daemon on its own mount (in a worker
 thread: the open is a FUSE request to this very daemon), once per session
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -41,7 +46,8 @@ class LiveUpdateCalls:
     def __init__(self, server: ControlServer, lu: LiveUpdate) -> None:
         self.server = server
         self.lu = lu
-        self._by_ino: dict[int, OutgoingSession | IncomingSession] = {}  #: client end's inode -> session
+        #: the client end's (st_dev, st_ino) -> its session
+        self._by_ino: dict[tuple[int, int], OutgoingSession | IncomingSession] = {}
         self._files: dict[tuple[int, int], int] = {}  #: (id(session), token) -> the daemon's open fd
 
     def handlers(self) -> dict[bytes, dict[int, tuple[type, Any]]]:
@@ -67,13 +73,14 @@ class LiveUpdateCalls:
         """A new session fd for the client; the daemon serves the other end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
-        ino = os.fstat(theirs.fileno()).st_ino
-        self._by_ino[ino] = session
-        self.server.serve_connection(ours, DEV_SESSION, session=session, on_close=lambda: self._closed(ino))
+        st = os.fstat(theirs.fileno())  # a socket: no FUSE request
+        key = (st.st_dev, st.st_ino)
+        self._by_ino[key] = session
+        self.server.serve_connection(ours, DEV_SESSION, session=session, on_close=lambda: self._closed(key))
         return theirs.detach()  # sent with the reply, then closed: the client holds the only copy
 
-    async def _closed(self, ino: int) -> None:
-        session = self._by_ino.pop(ino, None)
+    async def _closed(self, key: tuple[int, int]) -> None:
+        session = self._by_ino.pop(key, None)
         if session is None:
             return
         self.lu.close_session(session)
@@ -86,14 +93,14 @@ class LiveUpdateCalls:
         if fds:  # files on our own mount: closing sends FLUSH, answered by the trio thread
             await trio.to_thread.run_sync(lambda: [os.close(fd) for fd in fds])
 
-    def _session_of(self, fds: list[int]) -> OutgoingSession | IncomingSession:
+    async def _session_of(self, fds: list[int]) -> OutgoingSession | IncomingSession:
         if len(fds) != 1:
             raise StoreError(errno.EBADF, "send the session fd with the call")
-        try:
-            ino = os.fstat(fds[0]).st_ino  # a socket: no FUSE request
+        try:  # off the trio thread: the descriptor may be a file on our own mount
+            st = await trio.to_thread.run_sync(os.fstat, fds[0])
         except OSError as exc:
             raise StoreError(errno.EBADF, str(exc)) from None
-        s = self._by_ino.get(ino)
+        s = self._by_ino.get((st.st_dev, st.st_ino)) if stat.S_ISSOCK(st.st_mode) else None
         if s is None:
             raise StoreError(errno.EBADF, "the descriptor is not a live-update session")
         return s
@@ -160,7 +167,7 @@ class LiveUpdateCalls:
     # ------------------------------------------------------ /dev/iommu
 
     async def _hwpt_preserve(self, conn: Connection, arg: Any, fds: list[int]) -> Reply:
-        s = self._session_of(fds)
+        s = await self._session_of(fds)
         if not isinstance(s, OutgoingSession):
             return errno.EINVAL, b"", []
         assert conn.ctx is not None

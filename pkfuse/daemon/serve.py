@@ -162,7 +162,8 @@ def _control_server(store: Any, iommu: Any, opts: dict[str, Any]) -> ControlServ
     findings = lu.restore()  # the previous kernel's sessions, before any client can ask for them
     log.info("live update: boot %d, %d sessions restored, %d refused%s", lu.boot, len(lu.incoming),
              len(lu.refused), "".join(f"\n  {f}" for f in findings))
-    return ControlServer(path, iommufd, FileResolver(None, path_of=store.path_of), lu)
+    owner = os.stat(store.path).st_uid  # with root, the only uid the control socket serves
+    return ControlServer(path, iommufd, FileResolver(None, path_of=store.path_of), lu, owner=owner)
 
 
 async def _main(pyfuse3: Any, control: ControlServer | None, mnt: str) -> None:

@@ -58,12 +58,14 @@ def xattrs(store: Store, ino: int) -> dict[bytes, bytes]:
 def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | None = None,
                   pid: int | str | None = None, control: str | None = None,
                   iommufd: Iommufd | None = None, liveupdate: LiveUpdate | None = None,
-                  guest_maps: GuestMaps | None = None) -> str:
+                  guest_maps: GuestMaps | None = None, connections: int | None = None) -> str:
     """``key: value`` lines describing the image and the daemon serving it (``pid``: ours by default).
 
     ``iommufd``: the daemon's live iommufd objects, counted on an ``iommufd`` line (a daemon
     without a control socket, and ``pkfuse info IMAGE``, have none and show no such line).
-    ``guest_maps``: the PKFUSE_GUEST_MMAP pins, on a ``guest_mmaps`` line (likewise)."""
+    ``guest_maps``: the PKFUSE_GUEST_MMAP pins, on a ``guest_mmaps`` line (likewise).
+    ``connections``: the control socket's open connections (session fds included), on a
+    ``control_connections`` line: a client that closed one sees when the daemon has released it."""
     g = store.geometry
     with store.lock:
         s = store.statfs()
@@ -91,6 +93,8 @@ def render_status(store: Store, *, iommu: Iommu | None = None, regs_path: str | 
         lines.append(("iommu_regs", regs_path))
     if control is not None:  # the /dev/iommu and /dev/liveupdate of this "kernel" (pkfuse.uapi finds it here)
         lines.append(("control_socket", control))
+        if connections is not None:
+            lines.append(("control_connections", str(connections)))
     lines.append(("iommu", iommu_summary(iommu)))
     if liveupdate is not None:
         lines.append(("liveupdate", liveupdate.summary()))

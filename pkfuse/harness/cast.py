@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ PKFUSE = [sys.executable, "-m", "pkfuse"]
 FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
 RID = "00:03.0"  #: the VMM's device (``pkfuse vmm run --device``'s default)
 GUEST = "vm0"  #: the guest file and the live-update session's name
+BYSTANDER = "bystander"  #: a guest file no process maps: its pages must never change
 MiB = 1 << 20
 STOP_TIMEOUT = 10.0  #: seconds a process gets to end on SIGTERM before SIGKILL
 PR_SET_PDEATHSIG = 1
@@ -105,6 +107,8 @@ class Cast:
     vmm_monitor: Path | None = None
     dev: Proc | None = None
     extents: list[tuple[int, int, int]] = field(default_factory=list)  #: the guest file's (offset, phys, len)
+    bystander: list[tuple[int, int]] = field(default_factory=list)  #: (image offset, length) of its pages
+    bystander_digest: str = ""
     base_phys: int = 0
     closed: bool = False
     _view: Any = None  #: the GuestMemory behind guest_view()
@@ -374,6 +378,33 @@ class Cast:
             if off <= gpa and gpa + n <= off + length:
                 return phys - self.base_phys + gpa - off
         return None
+
+    def make_bystander(self, size: int = MiB) -> None:
+        """``guest_mem/bystander``: a guest file no process maps, filled with a pattern, its pages and their
+        digest noted. The VMM's image fd reaches every page of the image (the kernel would grant a VMA only
+        its file's): after each cycle ``bystander_intact`` says whether a page outside the VM's files changed."""
+        path = self.mnt / "guest_mem" / BYSTANDER
+        pattern = hashlib.sha256(b"pkfuse bystander").digest() * (size // 32)
+        path.write_bytes(pattern)
+        base = int(self.status("base_phys"), 0)
+        text = os.getxattr(path, "user.pkernfs.extents").decode()
+        self.bystander = [(int(phys, 0) - base, int(n, 0)) for _, phys, n in
+                          (line.split() for line in text.splitlines() if line.strip())]
+        self.bystander_digest = self._bystander_digest()
+
+    def _bystander_digest(self) -> str:
+        h = hashlib.sha256()
+        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for off, n in self.bystander:
+                h.update(os.pread(fd, n, off))
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    def bystander_intact(self) -> bool:
+        """The bystander's pages in the image (read from the file, no daemon asked) are as they were made."""
+        return not self.bystander or self._bystander_digest() == self.bystander_digest
 
     def flip_byte(self, gpa: int) -> None:
         """Invert the byte of guest RAM at ``gpa`` in the image (a test's corruption)."""

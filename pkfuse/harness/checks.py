@@ -168,6 +168,13 @@ def check_no_saved_copy(cast: Cast) -> Check:
     return Check("no saved copy after finish", not left, ", ".join(left) or "none")
 
 
+def check_bystander(cast: Cast) -> Check:
+    """No page outside the VM's own files changed: the VMM's image fd reaches the whole image."""
+    return Check("no page outside the VM's files changed (the bystander file's pages, read from the image)",
+                 cast.bystander_intact(), f"{sum(n for _, n in cast.bystander)} bytes in {len(cast.bystander)} "
+                                          "extents")
+
+
 def check_pages(before: int, after: int) -> Check:
     return Check("no page leaked by the cycle", before == after,
                  f"pages_free {before} before prepare, {after} after finish")

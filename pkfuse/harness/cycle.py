@@ -362,6 +362,7 @@ def _judge_live_update(cast: Cast, cycle: Cycle, before: verify.Verdict, t_befor
     cycle.add(checks.check_translations_reach_guest(cast, t_before, "before the freeze"))
     cycle.add(checks.check_translations(t_before, t_after))
     cycle.add(*_after_grace(cast, cycle, pages_before))
+    cycle.add(checks.check_bystander(cast))
     after = None
     if verify_ram and cast.vmm is not None:
         time.sleep(run_after)  # the guest runs on the successor: it rewrites pages, checking each first

@@ -100,6 +100,7 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
     sid = parse_rid(RID)
     cast.mkfs()
     cast.wait_mount(cast.start_mount())
+    cast.make_bystander()
     cast.start_vmm(cast.workdir / "vmm-0.mon")
     if cast.device:
         cast.start_device()

@@ -21,7 +21,10 @@ descriptors the call takes travel with it as SCM_RIGHTS; a struct's ``fd``
 field then carries the sender's own number, for messages only. Each reply is
 one datagram: an errno (``s32``, 0 for success) and, on success, the struct
 as the kernel would copy it back, then any variable-length array;
-descriptors the call returns travel with the reply. An error reply carries
+descriptors the call returns travel with the reply (``REQUEST_FDS`` and
+``REPLY_FDS`` say how many; descriptors sent with a call that takes none are
+EBADF, as a stray SCM_RIGHTS is a caller's bug the kernel could never see).
+An error reply carries
 no struct, except where the kernel copies the struct back before failing:
 IOMMU_IOAS_IOVA_RANGES's EMSGSIZE carries it, ``num_iovas`` holding the
 count needed.

@@ -82,3 +82,20 @@ def test_readme_using_it_runs_as_written(tmp_path: Path) -> None:
     extents = next(out for line, out in outputs.items() if "--only-values -n user.pkernfs.extents" in line)
     rows = extents.splitlines()
     assert rows and all(re.fullmatch(r"0x[0-9a-f]+ 0x[0-9a-f]+ 0x[0-9a-f]+", row) for row in rows), extents
+
+
+def test_readme_layout_table_names_every_module_and_test_folder() -> None:
+    """"Layout of the repository" keeps up with the tree: a row per folder of modules, naming each module
+    (``name.py``, or ``name`` in a list of them), and the tests row naming each test folder."""
+    section = (ROOT / "README.md").read_text().partition("## Layout of the repository")[2].partition("\n## ")[0]
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| `([^`]+/)` \| (.*) \|$", section, re.M)}
+    folders = ["backing/"] + [f"pkfuse/{p.name}/" for p in sorted((ROOT / "pkfuse").iterdir())
+                              if (p / "__init__.py").exists()]
+    for folder in folders:
+        assert folder in rows, f"README's layout table has no row for {folder}"
+        for mod in sorted((ROOT / folder).glob("*.py")):
+            if mod.name not in ("__init__.py", "__main__.py"):
+                assert f"`{mod.name}`" in rows[folder] or f"`{mod.stem}`" in rows[folder], \
+                    f"README's row for {folder} does not name {mod.name}"
+    for sub in sorted(p for p in (ROOT / "tests").iterdir() if p.is_dir() and any(p.glob("test_*.py"))):
+        assert f"`{sub.name}/`" in rows["tests/"], f"README's tests row does not name {sub.name}/"

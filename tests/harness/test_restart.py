@@ -48,7 +48,7 @@ def test_two_live_updates_with_prestarted_successors(workdir: Path, flow: str) -
         assert {"guest memory clean after the freeze (state, rings, records)", "guest continued",
                 "translations before = after", "DMA reaches guest RAM before the freeze", "session finished",
                 "no page leaked by the cycle", "no DMA fault in the live update",
-                "guest memory clean after finish (all of RAM, paused)"} <= names
+                "guest memory clean after finish (all of RAM, paused)", BYSTANDER_CHECK} <= names
         assert ("no saved copy after finish" in names) == (flow == "ephemeral")
         assert ("ephemeral memory poisoned at restore" in names) == (flow == "ephemeral")
         b = c["blackout_s"]
@@ -89,6 +89,27 @@ def test_a_corrupted_byte_is_found_and_named(workdir: Path) -> None:
     assert error is not None and error.startswith("cycle 1 (persistent): guest memory clean after finish"), error
     assert f"config at {RESERVED_GPA:#x}" in error, error
     assert [ch.name for ch in report.end["persistent"] if not ch.ok] == []  # the end still ran: unmount, fsck
+
+
+BYSTANDER_CHECK = "no page outside the VM's files changed (the bystander file's pages, read from the image)"
+
+
+def test_a_page_changed_outside_the_vms_files_is_found(workdir: Path) -> None:
+    """The VMM's image fd reaches every page: a store outside its files (here: into the bystander's second
+    page, as a stray write through that fd would) fails the cycle, naming the check."""
+
+    def stray_store(cast: Cast, cycle: object) -> None:
+        off, _ = cast.bystander[0]
+        fd = os.open(cast.image, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\xff" * 8, off + 4096)
+        finally:
+            os.close(fd)
+
+    report = run(_config(workdir, cycles=1), hooks=Hooks(before_jump=stray_store))
+    assert not report.ok
+    assert [ch.name for c in report.cycles for ch in c.failed()] == [BYSTANDER_CHECK]
+    assert [ch.name for ch in report.end["persistent"] if not ch.ok] == []
 
 
 def _dirty_page(cast: Cast, ahead: int) -> int:
