@@ -363,6 +363,7 @@ class LiveUpdate:
                 _remove_state(self.store)
                 return self.findings
             if state is None:
+                self._free_stray_copies({})
                 return self.findings
             self.boot = state.boot
             self.restored_mode = state.domains
@@ -383,6 +384,7 @@ class LiveUpdate:
                 d = io.domains.get(did)
                 if d is not None and did not in claimed:
                     self._free(d, "not preserved")
+            self._free_stray_copies(claimed)
             self._rewrite()
             return self.findings
 
@@ -472,6 +474,16 @@ class LiveUpdate:
     def _block_all_unowned(self) -> None:
         """The state itself is unreadable: nothing can say which domain is whose."""
         self._finding("domains of the previous boot are left as they are; their devices keep their entries")
+
+    def _free_stray_copies(self, claimed: dict[int, bytes]) -> None:
+        """Saved copies (DOMF_SAVED) no restored session holds: a freeze killed between the copy and its
+        reboot() (an unplanned crash) left them. Nothing can ever claim one: freed, its requesters
+        blocked (a copy the hardware was already switched to translated for a kernel that is gone)."""
+        if self.store.read_only:
+            return
+        for d in list(self.iommufd.iommu.domains.values()):
+            if d.flags & fmt.DOMF_SAVED and d.domain_id not in claimed:
+                self._free(d, "a saved copy no committed session holds (a freeze cut before its reboot())")
 
     def _free(self, d: Domain, why: str) -> None:
         io = self.iommufd.iommu

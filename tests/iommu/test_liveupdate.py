@@ -517,3 +517,18 @@ def test_a_domain_the_administrator_attached_is_no_orphan_after_an_unplanned_res
     b2 = boot(boots, image)
     assert not b2.fd.orphaned(d.domain_id)
     assert errno_of(lambda: b2.fd.open_context().device_bind(RID)) == errno.EBUSY
+
+
+def test_a_saved_copy_a_freeze_made_before_it_was_cut_is_freed_at_the_next_restore(boots: list[Boot],
+                                                                                    image: Path) -> None:
+    b = boot(boots, image)
+    vm(b)
+    copy = b.io.copy_domain(b.io.domains[b.io.attached[RID]])  # the freeze's copy (DOMF_SAVED) ...
+    assert copy.flags & fmt.DOMF_SAVED
+    b.kill()  # ... and the kill before its reboot() committed: no session will ever claim it
+    b2 = boot(boots, image)
+    assert copy.domain_id not in b2.io.domains
+    assert any(f"domain {copy.domain_id} freed: a saved copy" in f for f in b2.findings)
+    b2.close()
+    status, findings = fsck.check_image(image)
+    assert status == 0 and not findings
