@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -45,9 +46,14 @@ def cmd_device(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds < 0:
         raise ValueError(f"--seconds {args.seconds}: not negative")
     image = os.path.abspath(args.image)
+    early: list[int] = []  # a stop asked for while the device is set up (its log may already exist)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     with Device(image, rid, regs=args.regs, ephemeral=args.ephemeral, rate=args.rate, rings=args.rings,
                 records=args.records, log_path=args.log, iotlb=not args.no_iotlb) as dev:
         dev.install_signal_handlers()
+        if early:
+            dev.stop()
         dev.run(args.seconds)
         summary = dev.summary()
     if args.json is not None:

@@ -385,7 +385,7 @@ def _after_kill(cast: Cast, cycle: Cycle, killer: Killer, previous: verify.Verdi
     cycle.kill.update(landed=landed, killed=list(killer.killed))
     cycle.kill["ended_after"] = clear_after_kill(cast)
     cycle.mark("recover_start")
-    cast.wait_mount(cast.start_mount(), timeout=120)
+    cast.wait_mount(cast.start_mount(wait=30.0), timeout=120)  # a lock still held by a dying daemon: waited for
     cycle.mark("recover_mounted")
     e = cycle.edges  # the blackout's edges a kill cut short: the kill is the jump, the cold mount the restore
     e.setdefault("freeze_end", killer.fired_ns)

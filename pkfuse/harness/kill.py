@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-from .cast import GUEST, Cast, Proc, pid_alive, realtime_ns
+from .cast import GUEST, Cast, Proc, realtime_ns
 
 #: where a kill may land, in order (``jump``: the planned instant, after the freeze)
 KILL_PHASES = ("prepare", "freeze", "jump", "restore", "retrieve", "rebuild", "finish")
@@ -151,12 +151,16 @@ def clear_after_kill(cast: Cast) -> list[str]:
         if p is not cast.dev and p.alive():
             cast.kill(p)
             ended.append(f"{p.name} {p.pid}")
-    for pid, name in victims(cast):  # a daemon forked since the kill (a waiting mount's)
-        cast.kill(Proc(name, None, pid))
-        ended.append(f"{name} {pid}")
-    deadline = time.monotonic() + 10
-    while any(pid_alive(pid) for pid, _ in victims(cast)) and time.monotonic() < deadline:
-        time.sleep(0.001)
+    # a daemon forked since the kill (a waiting mount's, killed after its fork): scan until two scans
+    # 50 ms apart find nothing
+    deadline, quiet = time.monotonic() + 10, 0
+    while quiet < 2 and time.monotonic() < deadline:
+        found = victims(cast)
+        for pid, name in found:
+            cast.kill(Proc(name, None, pid))
+            ended.append(f"{name} {pid}")
+        quiet = 0 if found else quiet + 1
+        time.sleep(0.05)
     cast.clear_mount()
     cast.vmm, cast.vmm_monitor = None, None
     return ended

@@ -5,6 +5,7 @@ after it is still a live update, which a new daemon offers and a successor takes
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -65,3 +66,16 @@ def test_a_kill_in_restore_is_still_a_live_update_the_next_daemon_offers(workdir
     checks = _checks(report)
     assert checks["translations before = after"] and checks["no DMA fault in the live update"]
     assert checks["guest continued"] and c.blackout()["total"] > 0
+
+
+@pytest.mark.parametrize("engine", ["kvm", "unicorn"])
+@pytest.mark.parametrize("flow", ["persistent", "ephemeral"])
+def test_a_short_random_kill_run_passes_for_each_design_and_engine(workdir: Path, flow: str, engine: str) -> None:
+    """The suite's short version of ``restart-test --cycles 100 --kill random --flow both --guest-size 2G``."""
+    if engine == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no /dev/kvm")
+    report = run(_config(workdir, cycles=3, flows=(flow,), engine=engine, kill="random", seed=11,
+                         guest_size=(16 if engine == "unicorn" else 64) << 20))
+    _ok(report)
+    assert {c.engine for c in report.cycles} == {engine}
+    assert all(c.kill.get("phase") in kill.KILL_PHASES for c in report.cycles)
