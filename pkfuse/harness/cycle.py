@@ -399,6 +399,9 @@ def _after_kill(cast: Cast, cycle: Cycle, killer: Killer, previous: verify.Verdi
         cycle.kill["outcome"] = "the freeze had committed: the new daemon offers the session, a successor takes it"
         cycle.successor = cast.start_successor(mon2, js)
         status = _successor_up(cast, cycle, None, mon2, js)
+        if cycle.timings.get("rebooted"):
+            cycle.kill["outcome"] += ("; an earlier successor had resumed the vCPUs and died before finish: "
+                                      "their state was stale, the VM booted again over its RAM")
         _saved_blackout(cast, cycle)
         base = before if before is not None else previous
         if before is not None:

@@ -140,7 +140,10 @@ def victims(cast: Cast) -> list[tuple[int, str]]:
                     found[int(d)] = "daemon"
         except OSError:
             continue
-    return sorted(found.items())
+    # the kernel first: a VMM killed before its daemon closes its connections, and a daemon that
+    # lived a moment longer would release what they held (detach the device, free its HWPT) -- a
+    # kexec takes the kernel down first, with everything it would have done at a close undone
+    return sorted(found.items(), key=lambda pn: (pn[1] not in ("daemon", "mount"), pn[0]))
 
 
 def clear_after_kill(cast: Cast) -> list[str]:

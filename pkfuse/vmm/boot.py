@@ -165,13 +165,17 @@ def gdt() -> np.ndarray:
     return g
 
 
-def write_boot(ram: np.ndarray, params: GuestParams, text: bytes, *, fresh: bool = False) -> np.ndarray:
+def write_boot(ram: np.ndarray, params: GuestParams | None, text: bytes, *, fresh: bool = False) -> np.ndarray:
     """Write the boot structures, ``text`` and CONFIG into ``ram`` (uint8, guest-physical); return CONFIG.
+
+    ``params`` None: the CONFIG in RAM is kept as it is (the same VM booted again over its RAM).
 
     ``fresh`` also zeroes every vCPU state block and ring header: a new guest,
     not a cold boot over an old one's RAM.
     """
-    config = params.config()
+    config = params.config() if params is not None else read_config(ram)
+    if params is None:  # a reboot over RAM: CONFIG as it is
+        params = GuestParams(int(config["nr_vcpus"]), int(config["ram_size"]))
     if len(ram) != params.ram_size:
         raise BootError(f"guest RAM is {len(ram)} bytes, the parameters say {params.ram_size}")
     if len(text) > abi.GUEST_TEXT_MAX:
@@ -190,7 +194,7 @@ def write_boot(ram: np.ndarray, params: GuestParams, text: bytes, *, fresh: bool
         ram[abi.VCPU_STATE_GPA:abi.VCPU_STATE_GPA + abi.MAX_VCPUS * abi.VCPU_STATE_STRIDE] = 0
         for i in range(abi.MAX_VCPUS):
             ram[abi.ring_gpa(i):abi.ring_gpa(i) + abi.RING_BUFFERS_OFFSET] = 0
-    ram[abi.CONFIG_GPA:abi.CONFIG_GPA + abi.CONFIG.itemsize] = np.frombuffer(config.tobytes(), np.uint8)
+    ram[abi.CONFIG_GPA:abi.CONFIG_GPA + abi.CONFIG.itemsize] = np.frombuffer(np.asarray(config).tobytes(), np.uint8)
     return config
 
 

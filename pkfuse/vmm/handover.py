@@ -28,6 +28,9 @@ VERSION = 1
 SLOT_SIZE = 256 << 10
 FILE_SIZE = 2 * SLOT_SIZE
 NO_DEVICE = 0xFFFFFFFF
+#: a successor resumed these vCPUs: the VM has run since, so this state is stale -- a second
+#: successor (the new kernel died before finish) must boot the VM over its RAM, never restore it
+FLAG_RESUMED = 1
 
 HANDOVER_RECORD = np.dtype([
     ("magic", "<u8"),  # MAGIC
@@ -41,7 +44,7 @@ HANDOVER_RECORD = np.dtype([
     ("engine", "S16"),  # "kvm" / "unicorn"
     ("guest", "S256"),  # the guest-RAM file, relative to the mountpoint
     ("rid", "<u4"),  # the device's requester id, NO_DEVICE without one
-    ("flags", "<u4"),  # 0
+    ("flags", "<u4"),  # FLAG_RESUMED
     ("ram_token", "<u8"),  # live-update tokens of the session (0 when saved without one)
     ("state_token", "<u8"),
     ("hwpt_token", "<u8"),
@@ -69,6 +72,7 @@ class Handover:
     hwpt_token: int
     saved_ns: int
     payload: bytes
+    flags: int = 0  #: FLAG_RESUMED
 
 
 def encode(h: Handover) -> bytes:
@@ -79,7 +83,7 @@ def encode(h: Handover) -> bytes:
     rec["engine"], rec["guest"] = h.engine.encode(), h.guest.encode()
     rec["rid"] = NO_DEVICE if h.rid is None else h.rid
     rec["ram_token"], rec["state_token"], rec["hwpt_token"] = h.ram_token, h.state_token, h.hwpt_token
-    rec["saved_ns"] = h.saved_ns
+    rec["saved_ns"], rec["flags"] = h.saved_ns, h.flags
     if len(h.guest.encode()) >= 256:
         raise HandoverError(f"guest path {h.guest!r} is longer than the record's 255 bytes")
     if HANDOVER_RECORD.itemsize + len(h.payload) > SLOT_SIZE:
@@ -111,7 +115,7 @@ def decode_slot(data: bytes, where: str) -> Handover:
     return Handover(int(rec["generation"]), int(rec["nr_vcpus"]), int(rec["memory"]), bytes(rec["vm_uuid"]),
                     bytes(rec["engine"]).decode(errors="replace"), bytes(rec["guest"]).decode(errors="replace"),
                     None if rid == NO_DEVICE else rid, int(rec["ram_token"]), int(rec["state_token"]),
-                    int(rec["hwpt_token"]), int(rec["saved_ns"]), bytes(data[size:size + n]))
+                    int(rec["hwpt_token"]), int(rec["saved_ns"]), bytes(data[size:size + n]), int(rec["flags"]))
 
 
 def read(fd: int, name: str = "handover file") -> Handover | None:

@@ -351,7 +351,16 @@ class Vmm:
             ports = PortLog()
             eng = make_engine(saved.engine, ram, saved.nr_vcpus, ports)
             t4 = time.perf_counter()
-            eng.restore(state.blobs)
+            rebooted = bool(saved.flags & handover.FLAG_RESUMED)
+            if rebooted:  # an earlier successor resumed it, then died before finish: the state is stale
+                log.warning("session %s: its vCPU state was resumed once already (the VM ran since): "
+                            "the VM boots again over its RAM", name)
+                boot.write_boot(ram.array, None, guest.load())
+                eng.boot()
+            else:
+                eng.restore(state.blobs)
+                # marked before the vCPUs run: a successor after this one must not restore them again
+                handover.write(state_fd, dataclasses.replace(saved, flags=saved.flags | handover.FLAG_RESUMED))
             eng.start()
             resumed_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
             t5 = time.perf_counter()
@@ -365,7 +374,7 @@ class Vmm:
         vmm.lu, vmm.session = lu, session
         vmm.iommu_pgsize = iommu_pgsize
         t.update(retrieve=t2 - t1, remap=t3 - t2, vm_create=t4 - t3, vcpu_restore=t5 - t4,
-                 blackout=(resumed_ns - saved.saved_ns) / 1e9)
+                 blackout=(resumed_ns - saved.saved_ns) / 1e9, rebooted=float(rebooted))
         try:
             t6 = time.perf_counter()
             if saved.rid is not None:
