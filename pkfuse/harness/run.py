@@ -95,9 +95,9 @@ def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[Cycle
     return report
 
 
-def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hooks | None,
-              progress: Callable[[Cycle], None] | None) -> None:
-    sid = parse_rid(RID)
+def bring_up(cast: Cast, config: Config, end: list[checks.Check]) -> Any:
+    """The cast up: mkfs, mount, the bystander file, the VMM, the device; the guest going; the baseline
+    verdict over all of RAM (None without ``config.verify_ram``), which the first cycle continues from."""
     cast.mkfs()
     cast.wait_mount(cast.start_mount())
     cast.make_bystander()
@@ -111,9 +111,14 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
             raise HarnessError("the guest did not get going within 30 s")
         time.sleep(0.01)
     time.sleep(config.run_between)
-    previous: Any = None  #: the last verdict over all of RAM: the next cycle continues from it
-    if config.verify_ram:  # the first cycle's baseline (a crash in its prepare has no freeze to go by)
-        previous = _baseline(cast, report.end.setdefault(flow, []))
+    # the first cycle's baseline (a crash in its prepare has no freeze to go by)
+    return _baseline(cast, end) if config.verify_ram else None
+
+
+def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hooks | None,
+              progress: Callable[[Cycle], None] | None) -> None:
+    sid = parse_rid(RID)
+    previous: Any = bring_up(cast, config, report.end.setdefault(flow, []))  #: the last verdict over all of RAM
     last: Cycle | None = None
     mine: list[Cycle] = []
     rng = random.Random(f"{config.seed}-{flow}")
@@ -131,7 +136,7 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
         if cast.vmm is None:  # the successor did not survive: nothing left to cycle
             break
         time.sleep(config.run_between)
-    _end(cast, report, flow, last, previous, mine)
+    tear_down(cast, report, flow, last, previous, mine)
 
 
 def _baseline(cast: Cast, end: list[checks.Check]) -> Any:
@@ -162,7 +167,9 @@ def _spans(done: list[Cycle]) -> dict[str, float]:
     return {}
 
 
-def _end(cast: Cast, report: Report, flow: str, last: Cycle | None, previous: Any, mine: list[Cycle]) -> None:
+def tear_down(cast: Cast, report: Report, flow: str, last: Cycle | None, previous: Any, mine: list[Cycle]) -> None:
+    """The end of a flow: the device stopped and its log judged per cycle, the last VMM stopped and the
+    guest verified, a clean unmount, fsck (``report.end[flow]``)."""
     end = report.end.setdefault(flow, [])
     if cast.dev is not None:  # first: the VMM's stop releases its HWPT, and the device's context entry with it
         cast.stop(cast.dev)
@@ -242,4 +249,4 @@ def _crash_dma(cast: Cast, c: Cycle, entries: Any) -> None:
     c.add(checks.check_dma_faults(entries, ready + 50_000_000, end, "after the new VMM attached"))
 
 
-__all__ = ["Config", "run", "device_available"]
+__all__ = ["Config", "run", "device_available", "bring_up", "tear_down"]
