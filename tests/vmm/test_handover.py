@@ -38,6 +38,13 @@ def test_a_record_reads_back_whole(fd: int) -> None:
     assert got == _record(generation=1)
 
 
+def test_a_resumed_record_keeps_its_flag_and_is_the_newest(fd: int) -> None:
+    handover.write(fd, _record())
+    handover.write(fd, _record(flags=handover.FLAG_RESUMED))  # what a successor writes before its vCPUs run
+    got = handover.read(fd)
+    assert got is not None and got.flags == handover.FLAG_RESUMED and got.payload == b"vcpu state"
+
+
 def test_saves_alternate_slots_and_the_newest_wins(fd: int) -> None:
     handover.write(fd, _record(b"first"))
     handover.write(fd, _record(b"second"))
