@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import subprocess
 from typing import TYPE_CHECKING, Any
 
 from backing.errors import FormatError, ImageBusy, PkfuseError
@@ -179,17 +181,20 @@ async def _main(pyfuse3: Any, control: ControlServer | None, mnt: str) -> None:
 
 
 async def _learn_no_flush(mnt: str) -> None:
-    """Open and close a file of our own mount from a worker thread, so the kernel learns at once, from
+    """Have a child process open and close a file of our mount, so the kernel learns at once, from
     the FLUSH it sends, that this file system has none (ENOSYS: ``Operations.flush``'s default) and
     sends no forced FLUSH again -- see ``fs.Operations``: a forced request to a dead daemon is a
-    hang no signal ends."""
+    hang no signal ends. A child, not a thread of ours: if we are killed before answering, the
+    child's request is aborted with the connection, where a thread of ours would keep this
+    process -- and the connection -- alive for good."""
     import trio
 
-    def touch() -> None:
-        with contextlib.suppress(OSError):
-            os.close(os.open(os.path.join(mnt, ".pkernfs", "status"), os.O_RDONLY | os.O_CLOEXEC))
-
-    await trio.to_thread.run_sync(touch)
+    cat = shutil.which("cat")
+    if cat is None:
+        return
+    with contextlib.suppress(OSError):
+        await trio.run_process([cat, os.path.join(mnt, ".pkernfs", "status")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=False)
 
 
 async def _watch_signals(pyfuse3: Any, scope: Any) -> None:

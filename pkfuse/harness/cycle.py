@@ -427,8 +427,9 @@ def _after_kill(cast: Cast, cycle: Cycle, killer: Killer, previous: verify.Verdi
     cycle.mark("vmm_ready")
     cycle.monitor = str(mon2)
     status = cast.monitor_status(mon2)
+    cycle.engine = str(status.get("engine", ""))
     base = previous if previous is not None else before
-    cycle.add(checks.check_session_finished(cast))
+    cycle.add(checks.check_session_finished(cast, refused_ok=True))
     if base is not None:
         cycle.add(checks.check_guest_running(base, status, cold_boot=True))
     t_after = checks.translations(cast, sid)

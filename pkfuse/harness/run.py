@@ -85,6 +85,11 @@ def run(config: Config, *, hooks: Hooks | None = None, progress: Callable[[Cycle
             where = f"cycle {report.cycles[-1].index} ({flow})" if report.cycles and \
                 report.cycles[-1].flow == flow else f"{flow} run"
             report.aborted = f"{where}: {one_line(exc)}"
+            if not isinstance(exc, HarnessError):  # not the cast's own words: say where it came from
+                import traceback
+
+                tb = traceback.extract_tb(exc.__traceback__)[-1]
+                report.aborted += f" ({type(exc).__name__} at {Path(tb.filename).name}:{tb.lineno})"
         finally:
             left = cast.close()
             end = report.end.setdefault(flow, [])
