@@ -131,10 +131,14 @@ class FileResolver:
         path = os.fsencode(self.mountpoint) + self.path_of(ino)
 
         def _open() -> int:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            if os.fstat(fd).st_ino != ino:  # renamed over since: not the preserved file
+            try:  # an error here is the caller's errno, never the daemon's end
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise StoreError(exc.errno or errno.EIO, f"{os.fsdecode(path)}: {exc.strerror}") from None
+            st = os.fstat(fd)
+            if st.st_dev != self.mount_dev or st.st_ino != ino:  # renamed over, or not (yet) our mount there
                 os.close(fd)
-                raise StoreError(errno.EIO, f"{os.fsdecode(path)} is no longer inode {ino}")
+                raise StoreError(errno.EIO, f"{os.fsdecode(path)} is no longer inode {ino} of this mount")
             return fd
 
         return await trio.to_thread.run_sync(_open)
