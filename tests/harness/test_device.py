@@ -78,6 +78,10 @@ def start_device(procs: list, m: Mount, tmp_path: Path, *args: str, rid: str = R
     p = subprocess.Popen([sys.executable, "-m", "pkfuse", "device", str(m.image), "--rid", rid, "--log", str(logf),
                           "--json", str(js), *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(p)
+    deadline = time.monotonic() + 30  # its log exists once its signal handlers do: a stop is then a clean one
+    while not logf.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read().decode()  # type: ignore[union-attr]
+        time.sleep(0.005)
     return p, logf, js
 
 
