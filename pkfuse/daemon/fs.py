@@ -576,8 +576,11 @@ class Operations(pyfuse3.Operations):
     # closed in a worker thread as the daemon is SIGKILLed would wait for an answer only the dead
     # trio thread could give, and the daemon -- and every process closing a file on the mount --
     # would hang in D state for good (found by ``restart-test --kill finish``). Writes are
-    # synchronous: a flush has nothing to report. ``serve`` closes one file itself at start, so the
-    # ENOSYS is learnt before any client's close.
+    # synchronous: a flush has nothing to report. The ENOSYS is learnt at the first close of any
+    # file on the mount; the daemon's own closes come after a client's (a successor reads
+    # ``.pkernfs/status`` before it retrieves). A warm-up close by the daemon at start was tried:
+    # a thread of its own is the hang itself, and a child process kept the mount busy when the
+    # daemon was stopped at once (test_umount_of_a_stopped_daemon...).
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
-import subprocess
 from typing import TYPE_CHECKING, Any
 
 from backing.errors import FormatError, ImageBusy, PkfuseError
@@ -93,9 +91,8 @@ def serve(image: str, mnt: str, opts: dict[str, Any], *, daemonized: bool = Fals
                 log.info("control socket %s", control.path)
             if daemonized:
                 detach_stdio()
-            where = os.path.abspath(mnt)
             os.chdir("/")
-            trio.run(_main, pyfuse3, control, where)
+            trio.run(_main, pyfuse3, control)
         finally:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
@@ -168,33 +165,15 @@ def _control_server(store: Any, iommu: Any, opts: dict[str, Any]) -> ControlServ
     return ControlServer(path, iommufd, FileResolver(None, path_of=store.path_of), lu, owner=owner)
 
 
-async def _main(pyfuse3: Any, control: ControlServer | None, mnt: str) -> None:
+async def _main(pyfuse3: Any, control: ControlServer | None) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, pyfuse3, nursery.cancel_scope)
         if control is not None:
             nursery.start_soon(control.run)
-        nursery.start_soon(_learn_no_flush, mnt)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-
-
-async def _learn_no_flush(mnt: str) -> None:
-    """Have a child process open and close a file of our mount, so the kernel learns at once, from
-    the FLUSH it sends, that this file system has none (ENOSYS: ``Operations.flush``'s default) and
-    sends no forced FLUSH again -- see ``fs.Operations``: a forced request to a dead daemon is a
-    hang no signal ends. A child, not a thread of ours: if we are killed before answering, the
-    child's request is aborted with the connection, where a thread of ours would keep this
-    process -- and the connection -- alive for good."""
-    import trio
-
-    cat = shutil.which("cat")
-    if cat is None:
-        return
-    with contextlib.suppress(OSError):
-        await trio.run_process([cat, os.path.join(mnt, ".pkernfs", "status")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, check=False)
 
 
 async def _watch_signals(pyfuse3: Any, scope: Any) -> None:

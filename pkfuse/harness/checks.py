@@ -84,6 +84,17 @@ def verdict(cast: Cast) -> verify.Verdict:
     return verify.verify(cast.guest_view())
 
 
+def paused_verdict(cast: Cast) -> verify.Verdict:
+    """``verdict`` of the running VM at a pause of its vCPUs (monitor ``pause``, then ``continue``):
+    off any blackout, all of RAM, what the guest and the device wrote, page by page."""
+    assert cast.vmm_monitor is not None
+    cast.monitor(cast.vmm_monitor, "pause")
+    try:
+        return verdict(cast)
+    finally:
+        cast.monitor(cast.vmm_monitor, "continue")
+
+
 def check_guest_clean(v: verify.Verdict, when: str) -> Check:
     if v.ok:
         return Check(f"guest memory clean {when}", True, v.summary())
@@ -334,7 +345,7 @@ def check_fsck(cast: Cast) -> Check:
     return Check("fsck clean", False, f"status {status}: " + "; ".join(str(f) for f in findings[:3]))
 
 
-__all__ = ["Check", "Translations", "translations", "verdict", "check_guest_clean", "check_guest_continued",
+__all__ = ["Check", "Translations", "translations", "verdict", "paused_verdict", "check_guest_clean", "check_guest_continued",
            "check_guest_running", "check_translations", "check_translations_reach_guest", "check_session_finished", "check_no_saved_copy",
            "check_pages", "check_cancel", "check_ephemeral_poisoned", "check_dma_faults", "check_dma_reached_guest",
            "check_records_advanced", "check_fsck", "guest_pages", "astray", "misdirected", "stale_after",

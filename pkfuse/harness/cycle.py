@@ -243,7 +243,7 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
             _step(killer, _settle, settle, cycle.successor, new_mount)
         time.sleep(run_before_freeze)
 
-        _step(killer, lambda: None)
+        _check(killer)
         cycle.mark("freeze_start")
         _arm(killer, "freeze")
         reply = _step(killer, cast.monitor, cast.vmm_monitor, "freeze")
@@ -256,7 +256,7 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
         cycle.mark("copied")
         if hooks.before_jump is not None:
             hooks.before_jump(cast, cycle)
-        _step(killer, lambda: None)
+        _check(killer)
 
         jump(cast, cycle)
 
@@ -305,6 +305,12 @@ def run_cycle(cast: Cast, cycle: Cycle, previous: verify.Verdict | None, *, sid:
                               verify_ram=verify_ram, run_after=run_after)
 
 
+def _check(killer: Killer | None) -> None:
+    """Between steps: ``Killed`` if the kill struck meanwhile."""
+    if killer is not None:
+        killer.check()
+
+
 def _arm(killer: Killer | None, phase: str) -> None:
     if killer is not None:
         killer.arm(phase)
@@ -318,8 +324,7 @@ def _step(killer: Killer | None, fn: Callable[..., Any], *args: Any) -> Any:
         if killer is not None and killer.fired:
             raise Killed(str(exc)) from exc
         raise
-    if killer is not None:
-        killer.check()
+    _check(killer)
     return result
 
 
@@ -458,15 +463,9 @@ def _landed(cycle: Cycle, at_ns: int) -> str:
 
 
 def verify_paused(cast: Cast, cycle: Cycle, when: str) -> verify.Verdict:
-    """The whole of guest RAM verified in place with the vCPUs paused (monitor ``pause``, then
-    ``continue``): off any blackout, what the guest and the device wrote, page by page."""
-    assert cast.vmm_monitor is not None
+    """All of guest RAM verified at a pause (``checks.paused_verdict``), judged as ``cycle``'s."""
     cycle.mark("verify_start")
-    cast.monitor(cast.vmm_monitor, "pause")
-    try:
-        v = verify.verify(cast.guest_view())
-    finally:
-        cast.monitor(cast.vmm_monitor, "continue")
+    v = checks.paused_verdict(cast)
     cycle.mark("verify_end")
     cycle.bytes_verified += cast.guest_size
     cycle.add(checks.check_guest_clean(v, f"{when} (all of RAM, paused)"))

@@ -146,14 +146,7 @@ def _run_flow(cast: Cast, config: Config, report: Report, flow: str, hooks: Hook
 
 def _baseline(cast: Cast, end: list[checks.Check]) -> Any:
     """All of guest RAM verified at a pause before the first cycle: what cycle 1 continues from."""
-    from pkfuse.vmm import verify
-
-    assert cast.vmm_monitor is not None
-    cast.monitor(cast.vmm_monitor, "pause")
-    try:
-        v = verify.verify(cast.guest_view())
-    finally:
-        cast.monitor(cast.vmm_monitor, "continue")
+    v = checks.paused_verdict(cast)
     end.append(checks.check_guest_clean(v, "before the first cycle (all of RAM, paused)"))
     return v
 

@@ -416,6 +416,26 @@ class LiveUpdateMachine(RuleBasedStateMachine):
     def pending(self, s: MIn) -> bool:
         return bool(set(s.files) - s.retrieved) or not all(self.reclaimed(r) for r in s.hwpts.values())
 
+    def orphaned(self, d: MDom | None) -> bool:
+        """``Iommufd.orphaned``: an unplanned restart's leftover -- a domain no context's HWPT (an open
+        one's, or one a session keeps) and no restored session holds. Its requesters may be bound."""
+        if d is None:
+            return False
+        if any(v.dom is d and v.hwpt is not None and (not v.closed or self.preserved(v)) for v in self.vms):
+            return False
+        return not any(r.dom is d and r.adopted_by is None for r in self.restored())
+
+    def attach_hw(self, vm: MVm, rid: int) -> None:
+        """``rid`` attached to ``vm``'s HWPT; a left domain it was the last requester of is freed."""
+        assert vm.dom is not None
+        old = self.att.get(rid)
+        orphan = old is not None and old is not vm.dom and self.orphaned(old)
+        self.att[rid] = vm.dom
+        vm.attached.add(rid)
+        if orphan and not any(x is old for x in self.att.values()):
+            event("replace: an unplanned restart's leftover domain freed")
+            self.free_dom(old)
+
     def free_dom(self, d: MDom) -> None:
         assert not any(x is d for x in self.att.values()), f"domain {d.did} freed while attached"
         self.doms.remove(d)
@@ -441,7 +461,8 @@ class LiveUpdateMachine(RuleBasedStateMachine):
             assert got == s.iova
             vm.maps.add(k)
         for rid in rids:
-            may_bind = any(rid in r.rids and self.att.get(rid) is r.dom for r in self.restored())
+            may_bind = any(rid in r.rids and self.att.get(rid) is r.dom for r in self.restored()) \
+                or self.orphaned(self.att.get(rid))
             want = errno.EBUSY if rid in self.bound() or (rid in self.att and not may_bind) else None
             got = self.attempt(f"device_bind({rid:#x})", lambda rid=rid: vm.ctx.device_bind(rid), want)
             if want is None:
@@ -472,8 +493,7 @@ class LiveUpdateMachine(RuleBasedStateMachine):
             assert got == hid
             if any(r.dom is self.att.get(rid) and r.dom is not vm.dom for r in self.restored()):
                 event("replace: a device switched off its restored domain")
-            self.att[rid] = vm.dom
-            vm.attached.add(rid)
+            self.attach_hw(vm, rid)
         return vm
 
     def release(self, vm: MVm) -> None:
@@ -570,8 +590,7 @@ class LiveUpdateMachine(RuleBasedStateMachine):
         hid = vm.hwpt
         got = self.attempt(f"device_attach({rid:#x})", lambda: vm.ctx.device_attach(vm.devs[rid], hid), None)
         assert got == hid
-        self.att[rid] = vm.dom
-        vm.attached.add(rid)
+        self.attach_hw(vm, rid)
 
     @precondition(lambda self: self.open_vms())
     @rule(data=st.data())

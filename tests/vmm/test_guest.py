@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import pytest
 from vmm_helpers import RAM
 
 from pkfuse.vmm import abi, boot, guest, verify
@@ -164,14 +165,15 @@ def test_a_vcpu_restored_from_registers_older_than_ram_stops_with_rollback(mem: 
     assert s["error_value"] in (abi.VCPU_STATE.fields[f][1] for f in ("counter", "checksum", "pages"))
 
 
-def test_a_rollback_error_is_sticky_across_a_cold_boot(mem: GuestMemory) -> None:
+@pytest.mark.parametrize(("error", "value"), [(abi.ERROR_ROLLBACK, 0), (abi.ERROR_LOST, 0x600008)],
+                         ids=["rollback", "lost page"])
+def test_a_rollback_or_lost_page_error_is_sticky_across_a_cold_boot(mem: GuestMemory, error: int, value: int) -> None:
     setup(mem)
-    put_state(mem, 0, counter=5, checksum=abi.checksum(5, 0), pages=5, started=1, error=abi.ERROR_ROLLBACK,
-              error_value=0)
+    put_state(mem, 0, counter=5, checksum=abi.checksum(5, 0), pages=5, started=1, error=error, error_value=value)
     ports = Ports()
     with running(mem, ports) as e:
         wait_for(lambda: e.stopped())
-    assert ports.of(abi.PORT_ERROR) == [(0, abi.ERROR_ROLLBACK)] and not ports.of(abi.PORT_STARTED)
+    assert ports.of(abi.PORT_ERROR) == [(0, error)] and not ports.of(abi.PORT_STARTED)
     assert state(mem, 0)["counter"] == 5
 
 
@@ -222,16 +224,6 @@ def test_a_page_cut_in_the_middle_of_its_write_is_taken_over_by_a_cold_boot(mem:
         e.pause()
     assert not ports.of(abi.PORT_ERROR)
     assert verify.verify(mem.array).ok
-
-
-def test_a_lost_page_error_is_sticky_across_a_cold_boot(mem: GuestMemory) -> None:
-    setup(mem)
-    put_state(mem, 0, counter=5, checksum=abi.checksum(5, 0), pages=5, started=1, error=abi.ERROR_LOST,
-              error_value=0x600008)
-    ports = Ports()
-    with running(mem, ports) as e:
-        wait_for(lambda: e.stopped())
-    assert ports.of(abi.PORT_ERROR) == [(0, abi.ERROR_LOST)] and not ports.of(abi.PORT_STARTED)
 
 
 def test_a_bad_config_stops_with_the_offset_of_its_field(mem: GuestMemory) -> None:
