@@ -283,7 +283,7 @@ class LiveUpdateMachine(RuleBasedStateMachine):
         self.outgoing: dict[bytes, MOut] = {}
         self.incoming: dict[bytes, MIn] = {}
         self.refused: set[bytes] = set()  #: this boot's restore refused them
-        self.orphans: list[MDom] = []  #: left as they were by a state refused whole
+        self.orphans: list[MDom] = []  #: left as they were by a state refused whole (until replaced)
         self.finished: list[IncomingSession] = []  #: finished sessions' fds, still open
         self.boot = 0
         self.restarts = 0
@@ -417,13 +417,9 @@ class LiveUpdateMachine(RuleBasedStateMachine):
         return bool(set(s.files) - s.retrieved) or not all(self.reclaimed(r) for r in s.hwpts.values())
 
     def orphaned(self, d: MDom | None) -> bool:
-        """``Iommufd.orphaned``: an unplanned restart's leftover -- a domain no context's HWPT (an open
-        one's, or one a session keeps) and no restored session holds. Its requesters may be bound."""
-        if d is None:
-            return False
-        if any(v.dom is d and v.hwpt is not None and (not v.closed or self.preserved(v)) for v in self.vms):
-            return False
-        return not any(r.dom is d and r.adopted_by is None for r in self.restored())
+        """``Iommufd.orphaned``: a domain left as it was by a restart that kept no session for it (the
+        model's ``orphans``). Its requesters may be bound; the first attach elsewhere replaces it."""
+        return d is not None and any(x is d for x in self.orphans)
 
     def attach_hw(self, vm: MVm, rid: int) -> None:
         """``rid`` attached to ``vm``'s HWPT; a left domain it was the last requester of is freed."""
@@ -434,6 +430,7 @@ class LiveUpdateMachine(RuleBasedStateMachine):
         vm.attached.add(rid)
         if orphan and not any(x is old for x in self.att.values()):
             event("replace: an unplanned restart's leftover domain freed")
+            self.orphans = [x for x in self.orphans if x is not old]
             self.free_dom(old)
 
     def free_dom(self, d: MDom) -> None:
