@@ -308,6 +308,8 @@ def run_row(report: Report, tmp: str, design: str, variant: Variant, *, guest: i
             progress: Callable[[str], None] | None = None) -> None:
     """One design's row: a restart test of ``cycles`` cycles, its results added to ``report``."""
     from pkfuse.harness import run as harness
+    from pkfuse.harness.cycle import Cycle
+    from pkfuse.harness.report import ms
     from pkfuse.harness.tables import device_leaves
     from pkfuse.vmm.engine import EngineError
 
@@ -321,9 +323,10 @@ def run_row(report: Report, tmp: str, design: str, variant: Variant, *, guest: i
     sample = iova_sample(guest)
     image = work / design / "host.img"
 
-    def after_cycle(line: str) -> None:
+    def after_cycle(cycle: Cycle) -> None:
         if progress is not None:
-            progress(line)
+            verdict = "ok" if cycle.ok else f"FAILED: {cycle.failed()[0].name}"
+            progress(f"cycle {cycle.index} {cycle.flow}: blackout {ms(cycle.blackout().get('total'))} ms, {verdict}")
         try:
             size, _fault = device_leaves(image, DEVICE_SID, sample)
             leaves.append(size)
