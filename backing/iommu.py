@@ -112,7 +112,7 @@ from . import vtd
 from .allocator import expand_runs
 from .domainhdr import MAX_DOMAIN_ID, check_domain_file, domain_file_name
 from .ephemeral import EphemeralMemory, check_placement, default_base, image_end
-from .errors import FormatError, PkfuseError, StoreError
+from .errors import Finding, FormatError, PkfuseError, StoreError
 from .regs import Regs
 from .store import Store
 
@@ -735,6 +735,17 @@ class Domain:
     def translate_soft(self, iova: int) -> int | None:
         """Software lookup of one IOVA in this domain (no context, no fault log): the
         physical address, or None where nothing is mapped (or the IOVA is beyond 48 bits)."""
+        with self.store.lock:
+            leaf = self.leaf_at(iova)
+            if leaf is None:
+                return None
+            level, where = leaf
+            offset = iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1)
+            return (int(vtd.entry_pages(int(self._u64[where]))) << fmt.PAGE_SHIFT) | offset
+
+    def leaf_at(self, iova: int) -> tuple[int, int] | None:
+        """The leaf translating ``iova``: (level, index of the entry in the memory's u64 view);
+        None where nothing is mapped. For findings: the entry to name."""
         if not 0 <= iova < vtd.IOVA_LIMIT:
             return None
         with self.store.lock:
@@ -745,8 +756,7 @@ class Domain:
                 if not e & vtd.RW:
                     return None
                 if level == 3 or (level and e & fmt.SL_PS):
-                    offset = iova & ((1 << fmt.VTD_LEVEL_SHIFT[level]) - 1)
-                    return (int(vtd.entry_pages(e)) << fmt.PAGE_SHIFT) | offset
+                    return level, where
                 table = int(self._child_pages(np.array([e], U64), np.array([where]))[0])
             return None
 
@@ -805,6 +815,9 @@ class Iommu:
         #: source id -> SLPTPTR of each context entry found at open pointing into memory
         #: above the image (ephemeral memory: no tables there survived); cleared unless read-only
         self.stale_entries: dict[int, int] = {}
+        #: what ``open`` refused, one finding each: domains whose tables are garbage and table
+        #: entries no valid domain explains. Blocked and removed, unless the store is read-only
+        self.refused: list[Finding] = []
         self.iommu_dir = 0
         self.root_ino = 0
         self.root_pages = np.zeros(0, np.int64)
@@ -925,15 +938,41 @@ class Iommu:
             raise FormatError("iommu/root-pgtables", 0,
                               f"kind {attr.kind}, {attr.npages} pages: not the VT-d root table file")
         self.root_pages = st.image_pages(self.root_ino)
+        self.refused = []
+        refused: dict[int, Domain] = {}  #: SL-PML4 phys -> a domain whose tables were refused
         for name, ino in st.children(self.iommu_dir):
             if st.getattr(ino).kind != fmt.KIND_IOMMU_DOMAIN:
                 continue
-            dom = self._load_domain(name, ino)
-            if dom is not None:
+            loaded = self._load_domain(name, ino)
+            if loaded is None:
+                continue
+            dom, finding = loaded
+            if finding is not None:
+                log.error("%s refused: %s", dom.path, finding)
+                self.refused.append(finding)
+                refused[dom.pml4_phys] = dom
+            else:
                 self.domains[dom.domain_id] = dom
-        self._scan_context_entries()
+        self._scan_root_entries()
+        self._scan_context_entries(refused)
+        if not st.read_only:
+            for dom in refused.values():  # no entry points at them any more (the scan blocked them)
+                dom.memory.destroy()
+                log.warning("%s removed: its tables were refused", dom.path)
 
-    def _load_domain(self, name: bytes, ino: int) -> Domain | None:
+    def _load_domain(self, name: bytes, ino: int) -> tuple[Domain, Finding | None] | None:
+        """The domain of file ``name`` and, if its tables are refused, why; None for a
+        half-made one (removed).
+
+        The header decides whether the file is a domain of this format at all:
+        a bad one raises FormatError (refused, never removed: what it is is
+        unknown). Past a valid header the file is ours and its tables are
+        trusted no further than they check: a malformed tree (``vtd.walk_tree``:
+        a pointer outside its pool -- into another domain's tables or any other
+        file --, a page reached twice -- shared or a loop --, reserved or ignored
+        bits) or a leaf mapping anything but guest RAM refuses the domain alone:
+        the other domains, and the sessions over them, go on.
+        """
         st = self.store
         path = "iommu/" + name.decode(errors="replace")
         verdict = check_domain_file(st.image, st.geometry, ino, name, st.image_pages(ino))
@@ -945,12 +984,67 @@ class Iommu:
         did = verdict.domain_id
         dom = Domain(self, ImageTables(st, self.iommu_dir, ino, name), did, verdict.flags)
         levels, problems = dom.walk()
+        finding = None
         if problems:
             p = problems[0]
-            raise FormatError(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
+            finding = Finding(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
+        else:
+            finding = self._non_guest_leaf(path, levels)
+        if finding is not None:
+            return dom, finding
         dom.memory.mark_used(np.concatenate([lv.tables for lv in levels[1:]]))
         dom.pins = self._count_owners(*vtd.leaf_frames(levels))
-        return dom
+        return dom, None
+
+    def _non_guest_leaf(self, path: str, levels: list[vtd.Level]) -> Finding | None:
+        """The first leaf (in walk order) that maps a page outside guest-RAM files -- metadata,
+        a free page, an IOMMU file, outside the image: a table pkfuse never wrote. Vectorized:
+        4 KiB leaves are checked as runs of consecutive frames, as they mostly come."""
+        base_pfn = self.store.geometry.base_pfn
+        where, pfn, npages = [], [], []
+        for level, lv in enumerate(levels):
+            m = lv.leaf if level < 3 else slice(None)
+            where.append(lv.where[m])
+            pfn.append(vtd.entry_pages(lv.entries[m]))
+            npages.append(np.full(where[-1].size, vtd.LEVEL_PAGES[level], np.int64))
+        w, page, n = np.concatenate(where), np.concatenate(pfn) - base_pfn, np.concatenate(npages)
+        if not w.size:
+            return None
+        starts, reach = self._guest_reach()
+        # runs: a leaf continuing the previous one's frames (same size) joins its run
+        brk = np.flatnonzero(np.concatenate(([True], (page[1:] != page[:-1] + n[:-1]) | (n[1:] != n[:-1]))))
+        run_n = np.add.reduceat(n, brk)
+        ok = _inside(starts, reach, page[brk], run_n)
+        if ok.all():
+            return None
+        r = int(np.flatnonzero(~ok)[0])
+        lo, hi = int(brk[r]), int(brk[r + 1]) if r + 1 < brk.size else w.size
+        i = lo + int(np.flatnonzero(~_inside(starts, reach, page[lo:hi], n[lo:hi]))[0])
+        level = vtd.LEVEL_PAGES.index(int(n[i]))
+        p = int(page[i])
+        if not 0 <= p < self.store.geometry.npages:
+            what = "outside the image"
+        elif p < self.store.geometry.data_page:
+            what = "not all guest RAM (starts in metadata)"
+        else:
+            owner, kind = self.store.page_owner(np.array([p]))
+            what = "a free page" if int(owner[0]) == 0 else f"{fmt.KIND_NAMES.get(int(kind[0]), '?')} inode {int(owner[0])}"
+            what = f"not all guest RAM (starts in {what})"
+        return Finding(f"{path} {vtd.LEVEL_NAMES[level]}", int(w[i]) * 8,
+                       f"maps {int(n[i])} pages at {(p + base_pfn) << fmt.PAGE_SHIFT:#x}, {what}")
+
+    def _guest_reach(self) -> tuple[np.ndarray, np.ndarray]:
+        """Starts of guest-RAM extents (sorted, image pages) and, for each, the end of the run
+        of guest-RAM extents continuing it without a gap (as ``tablecheck._guest_reach``)."""
+        starts, ends, inos, _ = self.store.extents_by_page()
+        guest = self.store.inodes["kind"][inos] == fmt.KIND_GUEST
+        starts, ends = starts[guest], ends[guest]
+        if not starts.size:
+            return starts, ends
+        group = np.cumsum(np.concatenate(([True], starts[1:] != ends[:-1]))) - 1
+        last_end = np.zeros(int(group[-1]) + 1, np.int64)
+        np.maximum.at(last_end, group, ends)
+        return starts, last_end[group]
 
     def _half_made(self, name: bytes, path: str, why: str) -> None:
         if self.store.read_only:
@@ -959,30 +1053,89 @@ class Iommu:
             log.warning("%s: half-made domain (%s), left by a restart; removed", path, why)
             self.store.unlink(self.iommu_dir, name, managed=True)
 
-    def _scan_context_entries(self) -> None:
+    def _scan_root_entries(self) -> None:
+        """The root table is the layout's, not data: bus b's entry is absent or points at
+        file page 1 + b. An entry that is not is refused and rewritten: present ones to
+        the layout's pointer (the context table the driver keeps for that bus), others
+        to zero (unless read-only)."""
+        u64 = self.store.image_u64
+        g = self.store.geometry
+        root = int(self.root_pages[0]) * 512
+        lo, hi = u64[root : root + 512 : 2], u64[root + 1 : root + 512 : 2]
+        present = (lo & U64(fmt.RE_LO_P)) != 0
+        want = (((self.root_pages[1:] + g.base_pfn) << fmt.PAGE_SHIFT).astype(U64)) | U64(fmt.RE_LO_P)
+        bad = (present & ((lo != want) | (hi != 0))) | (~present & ((lo != 0) | (hi != 0)))
+        for bus in np.flatnonzero(bad).tolist():
+            self._refuse_entry(f"iommu/root-pgtables root entry {bus:02x}", (root + bus * 2) * 8,
+                               f"holds {int(hi[bus]):#x}:{int(lo[bus]):#x}, not the layout's "
+                               + (f"pointer to its context table {int(want[bus]):#x}" if present[bus] else "zero"))
+            if not self.store.read_only:
+                u64[root + bus * 2 + 1] = 0
+                u64[root + bus * 2] = want[bus] if present[bus] else 0
+
+    def _scan_context_entries(self, refused: dict[int, Domain]) -> None:
+        """Who is attached to what, from the context entries; every present entry that no
+        loaded domain explains is blocked (cleared, lo word first; left on a read-only
+        store, as attached to -1): malformed ones (reserved bits, TT, AW), ones on a bus
+        whose root entry is absent (a later attach on that bus would make them live), ones
+        whose SLPTPTR is a refused domain's or no domain's. Entries into memory above the
+        image are ephemeral domains' (``_stale_entry``)."""
         u64 = self.store.image_u64
         above = image_end(self.store.geometry)  # ephemeral memory is at or above it
         by_pml4 = {d.pml4_phys: d.domain_id for d in self.domains.values()}
-        root = self.root_pages[0] * 512
-        re_lo = u64[root : root + 512 : 2]
+        root = int(self.root_pages[0]) * 512
+        re_present = (u64[root : root + 512 : 2] & U64(fmt.RE_LO_P)) != 0
+        ct = self.root_pages[1:] * 512  # each bus's context table, as a u64 index
+        lo_at = ct[:, None] + np.arange(0, 512, 2)[None, :]  # (256 buses, 256 devfns)
+        lo = u64[lo_at]
+        present = (lo & U64(fmt.CE_LO_P)) != 0
         self.attached = {}
         self.stale_entries = {}
-        for bus in np.flatnonzero(re_lo & U64(fmt.RE_LO_P)).tolist():
-            ct = int(self.root_pages[1 + bus])
-            lo = u64[ct * 512 : ct * 512 + 512 : 2]
-            devfns = np.flatnonzero(lo & U64(fmt.CE_LO_P))
-            ptrs = lo[devfns] & U64(fmt.CE_LO_SLPTPTR_MASK)  # each one's SL-PML4
-            for devfn, ptr in zip(devfns.tolist(), ptrs.tolist()):
-                if ptr >= above:
-                    self._stale_entry((bus << 8) | devfn, ct * 512 + devfn * 2, ptr)
-                    continue
-                did = by_pml4.get(ptr, -1)
-                self.attached[(bus << 8) | devfn] = did
-                hi_where = ct * 512 + devfn * 2 + 1
-                if did > 0 and vtd.context_entry_fields(0, int(u64[hi_where]))["DID"] != did \
-                        and not self.store.read_only:
-                    # killed inside a replacing attach, between its two stores: finish it
-                    u64[hi_where] = vtd.context_entry(0, did)[1]
+        for bus, devfn in zip(*np.nonzero(~present & (lo != 0))):
+            # detach clears lo (P) first, so a kill leaves at most the hi word
+            where = int(lo_at[bus, devfn])
+            self._refuse_entry(_ce_name(int(bus), int(devfn)), where * 8,
+                               f"not present but holds {int(lo[bus, devfn]):#x} in its lo word")
+            if not self.store.read_only:
+                u64[where] = 0
+        for bus, devfn in zip(*np.nonzero(present)):
+            bus, devfn = int(bus), int(devfn)
+            sid, where = (bus << 8) | devfn, int(lo_at[bus, devfn])
+            lw, hw = int(u64[where]), int(u64[where + 1])
+            f = vtd.context_entry_fields(lw, hw)
+            ptr = f["SLPTPTR"]
+            why = ""
+            if not re_present[bus]:
+                why = "present, but the root entry of its bus is not"
+            elif f["rsvd_lo"] or f["rsvd_hi"]:
+                why = f"reserved bits set: lo {f['rsvd_lo']:#x} hi {f['rsvd_hi']:#x}"
+            elif f["TT"] != fmt.CE_TT_UNTRANSLATED or f["AW"] != fmt.CE_AW_48:
+                why = f"translation type {f['TT']:#b} / address width {f['AW']:#b}: not untranslated, 48-bit"
+            elif ptr >= above:
+                self._stale_entry(sid, where, ptr)
+                continue
+            elif ptr in refused:
+                why = f"points at {refused[ptr].path}, whose tables were refused"
+            elif ptr not in by_pml4:
+                why = f"SLPTPTR {ptr:#x} is the SL-PML4 of no domain"
+            if why:
+                self._refuse_entry(_ce_name(bus, devfn), where * 8, why + ": the device is blocked")
+                if self.store.read_only:
+                    self.attached[sid] = -1
+                else:
+                    u64[where] = 0  # P drops in one store
+                    u64[where + 1] = 0
+                continue
+            did = by_pml4[ptr]
+            self.attached[sid] = did
+            if f["DID"] != did and not self.store.read_only:
+                # killed inside a replacing attach, between its two stores: finish it
+                u64[where + 1] = vtd.context_entry(0, did)[1]
+
+    def _refuse_entry(self, structure: str, offset: int, why: str) -> None:
+        finding = Finding(structure, offset, why)
+        log.error("%s%s", finding, " (left as is: read-only)" if self.store.read_only else "")
+        self.refused.append(finding)
 
     def _stale_entry(self, sid: int, where: int, ptr: int) -> None:
         """A context entry pointing into ephemeral memory, found at open: its tables did not
@@ -1388,3 +1541,16 @@ class Iommu:
         mem = self.ephemeral.region() if self.ephemeral is not None else None
         return translate(self.store.image_u64, g.base_phys, g.npages, self._need_regs(),
                          fmt.requester_id(bus, dev, fn), np.asarray(iovas, U64), write, ephemeral=mem)
+
+
+def _ce_name(bus: int, devfn: int) -> str:
+    return f"iommu/root-pgtables context entry {bus:02x}:{devfn >> 3:02x}.{devfn & 7}"
+
+
+def _inside(starts: np.ndarray, reach: np.ndarray, page: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Whether image pages [page, page + n) are all guest RAM (``Iommu._guest_reach``)."""
+    if not starts.size:
+        return np.zeros(page.shape, bool)
+    idx = np.searchsorted(starts, page, side="right") - 1
+    safe = np.maximum(idx, 0)
+    return (idx >= 0) & (page >= starts[safe]) & (page + n <= reach[safe])

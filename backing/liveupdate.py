@@ -55,8 +55,8 @@ from collections.abc import Callable
 import numpy as np
 
 from . import format as fmt
-from . import lustate
-from .errors import FormatError, PkfuseError, StoreError
+from . import lustate, vtd
+from .errors import Finding, FormatError, PkfuseError, StoreError
 from .iommu import Domain
 from .iommufd import Context, Device, Hwpt, Ioas, Iommufd
 from .lustate import SavedFile, SavedHwpt, SavedMap, SavedSession, SavedState
@@ -74,6 +74,14 @@ MODES = {"persistent": fmt.LU_DOMAINS_PERSISTENT, "ephemeral": fmt.LU_DOMAINS_EP
 
 def _err(code: int, msg: str) -> StoreError:
     return StoreError(code, msg)
+
+
+class _Refused(Exception):
+    """A session restore refuses: ``finding`` names the structure and its image byte offset."""
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(str(finding))
+        self.finding = finding
 
 
 @dataclasses.dataclass
@@ -132,11 +140,13 @@ class LiveUpdate:
         self.mode = mode
         self.outgoing: dict[bytes, OutgoingSession] = {}
         self.incoming: dict[bytes, IncomingSession] = {}
-        self.refused: dict[bytes, str] = {}  #: session name -> why restore refused it
+        self.refused: dict[bytes, Finding] = {}  #: session name -> why restore refused it
+        self.state_refused: Finding | None = None  #: the state did not decode: every session lost
         self.findings: list[str] = []  #: what restore did, one line each
         self.boot = 0  #: reboot()s this image has seen
         self.rebooted = False
         self.restored_mode = fmt.LU_DOMAINS_PERSISTENT
+        self._state_pages = np.zeros(0, np.int64)  #: iommu/lu-state's image pages, as restore read it
         store.frozen_hook = self.frozen
         iommufd.lu = self
 
@@ -351,16 +361,30 @@ class LiveUpdate:
 
     def restore(self) -> list[str]:
         """Load ``iommu/lu-state`` at mount: sessions validated one by one (see the module
-        docstring). Returns the findings, one line each (also kept in ``findings``)."""
+        docstring). Returns the findings, one line each (also kept in ``findings``).
+
+        Every byte of the state and of the domains is untrusted: a session
+        is adopted only if each of its records resolves and its domains
+        translate exactly its maps, and nothing it names is claimed by an
+        earlier session (a file, a domain, a requester); else it is refused
+        with a finding naming the structure and image offset, its devices
+        blocked and its domains freed. A state that does not decode refuses
+        every session: then no record can say whose a domain is, and every
+        iommufd domain (DOMF_IOMMUFD) of the previous boot is freed, its
+        devices blocked (domains made through the admin socket stay).
+        """
         with self.store.lock:
             if not self.store.read_only:  # a reboot() killed before its rename: never committed
                 _remove(self.store, _dir(self.store), fmt.LU_STATE_NEW_NAME)
+            self._state_pages = _state_pages(self.store)
             try:
                 state = _read_state(self.store)
             except FormatError as exc:
-                self._finding(f"live-update state refused: {exc}; every session in it is lost")
-                self._block_all_unowned()
-                _remove_state(self.store)
+                self.state_refused = Finding(exc.structure, self._image_off(exc.offset), exc.problem)
+                self._finding(f"live-update state refused: {self.state_refused}; every session in it is lost")
+                self._block_iommufd_domains()
+                if not self.store.read_only:
+                    _remove_state(self.store)
                 return self.findings
             if state is None:
                 self._free_stray_copies({})
@@ -369,17 +393,21 @@ class LiveUpdate:
             self.restored_mode = state.domains
             io = self.iommufd.iommu
             claimed: dict[int, bytes] = {}  #: DID -> session
+            taken_files: set[int] = set()  #: inodes of the sessions adopted so far
+            taken_rids: set[int] = set()
             for s in state.sessions:
                 try:
-                    sess = self._restore_session(s, state.domains, claimed)
-                except StoreError as exc:
-                    self.refused[s.name] = str(exc)
-                    self._finding(f"session {s.name.decode(errors='replace')} refused: {exc}")
+                    sess = self._restore_session(state, s, claimed, taken_files, taken_rids)
+                except _Refused as exc:
+                    self.refused[s.name] = exc.finding
+                    self._finding(f"session {s.name.decode(errors='replace')} refused: {exc.finding}")
                     self._block(s, claimed)
                     continue
                 self.incoming[s.name] = sess
                 for r in sess.hwpts.values():
                     claimed[r.domain.domain_id] = s.name
+                    taken_rids.update(r.saved.rids)
+                taken_files.update(f.ino for f in sess.files.values())
             for did in state.drops:
                 d = io.domains.get(did)
                 if d is not None and did not in claimed:
@@ -392,14 +420,31 @@ class LiveUpdate:
         log.warning("%s", line)
         self.findings.append(line)
 
-    def _restore_session(self, s: SavedSession, mode: int, claimed: dict[int, bytes]) -> IncomingSession:
+    def _image_off(self, off: int) -> int:
+        """The image byte offset of byte ``off`` of ``iommu/lu-state`` (as read at restore)."""
+        pages = self._state_pages
+        return int(pages[off // PS]) * PS + off % PS if 0 <= off // PS < pages.size else 0
+
+    def _restore_session(self, state: SavedState, s: SavedSession, claimed: dict[int, bytes],
+                         taken_files: set[int], taken_rids: set[int]) -> IncomingSession:
         st = self.store
+
+        def refuse(array: str, index: int, field: str, why: str) -> _Refused:
+            structure, off = state.where(array, index, field)
+            return _Refused(Finding(structure, self._image_off(off), why))
+
         files: dict[int, SavedFile] = {}
-        for f in s.files:
-            self._check_file(f.ino, f.igen, f"file token {f.token}")
+        for i, f in enumerate(s.files, s.file_first):
+            why = self._check_file(f.ino, f.igen, f"file token {f.token}")
+            if why:
+                raise refuse("files", i, "ino", why)
+            if f.ino in taken_files:
+                raise refuse("files", i, "ino", f"file token {f.token}: inode {f.ino} is preserved by an "
+                                                "earlier session too")
             a = st.getattr(f.ino)
             if a.size != f.size:
-                raise _err(errno.EINVAL, f"file token {f.token} (inode {f.ino}) is {a.size} bytes, preserved {f.size}")
+                raise refuse("files", i, "size", f"file token {f.token} (inode {f.ino}) is {a.size} bytes, "
+                                                 f"preserved {f.size}")
             files[f.token] = f
         by_ino = {f.ino: f for f in s.files}
         hwpts: dict[int, RestoredHwpt] = {}
@@ -409,48 +454,81 @@ class LiveUpdate:
             what = f"HWPT token {h.token}"
             dom = io.domains.get(h.domain_id)
             if dom is None:
-                raise _err(errno.ENOENT, f"{what}: domain {h.domain_id} does not exist")
+                gone = next((f for f in io.refused if f.structure.startswith(f"iommu/dom-{h.domain_id} ")), None)
+                raise refuse("hwpts", h.index, "domain_id", f"{what}: domain {h.domain_id} " + (
+                    f"was refused at open ({gone})" if gone else "does not exist"))
             if h.domain_id in claimed or any(r.domain is dom for r in hwpts.values()):
-                raise _err(errno.EEXIST, f"{what}: domain {h.domain_id} is preserved twice")
+                raise refuse("hwpts", h.index, "domain_id", f"{what}: domain {h.domain_id} is preserved twice")
             saved_copy = bool(dom.flags & fmt.DOMF_SAVED)
-            if saved_copy != (mode == fmt.LU_DOMAINS_EPHEMERAL):
-                raise _err(errno.EINVAL, f"{what}: domain {h.domain_id} is {'a' if saved_copy else 'not a'} "
-                                         "fixed copy, against the design the state records")
-            for m in h.maps:
+            if saved_copy != (state.domains == fmt.LU_DOMAINS_EPHEMERAL):
+                raise refuse("hwpts", h.index, "domain_id", f"{what}: domain {h.domain_id} is "
+                             f"{'a' if saved_copy else 'not a'} fixed copy, against the design the state records")
+            if dom.ephemeral:
+                raise refuse("hwpts", h.index, "domain_id", f"{what}: domain {h.domain_id} has no tables in the image")
+            for k, m in enumerate(h.maps, h.map_first):
                 f = by_ino.get(m.ino)
                 if f is None or f.igen != m.igen:
-                    raise _err(errno.EINVAL, f"{what}: map at {m.iova:#x} is of inode {m.ino}, "
-                                             "not a file of the session")
+                    raise refuse("maps", k, "ino", f"{what}: map at {m.iova:#x} is of inode {m.ino}, "
+                                                   "not a file of the session")
                 if m.offset + m.length > f.size:
-                    raise _err(errno.EINVAL, f"{what}: map at {m.iova:#x} runs past the end of inode {m.ino}")
+                    raise refuse("maps", k, "length", f"{what}: map at {m.iova:#x} runs past the end of inode {m.ino}")
+            order = sorted(range(len(h.maps)), key=lambda i: h.maps[i].iova)
+            for a, b in zip(order, order[1:]):
+                if h.maps[a].iova + h.maps[a].length > h.maps[b].iova:  # an IOAS's areas never overlap
+                    raise refuse("maps", h.map_first + b, "iova", f"{what}: map at {h.maps[b].iova:#x} overlaps "
+                                                                  f"the one at {h.maps[a].iova:#x}")
             want = self._expected_runs(h.maps)
             have = _merge([(r.iova, r.phys_addr, r.length, r.write) for r in dom.mappings()])
             if want != have:
-                first = next((w, v) for w, v in zip(want + [None], have + [None]) if w != v)
-                raise _err(errno.EINVAL, f"{what}: domain {h.domain_id} does not translate what was preserved "
-                                         f"(first difference: preserved {_run_str(first[0])}, "
-                                         f"domain {_run_str(first[1])})")
-            for rid in h.rids:
-                if rid in rids_seen:
-                    raise _err(errno.EEXIST, f"{what}: requester {fmt.requester_name(rid)} twice")
+                w, v = next((w, v) for w, v in zip(want + [None], have + [None]) if w != v)
+                raise _Refused(self._mismatch(state, h, dom, w, v))
+            for d, rid in enumerate(h.rids, h.dev_first):
+                if rid in rids_seen or rid in taken_rids:
+                    raise refuse("devices", d, "rid", f"{what}: requester {fmt.requester_name(rid)} is preserved "
+                                                      "twice")
                 rids_seen.add(rid)
                 if io.attached.get(rid) != h.domain_id:
-                    raise _err(errno.EINVAL, f"{what}: requester {fmt.requester_name(rid)} is not attached "
-                                             f"to domain {h.domain_id}")
+                    raise refuse("devices", d, "rid", f"{what}: requester {fmt.requester_name(rid)} is not "
+                                                      f"attached to domain {h.domain_id}")
             hwpts[h.token] = RestoredHwpt(h, dom)
         return IncomingSession(s.name, files, hwpts)
 
-    def _check_file(self, ino: int, igen: int, what: str) -> None:
+    def _mismatch(self, state: SavedState, h: SavedHwpt, dom: Domain, want: tuple | None,
+                  have: tuple | None) -> Finding:
+        """The finding for a domain that does not translate what ``h`` preserved: at the
+        domain's leaf for the first IOVA where they differ if it maps one there, else at
+        the map record that covers it."""
+        if want is None or have is None:
+            iova = (want or have)[0]  # type: ignore[index] - one of them is a run
+        elif want[0] != have[0]:
+            iova = min(want[0], have[0])
+        elif (want[1], want[3]) != (have[1], have[3]):
+            iova = want[0]  # its first page goes elsewhere, or with other rights
+        else:
+            iova = want[0] + min(want[2], have[2])  # one run is longer
+        why = (f"HWPT token {h.token}: domain {h.domain_id} does not translate what was preserved "
+               f"(first difference: preserved {_run_str(want)}, domain {_run_str(have)})")
+        leaf = dom.leaf_at(iova)
+        if leaf is not None:
+            level, where = leaf
+            return Finding(f"{dom.path} {vtd.LEVEL_NAMES[level]}", where * 8, why)
+        k = next((h.map_first + i for i, m in enumerate(h.maps) if m.iova <= iova < m.iova + m.length), h.map_first)
+        structure, off = state.where("maps", k, "iova")
+        return Finding(structure, self._image_off(off), why)
+
+    def _check_file(self, ino: int, igen: int, what: str) -> str:
+        """Why inode ``ino`` is not the preserved guest file of generation ``igen`` ('' if it is)."""
         st = self.store
         if not 2 <= ino < st.geometry.inode_count:
-            raise _err(errno.ENOENT, f"{what}: inode {ino} is outside the inode table")
+            return f"{what}: inode {ino} is outside the inode table"
         try:
             a = st.getattr(ino)
         except StoreError:
-            raise _err(errno.ENOENT, f"{what}: inode {ino} is free") from None
+            return f"{what}: inode {ino} is free"
         if a.kind != fmt.KIND_GUEST or a.igen != igen or st.is_orphan(ino):
-            raise _err(errno.ENOENT, f"{what}: inode {ino} is not the preserved file (kind "
-                                     f"{fmt.KIND_NAMES.get(a.kind, a.kind)}, generation {a.igen}, preserved {igen})")
+            return (f"{what}: inode {ino} is not the preserved file (kind {fmt.KIND_NAMES.get(a.kind, a.kind)}, "
+                    f"generation {a.igen}, preserved {igen})")
+        return ""
 
     def _expected_runs(self, maps: tuple[SavedMap, ...]) -> list[tuple[int, int, int, bool]]:
         """(iova, phys_addr, length, write) runs that the maps make through the files' extents."""
@@ -471,9 +549,14 @@ class LiveUpdate:
             if d is not None and h.domain_id not in claimed:
                 self._free(d, f"of refused session {s.name.decode(errors='replace')}")
 
-    def _block_all_unowned(self) -> None:
-        """The state itself is unreadable: nothing can say which domain is whose."""
-        self._finding("domains of the previous boot are left as they are; their devices keep their entries")
+    def _block_iommufd_domains(self) -> None:
+        """The state itself is unreadable: nothing can say which iommufd domain is whose, or
+        whether it was preserved at all; every one is freed, its devices blocked."""
+        if self.store.read_only:
+            return
+        for d in list(self.iommufd.iommu.domains.values()):
+            if d.flags & (fmt.DOMF_IOMMUFD | fmt.DOMF_SAVED) and not d.ephemeral:
+                self._free(d, "named by a live-update state that was refused")
 
     def _free_stray_copies(self, claimed: dict[int, bytes]) -> None:
         """Saved copies (DOMF_SAVED) no restored session holds: a freeze killed between the copy and its
@@ -614,6 +697,15 @@ def _run_str(run: tuple[int, int, int, bool] | None) -> str:
 
 def _dir(store: Store) -> int:
     return store.lookup(fmt.ROOT_INO, fmt.IOMMU_DIR_NAME)
+
+
+def _state_pages(store: Store) -> np.ndarray:
+    """The image pages of ``iommu/lu-state`` (none if there is no such file)."""
+    with store.lock:
+        try:
+            return store.image_pages(store.lookup(_dir(store), fmt.LU_STATE_NAME))
+        except StoreError:
+            return np.zeros(0, np.int64)
 
 
 def _read_state(store: Store) -> SavedState | None:

@@ -41,6 +41,7 @@ PS = fmt.PAGE_SIZE
 WHERE = "iommu/lu-state"
 _ARRAYS = (("nsessions", fmt.LU_SESSION_DTYPE), ("nfiles", fmt.LU_FILE_DTYPE), ("nhwpts", fmt.LU_HWPT_DTYPE),
            ("nmaps", fmt.LU_MAP_DTYPE), ("ndevices", fmt.LU_DEVICE_DTYPE), ("ndrops", fmt.LU_DROP_DTYPE))
+ARRAYS = tuple(count[1:] for count, _ in _ARRAYS)  #: the record arrays' names, in file order
 
 
 class SavedMap(NamedTuple):
@@ -61,6 +62,9 @@ class SavedHwpt:
     domain_id: int  #: the domain its devices stay attached to across the restart
     maps: tuple[SavedMap, ...]
     rids: tuple[int, ...]
+    index: int = dataclasses.field(default=0, compare=False)  #: its record in ``hwpts`` (decoded states)
+    map_first: int = dataclasses.field(default=0, compare=False)  #: record of maps[0] in ``maps``
+    dev_first: int = dataclasses.field(default=0, compare=False)  #: record of rids[0] in ``devices``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,8 @@ class SavedSession:
     name: bytes
     files: tuple[SavedFile, ...]
     hwpts: tuple[SavedHwpt, ...]
+    index: int = dataclasses.field(default=0, compare=False)  #: its record in ``sessions`` (decoded states)
+    file_first: int = dataclasses.field(default=0, compare=False)  #: record of files[0] in ``files``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,16 @@ class SavedState:
     domains: int  #: fmt.LU_DOMAINS_*
     sessions: tuple[SavedSession, ...]
     drops: tuple[int, ...] = ()  #: DIDs of iommufd domains that were not preserved: freed at restore
+    #: byte offset in the file of each record array (ARRAYS order); () for a state not decoded
+    layout: tuple[int, ...] = dataclasses.field(default=(), compare=False)
+
+    def where(self, array: str, index: int, field: str) -> tuple[str, int]:
+        """The structure name and byte offset (in the state file) of ``array[index].field``,
+        for a finding about a decoded record: ``("iommu/lu-state maps[3].iova", 0x1c8)``."""
+        k = ARRAYS.index(array)
+        dtype = _ARRAYS[k][1]
+        base = self.layout[k] if self.layout else 0
+        return f"{WHERE} {array}[{index}].{field}", base + index * dtype.itemsize + dtype.fields[field][1]
 
 
 def encode(state: SavedState) -> bytes:
@@ -183,16 +199,16 @@ def decode(raw: bytes | memoryview, where: str = WHERE) -> SavedState:
             raise bad("nsessions", i, "name", f"session {name!r} has a token twice")
         files = tuple(SavedFile(int(f["token"]), int(f["ino"]), int(f["igen"]), int(f["size"])) for f in fs)
         hwpts = []
-        for h in hs:
+        for j, h in enumerate(hs, int(s["hwpt_first"])):
             mp = maps_a[int(h["map_first"]): int(h["map_first"]) + int(h["map_count"])]
             dv = devices_a[int(h["dev_first"]): int(h["dev_first"]) + int(h["dev_count"])]
             hwpts.append(SavedHwpt(int(h["token"]), int(h["domain_id"]), tuple(
                 SavedMap(int(m["iova"]), int(m["length"]), int(m["offset"]), int(m["ino"]), int(m["igen"]),
                          bool(int(m["flags"]) & fmt.LU_MAP_WRITE)) for m in mp),
-                tuple(int(r) for r in dv["rid"])))
-        sessions.append(SavedSession(name, files, tuple(hwpts)))
+                tuple(int(r) for r in dv["rid"]), j, int(h["map_first"]), int(h["dev_first"])))
+        sessions.append(SavedSession(name, files, tuple(hwpts), i, int(s["file_first"])))
     return SavedState(int(hdr["boot"]), int(hdr["domains"]), tuple(sessions),
-                      tuple(int(d) for d in drops_a["domain_id"]))
+                      tuple(int(d) for d in drops_a["domain_id"]), tuple(offsets[c] for c, _ in _ARRAYS))
 
 
 def _check_ranges(parents: np.ndarray, what: str, total: int, bad) -> None:  # noqa: ANN001 - the error factory

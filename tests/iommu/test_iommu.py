@@ -684,16 +684,24 @@ def test_a_domain_of_an_unknown_format_is_refused_by_name(image: Path) -> None:
         assert "iommu/dom-2" in str(e.value) and "vtd-legacy-sl4-v9" in str(e.value)
 
 
-def test_a_malformed_tree_is_refused_at_open_naming_the_domain(image: Path) -> None:
+def test_a_malformed_tree_refuses_that_domain_alone_blocks_its_device_and_removes_it(image: Path) -> None:
     with Store.open(image) as s, Iommu.open(s) as io:
         g = guest(s, b"vm0", 4 * MiB)
         d = io.create_domain(6)
         d.map(0, phys(s, g), PS)
-        s.image_u64[d.pml4_page * 512 + 1] = s.image_u64[d.pml4_page * 512]  # two PML4Es share a PDPT
-    with Store.open(image) as s:
-        with pytest.raises(FormatError) as e:
-            Iommu.open(s)
-        assert "iommu/dom-6" in str(e.value) and "another entry also uses" in str(e.value)
+        d.attach(0, 3, 0)
+        other = io.create_domain(7)
+        other.map(0, phys(s, g, PS), PS)
+        other.attach(0, 4, 0)
+        where = d.pml4_page * 512 + 1
+        s.image_u64[where] = s.image_u64[d.pml4_page * 512]  # two PML4Es share a PDPT
+    with Store.open(image) as s, Iommu.open(s) as io:
+        [finding] = [f for f in io.refused if f.structure.startswith("iommu/dom-6")]
+        assert finding.offset == where * 8 and "another entry also uses" in finding.problem
+        assert 6 not in io.domains and errno_of(lambda: s.lookup(io.iommu_dir, b"dom-6")) == errno.ENOENT
+        assert io.attached == {fmt.requester_id(0, 4, 0): 7}  # 00:03.0 blocked, 00:04.0 untouched
+        assert any("context entry 00:03.0" in f.structure and "dom-6" in f.problem for f in io.refused)
+    assert check_image(image) == (0, [])
 
 
 def test_a_domain_left_half_made_by_a_kill_is_removed_at_open(image: Path) -> None:
