@@ -391,7 +391,6 @@ class LiveUpdate:
                 return self.findings
             self.boot = state.boot
             self.restored_mode = state.domains
-            io = self.iommufd.iommu
             claimed: dict[int, bytes] = {}  #: DID -> session
             taken_files: set[int] = set()  #: inodes of the sessions adopted so far
             taken_rids: set[int] = set()
@@ -401,18 +400,13 @@ class LiveUpdate:
                 except _Refused as exc:
                     self.refused[s.name] = exc.finding
                     self._finding(f"session {s.name.decode(errors='replace')} refused: {exc.finding}")
-                    self._block(s, claimed)
-                    continue
+                    continue  # its domains go below, once no later session can claim them
                 self.incoming[s.name] = sess
                 for r in sess.hwpts.values():
                     claimed[r.domain.domain_id] = s.name
                     taken_rids.update(r.saved.rids)
                 taken_files.update(f.ino for f in sess.files.values())
-            for did in state.drops:
-                d = io.domains.get(did)
-                if d is not None and did not in claimed:
-                    self._free(d, "not preserved")
-            self._free_stray_copies(claimed)
+            self._free_unclaimed(claimed, set(state.drops))
             self._rewrite()
             return self.findings
 
@@ -541,20 +535,29 @@ class LiveUpdate:
                     runs.append((m.iova + lo - m.offset, e.phys_addr + lo - e.file_offset, hi - lo, m.write))
         return _merge(runs)
 
-    def _block(self, s: SavedSession, claimed: dict[int, bytes]) -> None:
-        """A refused session: its devices blocked, its domains freed (never adopted)."""
-        io = self.iommufd.iommu
-        for h in s.hwpts:
-            d = io.domains.get(h.domain_id)
-            if d is not None and h.domain_id not in claimed:
-                self._free(d, f"of refused session {s.name.decode(errors='replace')}")
+    def _free_unclaimed(self, claimed: dict[int, bytes], drops: set[int]) -> None:
+        """After a committed state, every domain of the previous kernel's iommufd (DOMF_IOMMUFD)
+        and every saved copy (DOMF_SAVED) is a restored session's, or nobody's: dropped, of
+        a refused session (whatever its records named), or not named at all. Nobody's are
+        freed, their devices blocked -- never adopted. Admin-made domains stay."""
+        if self.store.read_only:
+            return
+        for d in sorted(self.iommufd.iommu.domains.values(), key=lambda d: d.domain_id):
+            if d.domain_id in claimed or d.ephemeral or not d.flags & (fmt.DOMF_IOMMUFD | fmt.DOMF_SAVED):
+                continue
+            owners = list(self.refused)
+            why = "not preserved" if d.domain_id in drops else \
+                "a saved copy no restored session holds" if d.flags & fmt.DOMF_SAVED else \
+                "held by no restored session" + (f" (refused: {b', '.join(owners).decode(errors='replace')})"
+                                                 if owners else "")
+            self._free(d, why)
 
     def _block_iommufd_domains(self) -> None:
         """The state itself is unreadable: nothing can say which iommufd domain is whose, or
         whether it was preserved at all; every one is freed, its devices blocked."""
         if self.store.read_only:
             return
-        for d in list(self.iommufd.iommu.domains.values()):
+        for d in sorted(self.iommufd.iommu.domains.values(), key=lambda d: d.domain_id):
             if d.flags & (fmt.DOMF_IOMMUFD | fmt.DOMF_SAVED) and not d.ephemeral:
                 self._free(d, "named by a live-update state that was refused")
 

@@ -149,9 +149,7 @@ def decode(raw: bytes | memoryview, where: str = WHERE) -> SavedState:
                               f"{n} records of {dtype.itemsize} bytes run past the file's {len(raw)} bytes")
         arrays.append(np.frombuffer(raw, dtype, n, off))
         off += n * dtype.itemsize
-    zeroed = np.frombuffer(raw, fmt.LU_HEADER_DTYPE, 1).copy()
-    zeroed["crc"] = 0
-    crc = zlib.crc32(raw[hsize:off], zlib.crc32(zeroed.tobytes()))
+    crc = _crc(raw, off)
     if crc != int(hdr["crc"]):
         raise FormatError(f"{where} header.crc", fmt.LU_HEADER_DTYPE.fields["crc"][1],
                           f"header and records checksum to {crc:#010x}, header says {int(hdr['crc']):#010x}")
@@ -209,6 +207,25 @@ def decode(raw: bytes | memoryview, where: str = WHERE) -> SavedState:
         sessions.append(SavedSession(name, files, tuple(hwpts), i, int(s["file_first"])))
     return SavedState(int(hdr["boot"]), int(hdr["domains"]), tuple(sessions),
                       tuple(int(d) for d in drops_a["domain_id"]), tuple(offsets[c] for c, _ in _ARRAYS))
+
+
+def _crc(raw: bytes | bytearray, end: int) -> int:
+    """The checksum of a state: over its header with ``crc`` 0, then its records up to ``end``."""
+    hsize = fmt.LU_HEADER_DTYPE.itemsize
+    zeroed = np.frombuffer(bytes(raw[:hsize]), fmt.LU_HEADER_DTYPE, 1).copy()
+    zeroed["crc"] = 0
+    return zlib.crc32(bytes(raw[hsize:end]), zlib.crc32(zeroed.tobytes()))
+
+
+def seal(raw: bytearray) -> None:
+    """Recompute the ``crc`` of a state edited in place (its header's counts, clamped to the
+    buffer, say where the records end): what a tool that tampers with a state on purpose --
+    the fuzzer, the tests -- needs so that its edit reaches the checks past the checksum."""
+    hdr = np.frombuffer(bytes(raw[: fmt.LU_HEADER_DTYPE.itemsize]), fmt.LU_HEADER_DTYPE, 1)[0]
+    end = fmt.LU_HEADER_DTYPE.itemsize + sum(int(hdr[c]) * dt.itemsize for c, dt in _ARRAYS)
+    crc = _crc(raw, min(end, len(raw)))
+    off = fmt.LU_HEADER_DTYPE.fields["crc"][1]
+    raw[off : off + 4] = crc.to_bytes(4, "little")
 
 
 def _check_ranges(parents: np.ndarray, what: str, total: int, bad) -> None:  # noqa: ANN001 - the error factory

@@ -18,6 +18,8 @@ import pytest
 from backing import ephemeral, vtd
 from backing import format as fmt
 from backing.iommu import Domain, Iommu
+from backing.iommufd import Iommufd
+from backing.liveupdate import LiveUpdate
 from backing.regs import default_path
 from backing.store import Store
 from pkfuse.harness import tables
@@ -64,3 +66,40 @@ def device_view(image: Path, sid: int, iovas: np.ndarray) -> tuple[list[int], li
     """
     phys, faults = tables.device_view(image, sid, iovas)
     return phys.tolist(), faults.tolist()
+
+
+class Boot:
+    """One daemon's kernel state on ``image``."""
+
+    def __init__(self, image: Path, mode: str = "persistent") -> None:
+        self.store = Store.open(image)
+        self.io = Iommu.open(self.store, default_path(image))
+        self.fd = Iommufd(self.store, self.io)
+        self.lu = LiveUpdate(self.store, self.fd, mode=mode)
+        self.findings = self.lu.restore()
+        self.closed = False
+
+    def close(self) -> None:
+        """A clean stop (after reboot(): the halted kernel releases nothing)."""
+        self.closed = True
+        self.fd.close()
+        self.io.close()
+        self.store.close()
+
+    def kill(self) -> None:
+        """A SIGKILL: the image as it is, nothing torn down."""
+        self.closed = True
+        self.io.close()
+        self.store.close()
+
+    def guest(self, name: bytes, size: int) -> int:
+        ino = self.store.create(self.store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), name, 0o644, 0, 0)
+        self.store.truncate(ino, size)
+        return ino
+
+    def ino(self, name: bytes) -> int:
+        return self.store.lookup(self.store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), name)
+
+    def translations(self, rid: int) -> list[tuple[int, int, int, bool]]:
+        did = self.io.attached[rid]
+        return [(m.iova, m.phys_addr, m.length, m.write) for m in self.io.domains[did].mappings()]

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from iommu_helpers import Boot
 
 from backing import format as fmt
 from backing import fsck, lustate
 from backing.errors import StoreError
 from backing.iommu import Iommu
-from backing.iommufd import Context, Iommufd
-from backing.liveupdate import LiveUpdate, _read_state
+from backing.iommufd import Context
+from backing.liveupdate import _read_state
 from backing.regs import default_path
 from backing.store import Store
 
@@ -27,43 +28,6 @@ MiB = 1 << 20
 PS = fmt.PAGE_SIZE
 RID = (0 << 8) | (3 << 3) | 0  # 00:03.0
 RID2 = (0 << 8) | (4 << 3) | 0  # 00:04.0
-
-
-class Boot:
-    """One daemon's kernel state on ``image``."""
-
-    def __init__(self, image: Path, mode: str = "persistent") -> None:
-        self.store = Store.open(image)
-        self.io = Iommu.open(self.store, default_path(image))
-        self.fd = Iommufd(self.store, self.io)
-        self.lu = LiveUpdate(self.store, self.fd, mode=mode)
-        self.findings = self.lu.restore()
-        self.closed = False
-
-    def close(self) -> None:
-        """A clean stop (after reboot(): the halted kernel releases nothing)."""
-        self.closed = True
-        self.fd.close()
-        self.io.close()
-        self.store.close()
-
-    def kill(self) -> None:
-        """A SIGKILL: the image as it is, nothing torn down."""
-        self.closed = True
-        self.io.close()
-        self.store.close()
-
-    def guest(self, name: bytes, size: int) -> int:
-        ino = self.store.create(self.store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), name, 0o644, 0, 0)
-        self.store.truncate(ino, size)
-        return ino
-
-    def ino(self, name: bytes) -> int:
-        return self.store.lookup(self.store.lookup(fmt.ROOT_INO, fmt.GUEST_DIR_NAME), name)
-
-    def translations(self, rid: int) -> list[tuple[int, int, int, bool]]:
-        did = self.io.attached[rid]
-        return [(m.iova, m.phys_addr, m.length, m.write) for m in self.io.domains[did].mappings()]
 
 
 @pytest.fixture

@@ -871,10 +871,10 @@ class LiveUpdateMachine(RuleBasedStateMachine):
         self.vms, self.outgoing, self.finished = [], {}, []
         expect: list[str] = []
         if corrupt == "flip":
-            # nothing can say which domain is whose: all left as they are, every session lost
-            self.orphans += [d for d in self.doms if d not in self.orphans]
+            # nothing can say which domain is whose: every session lost, every domain freed
             self.incoming, self.refused = {}, set()
-            assert any(line.startswith("live-update state refused:") for line in b.findings), b.findings
+            expect.append("live-update state refused: ")
+            self.free_unclaimed([(d, "named by a live-update state that was refused") for d in self.doms], expect)
             self.boot = 0  # the counter went with the state
         else:
             self.incoming, self.refused = {}, set()
@@ -882,22 +882,11 @@ class LiveUpdateMachine(RuleBasedStateMachine):
                 if name == victim:
                     self.refused.add(name)
                     expect.append(f"session {name.decode()} refused: ")
-                    for r in s.hwpts.values():
-                        for rid in sorted(x for x, d in self.att.items() if d is r.dom):
-                            expect.append(f"requester {fmt.requester_name(rid)} blocked: its domain {r.dom.did} "
-                                          f"was of refused session {name.decode()}")
-                            self.detach_hw(rid)
-                        expect.append(f"domain {r.dom.did} freed: of refused session {name.decode()}")
-                        self.free_dom(r.dom)
                 else:
                     self.incoming[name] = s
-            for d in dropped:
-                for rid in sorted(x for x, dd in self.att.items() if dd is d):
-                    expect.append(f"requester {fmt.requester_name(rid)} blocked: its domain {d.did} was not preserved")
-                    self.detach_hw(rid)
-                expect.append(f"domain {d.did} freed: not preserved")
-                self.free_dom(d)
-            self.check_findings(b.findings, expect)
+            self.free_unclaimed([(r.dom, self.held_by_none(incoming)) for n in self.refused
+                                 for r in incoming[n].hwpts.values()] + [(d, "not preserved") for d in dropped], expect)
+        self.check_findings(b.findings, expect)
         assert b.lu.boot == self.boot
         for rid, pages in before.items():  # a preserved device's translations did not change
             d = self.att.get(rid)
@@ -907,6 +896,20 @@ class LiveUpdateMachine(RuleBasedStateMachine):
         for name in self.refused:
             self.attempt("retrieve_session of a refused session", lambda name=name: b.lu.retrieve_session(name),
                          errno.ENOENT)
+
+    def held_by_none(self, incoming: dict[bytes, MIn]) -> str:
+        """Why a refused session's domain is freed (``LiveUpdate._free_unclaimed``)."""
+        names = ", ".join(n.decode() for n in incoming if n in self.refused)
+        return f"held by no restored session (refused: {names})"
+
+    def free_unclaimed(self, frees: list[tuple[MDom, str]], expect: list[str]) -> None:
+        """The domains a restore frees, by DID, each after blocking its requesters."""
+        for d, why in sorted(frees, key=lambda x: x[0].did):
+            for rid in sorted(x for x, dd in self.att.items() if dd is d):
+                expect.append(f"requester {fmt.requester_name(rid)} blocked: its domain {d.did} was {why}")
+                self.detach_hw(rid)
+            expect.append(f"domain {d.did} freed: {why}")
+            self.free_dom(d)
 
     @staticmethod
     def check_findings(got: list[str], expect: list[str]) -> None:
@@ -943,13 +946,8 @@ class LiveUpdateMachine(RuleBasedStateMachine):
             event("kill: session refused (a requester left its domain)")
             self.refused.add(name)  # a requester was detached from its domain: not what was preserved
             expect.append(f"session {name.decode()} refused: ")
-            for r in s.hwpts.values():
-                for rid in sorted(x for x, d in self.att.items() if d is r.dom):
-                    expect.append(f"requester {fmt.requester_name(rid)} blocked: its domain {r.dom.did} "
-                                  f"was of refused session {name.decode()}")
-                    self.detach_hw(rid)
-                expect.append(f"domain {r.dom.did} freed: of refused session {name.decode()}")
-                self.free_dom(r.dom)
+        self.free_unclaimed([(r.dom, self.held_by_none(incoming)) for n in self.refused
+                             for r in incoming[n].hwpts.values()], expect)
         self.check_findings(b.findings, expect)
         assert b.lu.boot == self.boot
         for rid, pages in before.items():
