@@ -674,6 +674,8 @@ class LiveUpdate:
                        + (f"{len(pending)} objects to reclaim" if pending else "ready to finish"))
         for name, why in self.refused.items():
             out.append(f"session {name.decode(errors='replace')}: refused: {why}")
+        if self.state_refused is not None:
+            out.append(f"state refused, every session in it lost: {self.state_refused}")
         return out
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import Mount, run_example
-from iommu_helpers import device_view
+from iommu_helpers import device_view, entry_where
 
 from backing import format as fmt
-from backing import fsck
+from backing import fsck, vtd
+from backing.iommu import Iommu
+from backing.store import Store
 from pkfuse.uapi import Iommufd, LiveUpdate, Session
 
 pytestmark = pytest.mark.mount
@@ -293,3 +295,30 @@ def test_a_vmm_killed_with_a_preserved_session_leaks_nothing(live: Mount, image:
     assert live.unmount() == 0
     status, findings = fsck.check_image(str(image))
     assert status == 0, findings
+
+
+def test_a_tampered_domain_mounts_refuses_its_session_with_the_finding_and_blocks_the_device(
+        live: Mount, image: Path, vmms: list[Vmm]) -> None:
+    v = vmm(vmms, live)
+    v.preserve(v.build())
+    v.lu.reboot()
+    live.kill()
+    with Store.open(image) as s, Iommu.open(s) as io:  # garbage between the kernels: a leaf into metadata
+        [dom] = io.domains.values()
+        where = entry_where(s, dom, IOVA, 2)  # 8 MiB at a 2 MiB-aligned IOVA: SL-PDE leaves
+        s.image_u64[where] = np.uint64(vtd.leaf_entry(2, s.geometry.phys_addr(0), True))
+    live.expected_errors = ("refused",)
+    live.start()  # the mount goes on: only the garbage is refused
+    iommu = (live.path / ".pkernfs" / "iommu").read_text()
+    assert f"refused at open: iommu/{dom.name} SL-PDE @{where * 8:#x}: maps 512 pages at" in iommu
+    assert "session vm0: refused: iommu/lu-state hwpts[0].domain_id @0x" in iommu
+    status = (live.path / ".pkernfs" / "status").read_text()
+    assert "2 refused at open" in status, status  # the domain and the context entry pointing at it
+    assert set(hardware(image)[1]) == {fmt.FR_CONTEXT_NOT_PRESENT}  # blocked, before any VMM came back
+    v2 = vmm(vmms, live)
+    assert errno_of(lambda: v2.lu.retrieve_session("vm0")) == errno.ENOENT  # never adopted
+    for x in vmms:
+        x.close()
+    vmms.clear()
+    assert live.unmount() == 0
+    assert fsck.check_image(image) == (0, [])
