@@ -60,6 +60,19 @@ def test_no_subcommand_is_a_usage_error() -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+def test_an_interrupt_inside_exec_d_code_still_exits_130(tmp_path: Path) -> None:
+    # a Ctrl-C or SIGTERM while a lazily imported dataclass is being made lands in exec()'d source; a
+    # `python -m` run then exits by SIGINT (status -2) unless the handled interrupt is forgotten
+    (tmp_path / "interrupted.py").write_text(
+        "from pkfuse.cli.entry import exit_now\nfrom pkfuse.cli.report import reported\n"
+        "def interrupted() -> int:\n    exec('raise KeyboardInterrupt')\n    return 0\n"
+        "exit_now(reported('pkfuse', interrupted))\n")
+    path = [str(tmp_path), str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    r = subprocess.run([sys.executable, "-m", "interrupted"], capture_output=True, text=True, timeout=60, env=env)
+    assert (r.returncode, r.stderr) == (130, "pkfuse: error: interrupted\n")
+
+
 # ---------------------------------------------------------------- mkfs
 
 
