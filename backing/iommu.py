@@ -1132,6 +1132,15 @@ class Iommu:
                 # killed inside a replacing attach, between its two stores: finish it
                 u64[where + 1] = vtd.context_entry(0, did)[1]
 
+    def refuse_attachment(self, sid: int, why: str) -> Finding:
+        """Block requester ``sid`` for a reason found after open (its context entry cleared), recorded
+        in ``refused`` as open's own refusals are: named by the entry and its image offset."""
+        bus, devfn = sid >> 8, sid & 0xFF
+        where = int(self.root_pages[1 + bus]) * 512 + devfn * 2
+        self.detach(self.domains[self.attached[sid]], bus, devfn >> 3, devfn & 7)
+        self._refuse_entry(_ce_name(bus, devfn), where * 8, why + ": the device is blocked")
+        return self.refused[-1]
+
     def _refuse_entry(self, structure: str, offset: int, why: str) -> None:
         finding = Finding(structure, offset, why)
         log.error("%s%s", finding, " (left as is: read-only)" if self.store.read_only else "")

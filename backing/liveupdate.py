@@ -407,6 +407,7 @@ class LiveUpdate:
                     taken_rids.update(r.saved.rids)
                 taken_files.update(f.ino for f in sess.files.values())
             self._free_unclaimed(claimed, set(state.drops))
+            self._block_strangers()
             self._rewrite()
             return self.findings
 
@@ -551,6 +552,24 @@ class LiveUpdate:
                 "held by no restored session" + (f" (refused: {b', '.join(owners).decode(errors='replace')})"
                                                  if owners else "")
             self._free(d, why)
+
+    def _block_strangers(self) -> None:
+        """A requester attached to a restored session's domain that the session did not preserve
+        (garbage put a copy of its context entry in that requester's slot) would reach that VM's
+        memory: blocked, the context entry refused by name and offset."""
+        if self.store.read_only:
+            return
+        io = self.iommufd.iommu
+        own: dict[int, tuple[bytes, set[int]]] = {}
+        for name, sess in self.incoming.items():
+            for r in sess.hwpts.values():
+                own.setdefault(r.domain.domain_id, (name, set()))[1].update(r.saved.rids)
+        for did, (name, rids) in sorted(own.items()):
+            d = io.domains.get(did)
+            for rid in sorted(set(d.attached) - rids) if d is not None else ():
+                f = io.refuse_attachment(rid, f"attached to domain {did} of session "
+                                              f"{name.decode(errors='replace')}, which did not preserve it")
+                self._finding(f"requester {fmt.requester_name(rid)} blocked: {f}")
 
     def _block_iommufd_domains(self) -> None:
         """The state itself is unreadable: nothing can say which iommufd domain is whose, or

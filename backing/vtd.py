@@ -230,6 +230,15 @@ def walk_tree(image_u64: np.ndarray, base_pfn: int, pml4_page: int, allowed: np.
             ok = ~bad & ~junk
             if not ok.all():
                 slots, where, entries, leaf = slots[ok], where[ok], entries[ok], leaf[ok]
+        # rights pkfuse never writes: a table pointer without R and W (the walk would AND the missing
+        # right into every leaf below), a leaf without R (every map is readable)
+        partial = np.where(leaf, (entries & U64(fmt.SL_R)) == 0, (entries & U64(RW)) != U64(RW))
+        if partial.any():
+            _report(problems, level, where[partial], entries[partial], limit,
+                    lambda v, level=level: f"{LEVEL_NAMES[level]} {v:#x} lacks a right pkfuse always sets "
+                    "(R in a leaf, R and W in a table pointer)")
+            keep = ~partial
+            slots, where, entries, leaf = slots[keep], where[keep], entries[keep], leaf[keep]
         levels.append(Level(tables, slots, where, entries, leaf))
         if level == fmt.VTD_LEVELS - 1:
             break

@@ -223,6 +223,22 @@ def test_a_table_pointer_out_of_the_domains_pool_refuses_the_domain_at_open(froz
     assert_refused_alone(b, frozen, b"vm0", "iommu/lu-state hwpts[0].domain_id")
 
 
+@pytest.mark.parametrize(("level", "bit", "name"), [(0, fmt.SL_W, "SL-PML4E"), (2, fmt.SL_R, "SL-PDE"),
+                                                      (3, fmt.SL_R, "SL-PTE")])
+def test_an_entry_lacking_a_right_pkfuse_always_sets_refuses_the_domain_at_open(frozen: Frozen, restart, level: int,
+                                                                               bit: int, name: str) -> None:
+    # found by `pkfuse fuzz --target sessions`: a PML4E without W made every leaf below read-only, and the
+    # restore (comparing leaves alone) adopted a domain that no longer translated what was preserved
+    where = frozen.entry(b"vm0", IOVA, level)
+    with Store.open(frozen.image) as s:
+        s.image_u64[where] ^= np.uint64(bit)
+    b = restart()
+    did = frozen.did[b"vm0"]
+    [dom] = [f for f in b.io.refused if f.structure.startswith(f"iommu/dom-{did} ")]
+    assert (dom.structure, dom.offset) == (f"iommu/dom-{did} {name}", where * 8) and "lacks a right" in dom.problem
+    assert_refused_alone(b, frozen, b"vm0", "iommu/lu-state hwpts[0].domain_id")
+
+
 # ------------------------------------------------------------ the state's records
 
 
@@ -329,6 +345,19 @@ def test_a_tampered_context_entry_is_blocked_and_refuses_its_session(frozen: Fro
     [entry] = [f for f in b.io.refused if "context entry 00:03.0" in f.structure]
     assert entry.offset == lo_where * 8 and "blocked" in entry.problem
     assert_refused_alone(b, frozen, b"vm0", "iommu/lu-state devices[0].rid")
+
+
+def test_a_context_entry_copied_into_another_requesters_slot_blocks_that_requester(frozen: Frozen, restart) -> None:
+    # found by `pkfuse fuzz --target sessions`: 00:03.0 (vm0's) got vm1's context entry, and vm1, restored,
+    # kept it attached: vm0's device could DMA into vm1's memory
+    with Store.open(frozen.image) as s, Iommu.open(s) as io:
+        ct = int(io.root_pages[1]) * 512
+        src, dst = ct + (RIDS[b"vm1"] & 0xFF) * 2, ct + (RIDS[b"vm0"] & 0xFF) * 2
+        s.image_u64[dst : dst + 2] = s.image_u64[src : src + 2]
+    b = restart()
+    [entry] = [f for f in b.io.refused if "context entry 00:03.0" in f.structure]
+    assert entry.offset == dst * 8 and "did not preserve it" in entry.problem
+    assert_refused_alone(b, frozen, b"vm0", "iommu/lu-state devices[0].rid")  # its device is blocked, not vm1's
 
 
 def test_a_root_entry_pointing_elsewhere_is_rewritten_and_both_sessions_live(frozen: Frozen, restart) -> None:
