@@ -59,10 +59,8 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -85,6 +83,8 @@ from backing.mkfs import mkfs
 from pkfuse.daemon.mountinfo import mount_device, mounted_paths
 from pkfuse.harness.tables import device_view
 from pkfuse.uapi import transport, wire
+
+from .common import AtherisEntropy, Entropy, write_json  # noqa: F401 - write_json: the CLI's, as before
 
 log = logging.getLogger(__name__)
 
@@ -144,48 +144,6 @@ def ename(code: int | None) -> str:
 
 
 # ------------------------------------------------------------------ entropy
-
-
-class Entropy:
-    """The random choices a generator makes; ``random.Random`` by default."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        self.rng = random.Random(seed)
-
-    def int(self, lo: int, hi: int) -> int:
-        return self.rng.randint(lo, hi)
-
-    def choice(self, seq: Sequence[Any]) -> Any:
-        return seq[self.int(0, len(seq) - 1)]
-
-    def chance(self, p: float) -> bool:
-        return self.int(0, 999) < int(p * 1000)
-
-    def weighted(self, table: Sequence[tuple[Any, int]]) -> Any:
-        total = sum(w for _, w in table)
-        x = self.int(0, total - 1)
-        for item, w in table:
-            if x < w:
-                return item
-            x -= w
-        return table[-1][0]
-
-
-class AtherisEntropy(Entropy):
-    """Choices read from atheris's FuzzedDataProvider (the input libFuzzer mutates, coverage-guided);
-    once the input is used up, from ``random`` seeded with it, so that a short input still makes a
-    whole sequence and the same input the same one."""
-
-    def __init__(self, fdp: Any, data: bytes) -> None:
-        self.fdp = fdp
-        self.rng = random.Random(data)
-
-    def int(self, lo: int, hi: int) -> int:
-        if hi <= lo:
-            return lo
-        if self.fdp.remaining_bytes():
-            return int(self.fdp.ConsumeIntInRange(lo, hi))
-        return self.rng.randint(lo, hi)
 
 
 # -------------------------------------------------------------------- model
@@ -2087,11 +2045,3 @@ def _run_atheris(fz: RequestFuzzer, deadline: float, seed: int, length: int, wor
     atheris.Setup([sys.argv[0], f"-seed={seed % (1 << 31) or 1}", "-max_len=4096",
                    f"-artifact_prefix={workdir}/"], one)
     atheris.Fuzz()
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    if path == "-":
-        sys.stdout.write(text)
-    else:
-        Path(path).write_text(text)

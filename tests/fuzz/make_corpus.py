@@ -1,4 +1,6 @@
-"""Writes ``corpus/requests.json``: the control socket's nastiest call sequences, kept for replay.
+"""Writes ``corpus/requests.json``, ``sessions.json`` and ``images.json``: the nastiest cases, kept for replay.
+
+``requests``: the control socket's call sequences.
 
 Each sequence is a list of the steps ``pkfuse.fuzz.requests`` runs (plain
 dicts, concrete arguments); the model computes every expected errno when it
@@ -6,6 +8,13 @@ is replayed (``test_requests_fuzz.py``), so a sequence states what is done,
 not what must come back. Most were found by ``pkfuse fuzz --target requests``
 or aimed at what it found; rerun this script after changing them:
 ``python tests/fuzz/make_corpus.py``.
+
+``sessions`` and ``images``: edits to the frozen images of both designs
+(``pkfuse.fuzz.preserved``, aimed by name: a session's leaf, a record's
+field, a region's bytes), each with the outcome the next kernel must reach
+(``refused``, or ``accepted`` for garbage it may ignore); the judge checks
+the rest -- the hardware's view, the other session whole, fsck -- on replay
+(``test_restore_fuzz.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ U64_MAX = (1 << 64) - 1
 TOP = 1 << 48
 RW, RO, FIXED = 6, 4, 1
 CORPUS = Path(__file__).with_name("corpus") / "requests.json"
+SESSIONS_CORPUS = CORPUS.with_name("sessions.json")
+IMAGES_CORPUS = CORPUS.with_name("images.json")
 
 
 def opening(lu: bool = False) -> list[dict]:
@@ -173,10 +184,76 @@ SEQUENCES: dict[str, list[dict]] = {
 }
 
 
+def entry(session: str, level: int, value: list, n: int = 0, **kw: object) -> dict:
+    return {"kind": "entry", "session": session, "level": level, "n": n, "value": value, **kw}
+
+
+def state(array: str, field: str, value: list, index: int = 0, **kw: object) -> dict:
+    return {"kind": "state", "array": array, "index": index, "field": field, "value": value, **kw}
+
+
+def both(name: str, edits: list[dict], expect: str = "refused") -> dict[str, dict]:
+    return {f"{name} ({design})": {"design": design, "edits": edits, "expect": expect}
+            for design in ("persistent", "ephemeral")}
+
+
+SESSION_CASES: dict[str, dict] = {
+    # found: vm1's context entry copied into vm0's slot kept 00:03.0 attached to vm1's restored domain
+    **both("a context entry copied into the other requester's slot", [
+        {"kind": "context", "session": "vm1", "devfn": 0x18}]),
+    **both("a context entry copied into a requester no session has", [
+        {"kind": "context", "session": "vm0", "devfn": 0x21}]),
+    # found: a PML4E without W made every leaf read-only, and the domain was adopted
+    **both("a table pointer without W", [entry("vm0", 0, ["xor", 2])]),
+    **both("a leaf without R", [entry("vm1", 2, ["xor", 1], n=1)]),
+    **{f"a leaf into {t} ({d})": {"design": d, "edits": [entry("vm0", 3, ["leaf", t, 1], n=7)], "expect": "refused"}
+       for t in ("other-vm", "metadata", "free", "outside", "state", "superblock")
+       for d in ("persistent", "ephemeral")},
+    **both("a 2 MiB leaf into the other VM, read-only", [entry("vm1", 2, ["leaf", "other-vm", 0])]),
+    **both("a table pointer into the other domain's tables", [entry("vm0", 2, ["table", "other-table"])]),
+    **both("a table pointer to its own table (a loop)", [entry("vm0", 2, ["table", "own-table"])]),
+    **both("a table pointer into guest RAM", [entry("vm1", 1, ["table", "own-vm"])]),
+    **both("a new leaf in an empty slot", [entry("vm0", 3, ["leaf", "own-vm", 1], slot=511)]),
+    **both("a file reference that does not resolve", [state("files", "ino", ["set", 40])]),
+    **both("a token claimed by two files", [state("files", "token", ["copy", "files", 1, "token"], index=2)]),
+    **both("a file claimed by both sessions", [state("files", "ino", ["copy", "files", 0, "ino"], index=1),
+                                              state("files", "igen", ["copy", "files", 0, "igen"], index=1)]),
+    **both("a map that disagrees with its domain", [state("maps", "iova", ["add", 2 * MiB])]),
+    **both("a map made read-only", [state("maps", "flags", ["set", 0])]),
+    **both("a domain id that names the other session's", [state("hwpts", "domain_id",
+                                                               ["copy", "hwpts", 0, "domain_id"], index=1)]),
+    **both("a requester claimed twice", [state("devices", "rid", ["copy", "devices", 0, "rid"], index=1)]),
+    **{f"a huge {c} ({d})": {"design": d, "edits": [state("header", c, ["set", 0xFFFF_FFFF])], "expect": "refused"}
+       for c in ("nsessions", "nfiles", "nhwpts", "nmaps", "ndevices", "ndrops") for d in ("persistent", "ephemeral")},
+    **both("a session's file range past the files", [state("sessions", "file_count", ["set", 0xFFFF_FFFF])]),
+    **both("a record edited without its checksum", [state("maps", "length", ["add", PS], seal=False)]),
+    **both("an ignored bit in a leaf", [entry("vm0", 3, ["xor", 1 << 52], n=3)]),
+    **both("an unknown SLPTPTR", [{"kind": "context", "session": "vm0", "word": 0, "value": ["slptptr", "free"]}]),
+    **both("a root entry cleared", [{"kind": "root", "bus": 0, "word": 0, "value": ["set", 0]}]),
+}
+
+IMAGE_CASES: dict[str, dict] = {
+    **both("the state's checksum flipped", [{"kind": "flip", "region": "state", "at": 60, "bit": 0}]),
+    **both("the state poisoned and resealed", [{"kind": "bytes", "region": "state", "at": 64, "data": "ff" * 8,
+                                                "seal": True}]),
+    **both("a domain's table page poisoned", [{"kind": "bytes", "region": "domain:vm0", "at": 4096, "data": "ff" * 8}]),
+    **both("a context table word poisoned", [{"kind": "bytes", "region": "context", "at": 0x18 * 16,
+                                              "data": "ff" * 8}]),
+    **both("the superblock's magic flipped", [{"kind": "flip", "region": "superblock", "at": 0, "bit": 3}]),
+    **both("the journal poisoned", [{"kind": "bytes", "region": "journal", "at": 0, "data": "ff" * 16}]),
+    **both("a bitmap bit flipped", [{"kind": "flip", "region": "bitmap", "at": 3, "bit": 5}]),
+    **both("an inode's bytes poisoned", [{"kind": "bytes", "region": "inodes", "at": 64 * 5, "data": "ff" * 8}]),
+    **both("the root table poisoned", [{"kind": "bytes", "region": "root", "at": 0, "data": "ff" * 16}]),
+}
+
+
 def main() -> None:
     CORPUS.parent.mkdir(exist_ok=True)
     CORPUS.write_text(json.dumps(SEQUENCES, indent=1) + "\n")
     print(f"{CORPUS}: {len(SEQUENCES)} sequences, {sum(map(len, SEQUENCES.values()))} steps")
+    for path, kept in ((SESSIONS_CORPUS, SESSION_CASES), (IMAGES_CORPUS, IMAGE_CASES)):
+        path.write_text(json.dumps(kept, indent=1) + "\n")
+        print(f"{path}: {len(kept)} cases")
 
 
 if __name__ == "__main__":
