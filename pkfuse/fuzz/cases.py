@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 from backing.errors import FormatError
 
 from . import preserved
-from .common import AtherisEntropy, Entropy
+from .common import AtherisEntropy, Entropy, exit_past
 
 HANG_SECONDS = 10.0  #: a case's start and judgement past this is a hang
 Generate = Callable[[Entropy, preserved.Frozen], list[dict[str, Any]]]
@@ -187,44 +186,43 @@ def run(target: str, generate: Generate, seconds: float, *, seed: int, workdir: 
     """
     with _workdir(workdir) as wd, _quiet():
         runner = Runner(wd, size)
-        t0 = time.monotonic()
+        clock = [time.monotonic()]  #: when fuzzing began (for atheris: its first input, past instrumentation)
 
         def report() -> dict[str, Any]:
             return runner.stats.report(target=target, engine=engine, seed=seed,
-                                       seconds=round(time.monotonic() - t0, 3),
+                                       seconds=round(time.monotonic() - clock[0], 3),
                                        freeze_seconds=round(runner.freeze_seconds, 3), image_bytes=size)
 
         if engine == "atheris":
-            _run_atheris(runner, generate, t0 + seconds, seed, wd,
-                         lambda: (on_report or (lambda r: 0))(report()))
+            _run_atheris(runner, generate, seconds, clock, seed, wd, lambda: (on_report or (lambda r: 0))(report()))
         e = Entropy(seed)
         while True:
             design = e.choice(preserved.DESIGNS)
             runner.run_case(design, generate(e, runner.frozen[design]))
-            if time.monotonic() - t0 >= seconds:
+            if time.monotonic() - clock[0] >= seconds:
                 break
         return report()
 
 
-def _run_atheris(runner: Runner, generate: Generate, deadline: float, seed: int, workdir: Path,
+def _run_atheris(runner: Runner, generate: Generate, seconds: float, clock: list[float], seed: int, workdir: Path,
                  done: Callable[[], int]) -> None:
-    """libFuzzer's loop (atheris), one case per input, until ``deadline``; then ``done()`` and exit with
-    its status (libFuzzer's loop has no other way out)."""
+    """libFuzzer's loop (atheris), one case per input, for ``seconds`` from its first input (``clock[0]``);
+    then ``done()`` and exit with its status (libFuzzer's loop has no other way out)."""
     import atheris
 
+    started = False
+
     def one(data: bytes) -> None:
-        if time.monotonic() > deadline:
-            sys.stdout.flush()
-            status = done()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        nonlocal started
+        if not started:
+            started, clock[0] = True, time.monotonic()
+        exit_past(clock[0] + seconds, done)
         e = AtherisEntropy(atheris.FuzzedDataProvider(data), data)
         design = e.choice(preserved.DESIGNS)
         runner.run_case(design, generate(e, runner.frozen[design]))
 
     atheris.instrument_all()  # the next kernel's code among it: Store, Iommu, LiveUpdate run in this process
-    atheris.Setup([sys.argv[0], f"-seed={seed % (1 << 31) or 1}", "-max_len=512",
+    atheris.Setup([sys.argv[0], f"-seed={seed % (1 << 31) or 1}", "-max_len=512", "-len_control=0",
                    f"-artifact_prefix={workdir}/"], one)
     atheris.Fuzz()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,17 @@ class AtherisEntropy(Entropy):
         if self.fdp.remaining_bytes():
             return int(self.fdp.ConsumeIntInRange(lo, hi))
         return self.rng.randint(lo, hi)
+
+
+def exit_past(deadline: float, done: Callable[[], int]) -> None:
+    """Inside libFuzzer's loop (atheris), which has no other way out: once past ``deadline`` (monotonic),
+    ``done()`` -- the report -- and exit with its status, stdio flushed."""
+    if time.monotonic() > deadline:
+        sys.stdout.flush()
+        status = done()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

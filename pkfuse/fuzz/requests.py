@@ -84,7 +84,7 @@ from pkfuse.daemon.mountinfo import mount_device, mounted_paths
 from pkfuse.harness.tables import device_view
 from pkfuse.uapi import transport, wire
 
-from .common import AtherisEntropy, Entropy, write_json  # noqa: F401 - write_json: the CLI's, as before
+from .common import AtherisEntropy, Entropy, exit_past, write_json  # noqa: F401 - write_json: the CLI's, as before
 
 log = logging.getLogger(__name__)
 
@@ -2032,12 +2032,7 @@ def _run_atheris(fz: RequestFuzzer, deadline: float, seed: int, length: int, wor
     import atheris
 
     def one(data: bytes) -> None:
-        if time.monotonic() > deadline:
-            sys.stdout.flush()
-            status = done()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        exit_past(deadline, done)
         fdp = atheris.FuzzedDataProvider(data)
         fz.run_sequence(entropy=AtherisEntropy(fdp, data), length=length, lu=fdp.ConsumeBool())
 

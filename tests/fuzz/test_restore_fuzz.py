@@ -68,6 +68,17 @@ def test_the_cli_reports_counts_and_exits_0(tmp_path: Path) -> None:
     assert d["target"] == "images" and d["cases"] >= 1 and d["image_bytes"] == 64 * MiB
 
 
+def test_the_atheris_engine_fuzzes_for_its_seconds_past_instrumentation(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")  # optional: not in the project's environment
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "pkfuse", "fuzz", "--target", "sessions", "--engine", "atheris",
+                        "--seconds", "2", "--seed", "5", "--image-size", "64M", "--workdir", str(tmp_path / "w"),
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["engine"] == "atheris" and d["cases"] >= 1 and d["crashes"] == d["violations"] == 0
+
+
 # ------------------------------------------------------------------ the judge
 
 
