@@ -92,8 +92,7 @@ class Runner:
                     kernel = preserved.Kernel(self.image, design)
                 except FormatError as exc:
                     boot = time.monotonic() - t1
-                    if not exc.structure:
-                        raise preserved.Violation(f"an image refused without naming a structure: {exc}") from None
+                    preserved.check_named(exc, self.image)
                     refused = [preserved.refusal_of(exc)]
                 else:
                     boot = time.monotonic() - t1

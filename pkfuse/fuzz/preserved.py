@@ -424,8 +424,7 @@ def judge(frozen: Frozen, image: Path, kernel: Kernel) -> Verdict:
     try:
         findings = [*kernel.io.refused, *lu.refused.values(), *([lu.state_refused] if lu.state_refused else [])]
         for f in findings:
-            if not f.structure or "\n" in f.problem:
-                raise Violation(f"a refusal that names no structure or is not one line: {f!r}")
+            check_named(f, image)
         matched: dict[bytes, bytes] = {}  #: restored name -> the frozen session it is
         for name, sess in lu.incoming.items():
             files = frozenset(f.ino for f in sess.files.values())
@@ -461,6 +460,14 @@ def judge(frozen: Frozen, image: Path, kernel: Kernel) -> Verdict:
     if status or bad:
         raise Violation("fsck after the restore: " + "; ".join(str(f) for f in bad[:3]))
     return Verdict(sorted({_kind(f.structure) for f in findings}), findings)
+
+
+def check_named(f: Finding | FormatError, image: Path) -> None:
+    """A refusal names its structure and an offset inside the image, in one line (else Violation)."""
+    if not f.structure or "\n" in f.problem or not isinstance(f.offset, int) \
+            or not 0 <= f.offset < image.stat().st_size:
+        raise Violation(f"a refusal that does not name its structure and image offset in one line: "
+                        f"{f.structure!r} @{f.offset!r}: {f.problem!r}")
 
 
 def refusal_of(exc: FormatError) -> str:
