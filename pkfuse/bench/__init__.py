@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-AREAS = ("store", "mount", "iommu", "control", "vmm", "crash", "restart")  #: modules of this package, in run order
+AREAS = ("store", "mount", "iommu", "control", "vmm", "crash", "fuzz", "restart")  #: modules of this package, in run order
 #: what a run without ``--only`` measures: ``restart`` (whole live updates of a 16 GiB VM, minutes) only on request
 DEFAULT_AREAS = tuple(a for a in AREAS if a != "restart")
 

@@ -275,7 +275,7 @@ def test_bench_quick_measures_every_target_and_leaves_no_mount(tmp_path: Path) -
     assert r.returncode in (0, 1), r.stderr  # 1: a target missed, which a noisy CI machine may do
     assert "Traceback" not in r.stderr
     results = json.loads(out.read_text())
-    assert {res["area"] for res in results} == {"store", "mount", "iommu", "control", "vmm", "crash"}
+    assert {res["area"] for res in results} == {"store", "mount", "iommu", "control", "vmm", "crash", "fuzz"}
     targeted = [res for res in results if res["target"]]
     assert len(targeted) >= 15 and all(res["value"] > 0 or "violations" in res["name"] for res in targeted)
     assert not any(is_mounted(p) for p in tmp_path.iterdir() if p.is_dir())

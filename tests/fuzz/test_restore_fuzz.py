@@ -46,7 +46,6 @@ def test_the_corpus_replays_with_the_outcome_it_keeps(tmp_path: Path, target: st
     report, outcomes = cases.replay(target, list(kept.values()), workdir=tmp_path)
     _clean(report)
     assert {n: o for n, o in zip(kept, outcomes)} == {n: c["expect"] for n, c in kept.items()}
-    assert report["slowest_case"]["seconds"] < 5  # the bench's bound is 1 s; this is a shared machine
 
 
 @pytest.mark.parametrize("target", ["sessions", "images"])
