@@ -816,7 +816,8 @@ class Iommu:
         #: above the image (ephemeral memory: no tables there survived); cleared unless read-only
         self.stale_entries: dict[int, int] = {}
         #: what ``open`` refused, one finding each: domains whose tables are garbage and table
-        #: entries no valid domain explains. Blocked and removed, unless the store is read-only
+        #: entries no valid domain explains (blocked and removed, unless the store is read-only);
+        #: then what the restore blocked (``refuse_attachment``)
         self.refused: list[Finding] = []
         self.iommu_dir = 0
         self.root_ino = 0

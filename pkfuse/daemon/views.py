@@ -114,7 +114,7 @@ def iommu_summary(iommu: Iommu | None) -> str:
         return "not loaded"
     parts = [f"{len(iommu.domains)} domains", f"{len(iommu.attached)} requesters attached"]
     if iommu.refused:  # garbage found at open: .pkernfs/iommu lists each finding
-        parts.append(f"{len(iommu.refused)} refused at open")
+        parts.append(f"{len(iommu.refused)} refused at open or restore")
     if iommu.regs is not None:
         parts.append(f"translation {'enabled' if iommu.regs.enabled else 'disabled'}")
         parts.append(f"{iommu.regs.fault_seq} faults")
@@ -213,7 +213,7 @@ def render_iommu(iommu: Iommu | None) -> str:
         elif iommu.regs_error:
             lines.append(f"register block not opened: {iommu.regs_error}")
         lines.append(f"root table {iommu.root_table_phys:#x} (iommu/root-pgtables)")
-        lines.extend(f"refused at open: {f}" for f in iommu.refused)
+        lines.extend(f"refused: {f}" for f in iommu.refused)
         for sid in sorted(s for s, did in iommu.attached.items() if did not in iommu.domains):
             lines.append(f"requester {fmt.requester_name(sid)}: context entry points at no known domain")
         for did in sorted(iommu.domains):
