@@ -985,32 +985,27 @@ class Iommu:
         did = verdict.domain_id
         dom = Domain(self, ImageTables(st, self.iommu_dir, ino, name), did, verdict.flags)
         levels, problems = dom.walk()
-        finding = None
         if problems:
             p = problems[0]
-            finding = Finding(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
-        else:
-            finding = self._non_guest_leaf(path, levels)
+            return dom, Finding(f"{path} {vtd.LEVEL_NAMES[p.level]}", p.where * 8, p.what)
+        frames = vtd.leaf_frames(levels)
+        finding = self._non_guest_leaf(path, levels, *frames)
         if finding is not None:
             return dom, finding
         dom.memory.mark_used(np.concatenate([lv.tables for lv in levels[1:]]))
-        dom.pins = self._count_owners(*vtd.leaf_frames(levels))
+        dom.pins = self._count_owners(*frames)
         return dom, None
 
-    def _non_guest_leaf(self, path: str, levels: list[vtd.Level]) -> Finding | None:
-        """The first leaf (in walk order) that maps a page outside guest-RAM files -- metadata,
-        a free page, an IOMMU file, outside the image: a table pkfuse never wrote. Vectorized:
-        4 KiB leaves are checked as runs of consecutive frames, as they mostly come."""
+    def _non_guest_leaf(self, path: str, levels: list[vtd.Level], pfn: np.ndarray,
+                        npages: np.ndarray) -> Finding | None:
+        """The first leaf (in walk order: ``vtd.leaf_frames``'s ``pfn``, ``npages``) that maps a page
+        outside guest-RAM files -- metadata, a free page, an IOMMU file, outside the image: a table
+        pkfuse never wrote. Vectorized: 4 KiB leaves are checked as runs of consecutive frames, as
+        they mostly come; the frames are the ones the pins are then counted from."""
         base_pfn = self.store.geometry.base_pfn
-        where, pfn, npages = [], [], []
-        for level, lv in enumerate(levels):
-            m = lv.leaf if level < 3 else slice(None)
-            where.append(lv.where[m])
-            pfn.append(vtd.entry_pages(lv.entries[m]))
-            npages.append(np.full(where[-1].size, vtd.LEVEL_PAGES[level], np.int64))
-        w, page, n = np.concatenate(where), np.concatenate(pfn) - base_pfn, np.concatenate(npages)
-        if not w.size:
+        if not pfn.size:
             return None
+        page, n = pfn - base_pfn, npages
         starts, reach = self._guest_reach()
         # runs: a leaf continuing the previous one's frames (same size) joins its run
         brk = np.flatnonzero(np.concatenate(([True], (page[1:] != page[:-1] + n[:-1]) | (n[1:] != n[:-1]))))
@@ -1018,6 +1013,7 @@ class Iommu:
         ok = _inside(starts, reach, page[brk], run_n)
         if ok.all():
             return None
+        w = np.concatenate([lv.where[lv.leaf if level < 3 else slice(None)] for level, lv in enumerate(levels)])
         r = int(np.flatnonzero(~ok)[0])
         lo, hi = int(brk[r]), int(brk[r + 1]) if r + 1 < brk.size else w.size
         i = lo + int(np.flatnonzero(~_inside(starts, reach, page[lo:hi], n[lo:hi]))[0])
