@@ -238,14 +238,16 @@ def apply(frozen: Frozen, image: Path, edit: dict[str, Any]) -> None:
         if kind == "state":
             _edit_state(frozen, mm, edit)
         elif kind == "entry":
-            u64[_entry_index(frozen, edit)] = np.uint64(_value(frozen, edit, int(u64[_entry_index(frozen, edit)])))
+            where = _entry_index(frozen, edit)
+            u64[where] = np.uint64(_value(frozen, edit, int(u64[where])))
         elif kind == "context":
-            where = frozen.sessions[edit["session"].encode()].context + (edit.get("word", 0))
-            if "devfn" in edit:  # the entry copied to another requester's slot
+            ce = frozen.sessions[edit["session"].encode()].context
+            if "devfn" in edit:  # the whole entry copied to another requester's slot
                 bus, devfn = edit["devfn"] >> 8, edit["devfn"] & 0xFF
                 dst = int(frozen.root_pages[1 + bus]) * 512 + devfn * 2
-                u64[dst : dst + 2] = u64[where - edit.get("word", 0) : where - edit.get("word", 0) + 2]
+                u64[dst : dst + 2] = u64[ce : ce + 2]
             else:
+                where = ce + edit.get("word", 0)
                 u64[where] = np.uint64(_value(frozen, edit, int(u64[where])))
         elif kind == "root":
             where = int(frozen.root_pages[0]) * 512 + edit["bus"] * 2 + edit.get("word", 0)
