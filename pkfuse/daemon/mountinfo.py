@@ -48,6 +48,30 @@ def mount_device(mnt: str) -> int | None:
     return dev
 
 
+def abort_connection(mnt: str) -> bool:
+    """Abort the FUSE connection of the mount at ``mnt`` (``/sys/fs/fuse/connections/N/abort``,
+    fusectl mounted first if it is not, as root): every request waiting on it fails with ENOTCONN.
+
+    What frees a daemon that SIGKILL cannot end: a thread of it waiting, uninterruptibly, for an
+    answer only the daemon could give (a FLUSH of a file on its own mount, closed on its way out,
+    holds the image's lock for as long). True if the abort was written.
+    """
+    import subprocess
+    from pathlib import Path
+
+    dev = mount_device(mnt)
+    if dev is None:
+        return False
+    ctl = Path("/sys/fs/fuse/connections")
+    try:
+        if os.geteuid() == 0 and ctl.is_dir() and not any(ctl.iterdir()):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], capture_output=True, check=False)
+        (ctl / str(os.minor(dev) if os.major(dev) == 0 else dev) / "abort").write_text("1")
+    except OSError:
+        return False
+    return True
+
+
 def mount_source(mnt: str) -> str | None:
     """The source (fsname) of the fuse.pkfuse mount at ``mnt``, from mountinfo."""
     target = os.fsencode(mount_path(mnt))

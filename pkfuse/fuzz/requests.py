@@ -80,7 +80,7 @@ import numpy as np
 from backing import format as fmt
 from backing.fsck import check_image
 from backing.mkfs import mkfs
-from pkfuse.daemon.mountinfo import mount_device, mounted_paths
+from pkfuse.daemon.mountinfo import abort_connection, mounted_paths
 from pkfuse.harness.tables import device_view
 from pkfuse.uapi import transport, wire
 
@@ -303,16 +303,8 @@ class Daemon:
         return rc
 
     def abort(self) -> None:
-        """Abort our mount's FUSE connection (``/sys/fs/fuse/connections/N/abort``; fusectl mounted if
-        it is not, as root): every request waiting on it fails with ENOTCONN."""
-        dev = mount_device(str(self.mnt))
-        if dev is None:
-            return
-        ctl = Path("/sys/fs/fuse/connections")
-        with contextlib.suppress(OSError):
-            if os.geteuid() == 0 and ctl.is_dir() and not any(ctl.iterdir()):
-                subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], capture_output=True, check=False)
-            (ctl / str(os.minor(dev) if os.major(dev) == 0 else dev) / "abort").write_text("1")
+        """Abort our mount's FUSE connection (``mountinfo.abort_connection``)."""
+        if abort_connection(str(self.mnt)):
             log.warning("aborted the FUSE connection of %s (a daemon that could not die)", self.mnt)
 
     def log_problems(self) -> list[str]:

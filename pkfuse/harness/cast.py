@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ from typing import IO, Any
 import numpy as np
 
 from backing.errors import PkfuseError
-from pkfuse.daemon.mountinfo import mount_path, mounted_paths
+from pkfuse.daemon.mountinfo import abort_connection, mount_path, mounted_paths
 from pkfuse.vmm import monitor as vmm_monitor
 
 PKFUSE = [sys.executable, "-m", "pkfuse"]
@@ -39,8 +40,10 @@ FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
 RID = "00:03.0"  #: the VMM's device (``pkfuse vmm run --device``'s default)
 GUEST = "vm0"  #: the guest file and the live-update session's name
 BYSTANDER = "bystander"  #: a guest file no process maps: its pages must never change
+log = logging.getLogger(__name__)
 MiB = 1 << 20
 STOP_TIMEOUT = 10.0  #: seconds a process gets to end on SIGTERM before SIGKILL
+ABORT_AFTER = 1.0  #: seconds after SIGKILL before a daemon still there has its FUSE connection aborted
 PR_SET_PDEATHSIG = 1
 
 
@@ -72,20 +75,35 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     pid: int = 0
     log: Path | None = None
+    start: int = 0  #: a pid-known process's start time (``/proc/PID/stat``): which process the pid is
 
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return pid_alive(self.pid)
+        return pid_alive(self.pid, self.start)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command's name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            return f.read().rpartition(")")[2].split()
     except OSError:
-        return False
+        return None
+
+
+def start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot), 0 if there is no such process."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def pid_alive(pid: int, start: int = 0) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone) -- and, given ``start``, still the
+    one that started then. A process on its way out, its memory gone (an empty command line) but its
+    descriptors not yet closed, is alive: it still holds its locks."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and (not start or int(fields[19]) == start)
 
 
 @dataclass
@@ -159,14 +177,27 @@ class Cast:
                     p.popen.send_signal(signal.SIGKILL)
             p.popen.wait()
             return
-        if pid_alive(p.pid) and self._is_ours(p.pid):
+        if pid_alive(p.pid, p.start) and self._is_ours(p.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while pid_alive(p.pid) and self._is_ours(p.pid):  # not our child: init (or a subreaper) reaps it
-            if time.monotonic() > deadline:
+        # not our child: init (or a subreaper) reaps it; gone only once its descriptors (the image's
+        # lock among them) are closed, which its command line emptying does not say
+        t0 = time.monotonic()
+        aborted = False
+        while self._still_there(p):
+            if not aborted and time.monotonic() - t0 > ABORT_AFTER:
+                aborted = True  # a thread waiting on its own mount: only an abort of the connection frees it
+                if abort_connection(str(self.mnt)):
+                    log.warning("%s %d still there %g s after SIGKILL: aborted the FUSE connection of %s",
+                                p.name, p.pid, ABORT_AFTER, self.mnt)
+            if time.monotonic() - t0 > STOP_TIMEOUT:
                 raise HarnessError(f"{p.name} {p.pid} is still there {STOP_TIMEOUT:g} s after SIGKILL")
             time.sleep(0.0005)
+
+    def _still_there(self, p: Proc) -> bool:
+        """A pid-known process not yet gone: by its start time where known, else while its command
+        line names our image (which a dying process's no longer does: the weaker test)."""
+        return pid_alive(p.pid, p.start) if p.start else pid_alive(p.pid) and self._is_ours(p.pid)
 
     def _is_ours(self, pid: int) -> bool:
         """A daemon pid is only signalled while its command line still names our image."""
@@ -194,7 +225,7 @@ class Cast:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while pid_alive(p.pid) and time.monotonic() < deadline:
+        while pid_alive(p.pid, p.start) and time.monotonic() < deadline:
             time.sleep(0.005)
         self.kill(p)
 
@@ -225,7 +256,7 @@ class Cast:
         if rc != 0:
             raise HarnessError(f"pkfuse mount exited {rc}: {self.tail(cmd)}")
         pid = int(self.status("daemon_pid"))
-        self.daemon = Proc("daemon", None, pid, self.daemon_log)
+        self.daemon = Proc("daemon", None, pid, self.daemon_log, start_time(pid))
         self.procs.append(self.daemon)
         return True
 
@@ -256,7 +287,7 @@ class Cast:
             raise HarnessError(f"pkfuse umount failed: {r.stderr.strip()}")
         if self.daemon is not None:
             deadline = time.monotonic() + STOP_TIMEOUT
-            while pid_alive(self.daemon.pid) and time.monotonic() < deadline:
+            while pid_alive(self.daemon.pid, self.daemon.start) and time.monotonic() < deadline:
                 time.sleep(0.005)
 
     def status(self, key: str) -> str:

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-from .cast import GUEST, Cast, Proc, realtime_ns
+from .cast import GUEST, Cast, Proc, realtime_ns, start_time
 
 #: where a kill may land, in order (``jump``: the planned instant, after the freeze)
 KILL_PHASES = ("prepare", "freeze", "jump", "restore", "retrieve", "rebuild", "finish")
@@ -160,7 +160,7 @@ def clear_after_kill(cast: Cast) -> list[str]:
     while quiet < 2 and time.monotonic() < deadline:
         found = victims(cast)
         for pid, name in found:
-            cast.kill(Proc(name, None, pid))
+            cast.kill(Proc(name, None, pid, start=start_time(pid)))  # known by start time: waited for until gone
             ended.append(f"{name} {pid}")
         quiet = 0 if found else quiet + 1
         time.sleep(0.05)

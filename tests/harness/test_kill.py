@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,24 @@ def test_a_plan_lands_inside_its_phase_and_random_draws_every_phase() -> None:
     assert {kill.choose("random", rng, spans).phase for _ in range(300)} == set(kill.KILL_PHASES)
     with pytest.raises(ValueError, match="--kill reboot: one of prepare"):
         kill.choose("reboot", rng, spans)
+
+
+def test_a_killed_daemon_is_waited_for_until_it_is_gone_not_until_its_command_line_empties(tmp_path: Path) -> None:
+    # a dying daemon's command line empties (its memory is gone) before its descriptors close; waiting
+    # on the command line let the next mount find the image still locked (CI, 2026-12-03). Stand-in: a
+    # process known by pid and start time whose command line never named the image
+    from pkfuse.harness.cast import Cast, Proc, pid_alive, start_time
+
+    cast = Cast(tmp_path / "rt")
+    sleeper = subprocess.Popen(["sleep", "0.5"])
+    try:
+        p = Proc("daemon", None, sleeper.pid, start=start_time(sleeper.pid))
+        assert pid_alive(p.pid, p.start) and not pid_alive(p.pid, p.start + 1)  # a reused pid is not it
+        cast.kill(p)  # not ours to signal (its command line does not name the image): waited for
+        assert not pid_alive(p.pid, p.start)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def _checks(report) -> dict[str, bool]:  # type: ignore[no-untyped-def]
