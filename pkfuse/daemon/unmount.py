@@ -34,11 +34,11 @@ def daemon_pid(mnt: str) -> int | None:
         st = os.stat(source) if source is not None else None
     except OSError:
         st = None
-    holders = _flock_holders(st) if st is not None else set()
+    holders = flock_holders(st) if st is not None else set()
     return holders.pop() if len(holders) == 1 else _status_pid(mnt)
 
 
-def _flock_holders(st: os.stat_result) -> set[int]:
+def flock_holders(st: os.stat_result) -> set[int]:
     """Pids holding an flock on the file ``st`` describes, and having it open."""
     candidates = set()
     with open("/proc/locks") as f:

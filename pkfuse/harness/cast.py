@@ -33,6 +33,7 @@ import numpy as np
 
 from backing.errors import PkfuseError
 from pkfuse.daemon.mountinfo import abort_connection, mount_path, mounted_paths
+from pkfuse.daemon.preflight import EXIT_IMAGE_BUSY
 from pkfuse.vmm import monitor as vmm_monitor
 
 PKFUSE = [sys.executable, "-m", "pkfuse"]
@@ -254,11 +255,33 @@ class Cast:
         if rc is None:
             return False
         if rc != 0:
-            raise HarnessError(f"pkfuse mount exited {rc}: {self.tail(cmd)}")
+            held = f" [{self.lock_holders()}]" if rc == EXIT_IMAGE_BUSY else ""
+            raise HarnessError(f"pkfuse mount exited {rc}: {self.tail(cmd)}{held}")
         pid = int(self.status("daemon_pid"))
         self.daemon = Proc("daemon", None, pid, self.daemon_log, start_time(pid))
         self.procs.append(self.daemon)
         return True
+
+    def lock_holders(self) -> str:
+        """Who holds the image's flock, as a one-line clue: each holder's pid, state, kernel wait
+        channel and command line (what to know when a mount found the image busy after a kill)."""
+        from pkfuse.daemon.unmount import flock_holders
+
+        try:
+            pids = sorted(flock_holders(os.stat(self.image)))
+        except OSError as exc:
+            return f"lock holders unknown: {exc}"
+        out = []
+        for pid in pids:
+            fields = _stat(pid)
+            state = fields[0] if fields else "?"
+            wchan = cmd = "?"
+            with contextlib.suppress(OSError):
+                wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+            out.append(f"pid {pid} state {state} wchan {wchan} cmd {cmd.strip() or '(none: exiting)'}")
+        return "held by " + "; ".join(out) if out else "no process holds the image's lock now"
 
     def wait_mount(self, cmd: Proc, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

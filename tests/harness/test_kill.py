@@ -51,6 +51,18 @@ def test_a_killed_daemon_is_waited_for_until_it_is_gone_not_until_its_command_li
         sleeper.wait()
 
 
+def test_a_busy_image_names_who_holds_its_lock(tmp_path: Path) -> None:
+    from backing.mkfs import mkfs
+    from backing.store import Store
+    from pkfuse.harness.cast import Cast
+
+    cast = Cast(tmp_path / "rt")
+    mkfs(cast.image, 16 << 20)
+    assert cast.lock_holders() == "no process holds the image's lock now"
+    with Store.open(cast.image):
+        assert cast.lock_holders().startswith(f"held by pid {os.getpid()} state ")
+
+
 def _checks(report) -> dict[str, bool]:  # type: ignore[no-untyped-def]
     return {ch.name: ch.ok for ch in report.cycles[0].checks}
 
