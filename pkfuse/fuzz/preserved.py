@@ -34,6 +34,7 @@ names the structure; anything else raised is a crash.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -121,7 +122,12 @@ class Kernel:
         self.fd = Iommufd(self.store, self.io, ephemeral=design == "ephemeral")
         self.lu = LiveUpdate(self.store, self.fd, mode=design)
         self.closed = False
-        self.findings = self.lu.restore()
+        try:
+            self.findings = self.lu.restore()
+        except BaseException:  # a crash (or a hang's alarm) mid-restore: the next case must find nothing open
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
 
     def close(self) -> None:
         if self.closed:
@@ -206,6 +212,7 @@ def _present_entries(u64: np.ndarray, base_pfn: int, pml4_page: int) -> list[np.
 def _copy_sparse(src: Path, dst: Path) -> None:
     """``src``'s data extents into a new sparse ``dst`` of the same size (SEEK_DATA / SEEK_HOLE)."""
     size = src.stat().st_size
+    dst.unlink(missing_ok=True)  # a new inode: whatever a crashed case left mapped or locked is not it
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         fo.truncate(size)
         pos = 0

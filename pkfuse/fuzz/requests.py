@@ -818,7 +818,8 @@ class RequestFuzzer:
             out = wire.iommu_ioas_iova_ranges.from_buffer_copy(payload[:size])
             ranges = wire.decode_iova_ranges(payload[size:])
             if out.num_iovas != 1 or out.out_iova_alignment != PS or ranges != [(0, IOVA_LIMIT - 1)][:step["num"]]:
-                raise Violation(f"ioas_iova_ranges: {out.num_iovas} ranges {ranges}, alignment {out.out_iova_alignment}")
+                raise Violation(f"ioas_iova_ranges: {out.num_iovas} ranges {ranges}, "
+                                f"alignment {out.out_iova_alignment}")
 
     def op_hwpt_alloc(self, step: dict[str, Any]) -> None:
         c = self.conn(step)
@@ -1479,7 +1480,8 @@ class RequestFuzzer:
 
     def _alive(self, what: str) -> None:
         if not self.daemon.alive():
-            raise Crash(f"after {what}: the daemon exited with {self.daemon.proc.returncode if self.daemon.proc else '?'}")
+            rc = self.daemon.proc.returncode if self.daemon.proc else "?"
+            raise Crash(f"after {what}: the daemon exited with {rc}")
         bad = self.daemon.log_problems()
         if bad:
             raise Crash(f"after {what}: the daemon logged: " + " | ".join(bad[-6:]))

@@ -57,6 +57,18 @@ def test_a_short_fuzz_of_a_1_gib_image_finds_nothing(tmp_path: Path, target: str
     assert set(report["cases_by_design"]) <= set(preserved.DESIGNS)
 
 
+@pytest.mark.parametrize("alarm", [1e-4, 0.004, 0.008, 0.015])  # in the copy, the open, the restore, the judge
+def test_a_hang_is_counted_and_the_next_case_starts_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           alarm: float) -> None:
+    runner = cases.Runner(tmp_path, 64 * MiB)
+    for design in preserved.DESIGNS:
+        monkeypatch.setattr(cases, "HANG_SECONDS", alarm)
+        assert runner.run_case(design, []) in ("hang", "accepted")  # a case quicker than the alarm is not cut
+        monkeypatch.setattr(cases, "HANG_SECONDS", 10.0)
+        assert runner.run_case(design, []) == "accepted"  # nothing the cut case held is in its way
+    assert runner.stats.crashes == runner.stats.violations == 0 and runner.stats.hangs >= (alarm < 1e-3) * 2
+
+
 def test_the_cli_reports_counts_and_exits_0(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "pkfuse", "fuzz", "--target", "images", "--seconds", "1", "--seed", "3",
