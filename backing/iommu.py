@@ -1132,10 +1132,10 @@ class Iommu:
     def refuse_attachment(self, sid: int, why: str) -> Finding:
         """Block requester ``sid`` for a reason found after open (its context entry cleared), recorded
         in ``refused`` as open's own refusals are: named by the entry and its image offset."""
-        bus, devfn = sid >> 8, sid & 0xFF
-        where = int(self.root_pages[1 + bus]) * 512 + devfn * 2
-        self.detach(self.domains[self.attached[sid]], bus, devfn >> 3, devfn & 7)
-        self._refuse_entry(_ce_name(bus, devfn), where * 8, why + ": the device is blocked")
+        bus, dev, fn = sid >> 8, (sid >> 3) & 0x1F, sid & 7
+        _sid, _ct, where = self._context_where(bus, dev, fn)
+        self.detach(self.domains[self.attached[sid]], bus, dev, fn)
+        self._refuse_entry(_ce_name(bus, sid & 0xFF), where * 8, why + ": the device is blocked")
         return self.refused[-1]
 
     def _refuse_entry(self, structure: str, offset: int, why: str) -> None:

@@ -217,6 +217,19 @@ def _crc(raw: bytes | bytearray, end: int) -> int:
     return zlib.crc32(bytes(raw[hsize:end]), zlib.crc32(zeroed.tobytes()))
 
 
+def record_views(raw: bytearray) -> dict[str, np.ndarray]:
+    """Writable views of a state's header (``"header"``) and of each record array (``ARRAYS``' names) in
+    ``raw``, counts clamped to the buffer: what a tool that edits a state on purpose changes in place,
+    then ``seal``s."""
+    views = {"header": np.frombuffer(raw, fmt.LU_HEADER_DTYPE, 1)}
+    off = fmt.LU_HEADER_DTYPE.itemsize
+    for name, (count, dtype) in zip(ARRAYS, _ARRAYS):
+        n = min(int(views["header"][count][0]), max(0, (len(raw) - off) // dtype.itemsize))
+        views[name] = np.frombuffer(raw, dtype, n, off)
+        off += n * dtype.itemsize
+    return views
+
+
 def seal(raw: bytearray) -> None:
     """Recompute the ``crc`` of a state edited in place (its header's counts, clamped to the
     buffer, say where the records end): what a tool that tampers with a state on purpose --

@@ -38,7 +38,7 @@ def _clean_restart(runner: cases.Runner, design: str) -> float:
 def run(report: Report, args: argparse.Namespace) -> None:
     seconds = QUICK_SECONDS if getattr(args, "quick", False) else SECONDS
     seed = int.from_bytes(os.urandom(4), "little")
-    with tempfile.TemporaryDirectory(prefix="pkfuse-fuzz-", dir=getattr(args, "dir", None)) as tmp, cases._quiet():
+    with tempfile.TemporaryDirectory(prefix="pkfuse-fuzz-", dir=getattr(args, "dir", None)) as tmp, cases.quiet():
         runner = cases.Runner(Path(tmp))
         base = {d: min(_clean_restart(runner, d) for _ in range(5)) for d in preserved.DESIGNS}
         for d, s in base.items():

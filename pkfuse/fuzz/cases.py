@@ -152,7 +152,7 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """The next kernel's warnings (one per refusal, thousands of cases) stay out of the output."""
     lg = logging.getLogger("backing")
     old = lg.level
@@ -183,7 +183,7 @@ def run(target: str, generate: Generate, seconds: float, *, seed: int, workdir: 
     (the restore runs in this process), and never returns: when the time is up ``on_report`` gets the
     report and the process exits with what it returns.
     """
-    with _workdir(workdir) as wd, _quiet():
+    with _workdir(workdir) as wd, quiet():
         runner = Runner(wd, size)
         clock = [time.monotonic()]  #: when fuzzing began (for atheris: its first input, past instrumentation)
 
@@ -229,7 +229,7 @@ def _run_atheris(runner: Runner, generate: Generate, seconds: float, clock: list
 def replay(target: str, cases: list[dict[str, Any]], *, workdir: Path | None = None,
            size: int = preserved.IMAGE_SIZE) -> tuple[dict[str, Any], list[str]]:
     """Run kept cases (``{"design", "edits"}``); the report and each case's outcome, in order."""
-    with _workdir(workdir) as wd, _quiet():
+    with _workdir(workdir) as wd, quiet():
         runner = Runner(wd, size)
         t0 = time.monotonic()
         outcomes = [runner.run_case(c["design"], c["edits"]) for c in cases]

@@ -80,6 +80,7 @@ class FrozenSession:
     entries: list[np.ndarray]  #: per level, u64 indices in the image of its domain's present entries
     table_pages: np.ndarray  #: image pages of its domain's tables
     context: int  #: u64 index of its context entry's low word
+    ram_pages: np.ndarray  #: image pages of its files, in inode order
 
 
 @dataclasses.dataclass
@@ -184,15 +185,16 @@ def freeze(workdir: Path, design: str, size: int = IMAGE_SIZE) -> Frozen:
             entries = _present_entries(s.image_u64, s.geometry.base_pfn, dom.pml4_page)
             bus, devfn = rid >> 8, rid & 0xFF
             sessions[name] = FrozenSession(rid, inos[name], dids[name], entries, s.image_pages(dom.ino),
-                                           int(io.root_pages[1 + bus]) * 512 + devfn * 2)
+                                           int(io.root_pages[1 + bus]) * 512 + devfn * 2,
+                                           np.concatenate([s.image_pages(i) for i in sorted(inos[name])]))
         state_ino = s.lookup(s.lookup(fmt.ROOT_INO, fmt.IOMMU_DIR_NAME), fmt.LU_STATE_NAME)
         free = np.flatnonzero(s.page_owner(np.arange(s.geometry.npages - 64, s.geometry.npages))[0] == 0)
         frozen = Frozen(design, image, sessions, device_reach(image), s.geometry, s.image_pages(state_ino),
                         s.getattr(state_ino).size, io.root_pages.copy(), int(s.geometry.npages - 64 + free[-1]))
         for name, fs in sessions.items():  # the judge's baseline must itself be right
-            pages = np.concatenate([s.image_pages(i) for i in fs.inos]) + s.geometry.base_pfn
             r = frozen.reach.get(fs.rid)
-            assert r is not None and r.pages() and np.isin(r.page_set()[0], pages).all(), (name, r)
+            assert r is not None and r.pages() and np.isin(r.page_set()[0], fs.ram_pages + s.geometry.base_pfn).all(), \
+                (name, r)
     return frozen
 
 
@@ -293,10 +295,6 @@ def locate(frozen: Frozen, name: str, at: int, n: int = 1) -> int:
     return first * PS + at % max(1, count * PS - n + 1)
 
 
-REGIONS = ("state", "domain:vm0", "domain:vm1", "context", "root", "superblock", "journal", "bitmap", "inodes",
-           "dentries", "extents")
-
-
 def _entry_index(frozen: Frozen, edit: dict[str, Any]) -> int:
     """u64 index of the entry an ``entry`` edit names: ``session``'s present entry number ``n`` (mod the
     count) at ``level``, or with ``slot``, entry ``slot`` of that level's first table (present or not)."""
@@ -311,18 +309,17 @@ def _target_phys(frozen: Frozen, target: str, edit: dict[str, Any]) -> int:
     other = next(n for n in frozen.sessions if n != edit.get("session", "vm0").encode())
     me = frozen.sessions[edit.get("session", "vm0").encode()]
     o = frozen.sessions[other]
-    with Store.open(frozen.image, read_only=True) as s:
-        page = {
-            "other-vm": lambda: int(s.image_pages(min(o.inos))[0]),
-            "own-vm": lambda: int(s.image_pages(min(me.inos))[1]),
-            "metadata": lambda: 1,
-            "free": lambda: frozen.free_page,
-            "outside": lambda: frozen.geometry.npages + 5,
-            "state": lambda: int(frozen.state_pages[0]),
-            "other-table": lambda: int(o.entries[3 if o.entries[3].size else 2][0]) // 512,
-            "own-table": lambda: int(me.entries[edit.get("level", 1)][0]) // 512,
-            "superblock": lambda: 0,
-        }[target]()
+    page = {
+        "other-vm": lambda: int(o.ram_pages[0]),
+        "own-vm": lambda: int(me.ram_pages[1]),
+        "metadata": lambda: 1,
+        "free": lambda: frozen.free_page,
+        "outside": lambda: frozen.geometry.npages + 5,
+        "state": lambda: int(frozen.state_pages[0]),
+        "other-table": lambda: int(o.entries[3 if o.entries[3].size else 2][0]) // 512,
+        "own-table": lambda: int(me.entries[edit.get("level", 1)][0]) // 512,
+        "superblock": lambda: 0,
+    }[target]()
     return frozen.phys(page)
 
 
@@ -350,22 +347,6 @@ def _value(frozen: Frozen, edit: dict[str, Any], old: int) -> int:
     raise ValueError(f"unknown value op {op!r}")
 
 
-def _state_views(raw: bytearray) -> dict[str, np.ndarray]:
-    views = {"header": np.frombuffer(raw, fmt.LU_HEADER_DTYPE, 1)}
-    off = fmt.LU_HEADER_DTYPE.itemsize
-    for name, (count, dtype) in zip(lustate.ARRAYS, lustate._ARRAYS):
-        n = min(int(views["header"][count][0]), max(0, (len(raw) - off) // dtype.itemsize))
-        views[name] = np.frombuffer(raw, dtype, n, off)
-        off += n * dtype.itemsize
-    return views
-
-
-def state_record_counts(frozen: Frozen) -> dict[str, int]:
-    """How many records each array of the frozen state holds (what a ``state`` edit picks from)."""
-    raw = _read_state(frozen, np.memmap(frozen.image, np.uint8, mode="r"))
-    return {name: len(v) for name, v in _state_views(raw).items()}
-
-
 def _read_state(frozen: Frozen, mm: np.ndarray) -> bytearray:
     pages = frozen.state_pages
     return bytearray(mm.reshape(-1, PS)[pages].tobytes()[: frozen.state_size])
@@ -381,7 +362,7 @@ def _edit_state(frozen: Frozen, mm: np.ndarray, edit: dict[str, Any]) -> None:
     """Store a value in ``array[index].field`` of the state (index mod the count), resealed unless
     ``seal`` is false: a ``set`` number, an ``add``, or ``copy`` of another record's field."""
     raw = _read_state(frozen, mm)
-    v = _state_views(raw)
+    v = lustate.record_views(raw)
     arr = v[edit["array"]]
     field = edit["field"]
     if len(arr) and field in arr.dtype.names:
@@ -454,15 +435,16 @@ def judge(frozen: Frozen, image: Path, kernel: Kernel) -> Verdict:
         live = {frozen.sessions[f].rid: f for f in matched.values()}
         reach = device_reach(image)
         for sid, r in reach.items():
+            who = fmt.requester_name(sid)
             if sid not in live:
-                raise Violation(f"requester {fmt_rid(sid)} reaches {r.pages()} pages with no restored session "
-                                "holding it")
+                raise Violation(f"requester {who} reaches {r.pages()} pages with no restored session holding it")
             if not r.same(frozen.reach[sid]):
-                raise Violation(f"requester {fmt_rid(sid)} of restored session {live[sid]!r} reaches other pages "
-                                f"than before the restart ({r.pages()} pages, was {frozen.reach[sid].pages()})")
+                raise Violation(f"requester {who} of restored session {live[sid]!r} reaches other pages than "
+                                f"before the restart ({r.pages()} pages, was {frozen.reach[sid].pages()})")
         for sid, name in live.items():
             if sid not in reach:
-                raise Violation(f"restored session {name!r}'s requester {fmt_rid(sid)} is blocked: not whole")
+                raise Violation(f"restored session {name!r}'s requester {fmt.requester_name(sid)} is blocked: "
+                                "not whole")
     finally:
         kernel.close()
     status, bad = fsck.check_image(image)
@@ -490,7 +472,3 @@ def _kind(structure: str) -> str:
     s = re.sub(r"dom-\d+", "dom-N", s)
     s = re.sub(r"context entry [0-9a-f]{2}:[0-9a-f]{2}\.\d", "context entry", s)
     return re.sub(r"root entry [0-9a-f]{2}", "root entry", s)
-
-
-def fmt_rid(sid: int) -> str:
-    return f"{sid >> 8:02x}:{(sid >> 3) & 0x1F:02x}.{sid & 7}"

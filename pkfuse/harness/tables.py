@@ -17,7 +17,9 @@ IOVAs that are meant to be mapped when the fault log matters.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +29,19 @@ from backing import ephemeral, regs, vtd, walker
 from backing import format as fmt
 
 
+@contextlib.contextmanager
+def _hardware(image: str | os.PathLike[str], regs_path: str | os.PathLike[str] | None,
+              ephemeral_path: str | os.PathLike[str] | None) -> Iterator[tuple[np.ndarray, int, int, Any, regs.Regs]]:
+    """What the hardware reads: the image (u64 view, base_phys, npages), the ephemeral memory's region (None
+    when its file is not there) and the open register block (``IMAGE.regs``, ``IMAGE.ephemeral`` by default)."""
+    image = Path(image)
+    u64, base, npages = walker.open_image(image)
+    host_ram = Path(ephemeral_path) if ephemeral_path is not None else Path(ephemeral.default_path(image))
+    region = walker.open_ephemeral(host_ram) if host_ram.exists() else None
+    with regs.Regs.open(regs_path if regs_path is not None else regs.default_path(image), create=False) as r:
+        yield u64, base, npages, region, r
+
+
 def device_view(image: str | os.PathLike[str], sid: int, iovas: np.ndarray, *, write: bool = True,
                 regs_path: str | os.PathLike[str] | None = None,
                 ephemeral_path: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -34,11 +49,7 @@ def device_view(image: str | os.PathLike[str], sid: int, iovas: np.ndarray, *, w
 
     ``regs_path`` defaults to ``IMAGE.regs``, ``ephemeral_path`` to ``IMAGE.ephemeral`` (used when it exists).
     """
-    image = Path(image)
-    u64, base, npages = walker.open_image(image)
-    host_ram = Path(ephemeral_path) if ephemeral_path is not None else Path(ephemeral.default_path(image))
-    region = walker.open_ephemeral(host_ram) if host_ram.exists() else None
-    with regs.Regs.open(regs_path if regs_path is not None else regs.default_path(image), create=False) as r:
+    with _hardware(image, regs_path, ephemeral_path) as (u64, base, npages, region, r):
         return walker.translate(u64, base, npages, r, sid, iovas, write, ephemeral=region)
 
 
@@ -52,13 +63,9 @@ def device_leaves(image: str | os.PathLike[str], sid: int, iovas: np.ndarray, *,
     """(leaf size in bytes int64, fault uint16) of requester ``sid``'s translation of each IOVA: the level
     the hardware's walk ended at (what an IOTLB entry of it would cover), 0 where it faulted. Nothing is
     logged: a read-only look at the tables (``walker.walk_context`` + ``walk_tables``)."""
-    image = Path(image)
-    u64, base, npages = walker.open_image(image)
-    host_ram = Path(ephemeral_path) if ephemeral_path is not None else Path(ephemeral.default_path(image))
-    region = walker.open_ephemeral(host_ram) if host_ram.exists() else None
     iovas = np.ascontiguousarray(iovas, dtype=np.uint64).ravel()
     size = np.zeros(iovas.size, np.int64)
-    with regs.Regs.open(regs_path if regs_path is not None else regs.default_path(image), create=False) as r:
+    with _hardware(image, regs_path, ephemeral_path) as (u64, base, npages, region, r):
         mem = walker.memory(u64, base, npages, region)
         reason, _fpd, slpt, _did = walker.walk_context(mem, r, sid)
         if reason:
@@ -113,11 +120,7 @@ def device_reach(image: str | os.PathLike[str], *, regs_path: str | os.PathLike[
     shared by every entry) costs at most 4 x its pages x 512 entries, never
     its IOVA fan-out.
     """
-    image = Path(image)
-    u64, base, npages = walker.open_image(image)
-    host_ram = Path(ephemeral_path) if ephemeral_path is not None else Path(ephemeral.default_path(image))
-    region = walker.open_ephemeral(host_ram) if host_ram.exists() else None
-    with regs.Regs.open(regs_path if regs_path is not None else regs.default_path(image), create=False) as r:
+    with _hardware(image, regs_path, ephemeral_path) as (u64, base, npages, region, r):
         mem = walker.memory(u64, base, npages, region)
         out: dict[int, Reach] = {}
         for sid in _present_requesters(mem, r):
@@ -148,6 +151,20 @@ def _present_requesters(mem: Any, r: regs.Regs) -> list[int]:
     return sids
 
 
+def _follow(mem: Any, pointers: np.ndarray, rights: np.ndarray) -> set[tuple[tuple[int, int], int]]:
+    """((region, page), rights) of each table the ``pointers`` name that is in memory and reachable with
+    some right (``walker``'s memory: the image, then the ephemeral memory); one per distinct pair."""
+    keep = rights != 0
+    pfn, rights = (pointers[keep] & np.uint64(fmt.SL_ADDR_MASK)) >> np.uint64(fmt.PAGE_SHIFT), rights[keep]
+    out: set[tuple[tuple[int, int], int]] = set()
+    for region, (first, n) in enumerate(zip(mem.base, mem.n)):  # disjoint ranges of frames
+        page = pfn.astype(np.int64) - first
+        here = (page >= 0) & (page < n)
+        pairs = np.unique(np.stack([page[here], rights[here].astype(np.int64)], 1), axis=0)
+        out.update(((region, int(p)), int(w)) for p, w in pairs)
+    return out
+
+
 def _tree_reach(mem: Any, pml4: tuple[int, int]) -> Reach:
     rw = np.uint64(vtd.RW)
     tables = {(pml4, int(rw))}  # (table page, rights of the path so far)
@@ -163,10 +180,7 @@ def _tree_reach(mem: Any, pml4: tuple[int, int]) -> Reach:
                 pfns.append((e[leaf] & np.uint64(vtd.LEAF_ADDR[level])) >> np.uint64(fmt.PAGE_SHIFT))
                 lens.append(np.full(int(leaf.sum()), vtd.LEVEL_PAGES[level], np.uint64))
                 rights_of.append(eff[leaf].astype(np.uint8))
-            for ent, right in zip(e[~leaf].tolist(), eff[~leaf].tolist()):
-                at = mem.locate(ent & fmt.SL_ADDR_MASK)
-                if at is not None and right:
-                    below.add((at, right))
+            below.update(_follow(mem, e[~leaf], eff[~leaf]))
         tables = below
     if not pfns:
         return Reach(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint8))

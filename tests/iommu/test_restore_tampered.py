@@ -137,13 +137,7 @@ def edit_state(image: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> No
         pages = s.image_pages(ino)
         size = s.getattr(ino).size
         raw = bytearray(s.image.reshape(-1, PS)[pages].tobytes()[:size])
-        views = {"header": np.frombuffer(raw, fmt.LU_HEADER_DTYPE, 1)}
-        off = fmt.LU_HEADER_DTYPE.itemsize
-        for name, (count, dtype) in zip(lustate.ARRAYS, lustate._ARRAYS):
-            n = int(views["header"][count][0])
-            views[name] = np.frombuffer(raw, dtype, n, off)
-            off += n * dtype.itemsize
-        edit(views)
+        edit(lustate.record_views(raw))
         lustate.seal(raw)
         buf = np.zeros(pages.size * PS, np.uint8)
         buf[:size] = np.frombuffer(bytes(raw), np.uint8)
