@@ -35,7 +35,7 @@ from backing.iommu import Iommu
 from backing.mkfs import mkfs
 from backing.store import Store
 
-from . import Report
+from . import Report, best_of
 
 GiB = 1 << 30
 PS = fmt.PAGE_SIZE
@@ -105,8 +105,10 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 report.add("walker translations/s, 64K batches, 4 KiB leaves", BATCH / best, "/s", at_least=1e7)
                 t = time.perf_counter()
                 Iommu.open(store).close()
+                first = time.perf_counter() - t
+                best = min(first, best_of(2, lambda: Iommu.open(store).close()))  # one run swung 0.2-1.1 s
                 report.add(f"Iommu.open with a {label} domain of 4 KiB leaves (rebuild pool, pins)",
-                           (time.perf_counter() - t) * 1e3, "ms")
+                           best * 1e3, "ms", detail=f"best of 3; the first {first * 1e3:.0f} ms")
                 t = time.perf_counter()  # (the second Iommu's close gave the store back io's pin hook)
                 d.unmap(0, 1 << 48)
                 report.add(f"unmap {label} of 4 KiB leaves", time.perf_counter() - t, "s")
